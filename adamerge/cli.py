@@ -1,0 +1,93 @@
+"""The ``adamerge`` command line (jsonargparse: typed options, ``--config FILE.yaml``,
+``--print_config``). Nothing imports this module; the work is done by importable functions."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from adamerge.errors import AdamergeError
+
+
+def _fit_parser() -> ArgumentParser:
+    from adamerge.batchnorm import BATCHNORM_POLICIES
+    from adamerge.fit import DTYPES
+    from adamerge.methods import METHODS
+
+    parser = ArgumentParser(description="Learn merging coefficients of fine-tuned experts on unlabeled data.")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of these options")
+    parser.add_argument("--base", type=str, required=True, help="ARCH@WEIGHTS, e.g. torchvision:mobilenet_v2@base.pth")
+    parser.add_argument("--base-kwargs", type=dict, default={}, help="constructor keyword arguments of ARCH")
+    parser.add_argument("--experts", type=str, nargs="+", required=True, help="NAME=PATH of each fine-tuned expert")
+    parser.add_argument("--calib", type=Path, required=True, help="folder with one sub-folder of unlabeled data per expert")
+    parser.add_argument("--eval", type=Path | None, default=None, help="folder <task>/<class>/<file> of labelled data")
+    parser.add_argument("--head-pattern", type=str | None, default=None, help="regex of task-specific tensors")
+    parser.add_argument("--method", type=str, default="adamerging", choices=sorted(METHODS))
+    parser.add_argument("--granularity", type=str, default="layer", help="task | layer | group:REGEX[;REGEX]")
+    parser.add_argument("--init", type=float | None, default=None, help="initial λ (method default)")
+    parser.add_argument("--constraint", type=str | None, default=None, help="clamp | sigmoid | none (method default)")
+    parser.add_argument("--batchnorm", type=str, default="reestimate", choices=list(BATCHNORM_POLICIES))
+    parser.add_argument("--task-vector-dtype", type=str, default="float32", choices=list(DTYPES))
+    parser.add_argument("--steps", type=int, default=500, help="optimisation steps")
+    parser.add_argument("--lr", type=float | None, default=None, help="learning rate (method default)")
+    parser.add_argument("--batch-size", type=int, default=16, help="calibration inputs per task per step")
+    parser.add_argument("--eval-batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accelerator", type=str, default="auto")
+    parser.add_argument("--devices", type=int | str, default="auto")
+    parser.add_argument("--strategy", type=str, default="auto")
+    parser.add_argument("--output", type=Path, required=True, help="output folder (refused if it exists)")
+    parser.add_argument("--overwrite", type=bool, default=False, help="replace an existing output folder")
+    parser.add_argument("--eval-experts", type=bool, default=True, help="also evaluate each expert alone")
+    parser.add_argument("--progress-bar", type=bool, default=True)
+    return parser
+
+
+def build_parser() -> ArgumentParser:
+    """The top-level parser with its subcommands."""
+    parser = ArgumentParser(prog="adamerge", description="Test-time adaptive model merging.")
+    parser.add_argument("--log-level", type=str, default="INFO", help="DEBUG | INFO | WARNING")
+    subcommands = parser.add_subcommands(dest="command")
+    subcommands.add_subcommand("fit", _fit_parser(), help="learn merging coefficients and export the merged model")
+    return parser
+
+
+def parse_experts(items: Sequence[str]) -> dict[str, str]:
+    """``["mnist=a.pth", ...]`` -> ``{"mnist": "a.pth"}``, refusing malformed or repeated names."""
+    experts: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise AdamergeError(f"--experts {item!r}: expected NAME=PATH")
+        if name in experts:
+            raise AdamergeError(f"--experts: expert name {name!r} is given twice")
+        experts[name] = path
+    return experts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``adamerge`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "fit":
+            from adamerge.fit import FitSettings, run_fit
+
+            options = {k: v for k, v in vars(args.fit).items() if k != "config"}
+            options["experts"] = parse_experts(options["experts"])
+            run_fit(FitSettings(**options))
+    except AdamergeError as error:
+        logging.getLogger("adamerge").error("%s", error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

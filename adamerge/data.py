@@ -1,0 +1,243 @@
+"""Calibration and evaluation data: unlabeled image folders per task, labelled folders, and a
+round-robin multi-task DataModule.
+
+Layouts:
+
+- calibration (unlabeled): ``CALIB/<task>/**/<image>`` — every decodable image below the task's
+  folder, labels (if any sub-folders exist) are ignored;
+- evaluation (labelled): ``EVAL/<task>/<class>/<image>`` — classes are the sub-folder names in
+  sorted order (torchvision ``ImageFolder`` convention), so class ``i`` is the ``i``-th name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from adamerge.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def build_image_transform(
+    image_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> transforms.Compose:
+    """The evaluation transform shared by experts, calibration and evaluation.
+
+    Args:
+        image_size: side of the square input; the image is resized (shorter side) and centre-cropped.
+        mean: per-channel normalisation mean.
+        std: per-channel normalisation standard deviation.
+
+    Returns:
+        A transform from a PIL image (any mode; converted to RGB) to a float tensor (3, S, S).
+    """
+    return transforms.Compose(
+        [
+            transforms.Lambda(lambda image: image.convert("RGB")),
+            transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
+
+
+def list_images(folder: Path) -> list[Path]:
+    """All image files below ``folder`` (recursive), sorted for determinism."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _open_image(path: Path) -> Image.Image | None:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (UnidentifiedImageError, OSError) as error:
+        logger.warning("skipping %s: cannot decode image (%s)", path, error)
+        return None
+
+
+class UnlabeledImageFolder(Dataset):
+    """Every decodable image below ``root``; items are transformed tensors (3, S, S).
+
+    Undecodable files are found when the dataset is built (each file is opened once), logged as
+    warnings and skipped; a folder with nothing usable raises :class:`DataError`.
+    """
+
+    def __init__(self, root: str | Path, transform) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"calibration folder {self.root} does not exist (expected a folder of images)")
+        candidates = list_images(self.root)
+        self.paths = [p for p in candidates if _verify_image(p)]
+        if not self.paths:
+            raise DataError(
+                f"calibration folder {self.root} holds no decodable image "
+                f"({len(candidates)} candidate files with suffixes {', '.join(IMAGE_SUFFIXES)})"
+            )
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = _open_image(self.paths[index])
+        if image is None:  # file changed after the scan
+            raise DataError(f"image {self.paths[index]} no longer decodes")
+        return self.transform(image)
+
+
+class LabelledImageFolder(Dataset):
+    """``root/<class>/<image>``; items are ``(image (3, S, S), label)`` with sorted class names."""
+
+    def __init__(self, root: str | Path, transform) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"evaluation folder {self.root} does not exist (expected <task>/<class>/<image>)")
+        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        if not self.classes:
+            raise DataError(f"evaluation folder {self.root} has no class sub-folders (expected <class>/<image>)")
+        self.samples = [
+            (path, label)
+            for label, name in enumerate(self.classes)
+            for path in list_images(self.root / name)
+            if _verify_image(path)
+        ]
+        if not self.samples:
+            raise DataError(f"evaluation folder {self.root} holds no decodable image")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        image = _open_image(path)
+        if image is None:
+            raise DataError(f"image {path} no longer decodes")
+        return self.transform(image), label
+
+
+def _verify_image(path: Path) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        logger.warning("skipping %s: not a decodable image (%s)", path, error)
+        return False
+
+
+class MultiTaskImageDataModule(L.LightningDataModule):
+    """Unlabeled calibration images per task (training) and optional labelled evaluation images.
+
+    Training batches are dictionaries ``{task: images (B, 3, S, S)}``: every step sees one batch of
+    every task (round robin, shorter tasks cycle: Lightning's ``CombinedLoader`` in
+    ``max_size_cycle`` mode). Validation and test iterate the tasks one after another; the
+    dataloader index is the task's position in ``tasks``.
+
+    Args:
+        calib_dir: folder with one sub-folder of unlabeled images per task.
+        tasks: task names (sub-folder names), in the experts' order.
+        eval_dir: optional folder ``<task>/<class>/<image>`` of labelled images.
+        batch_size: images per task per step.
+        eval_batch_size: images per evaluation batch.
+        image_size: square input side (see :func:`build_image_transform`).
+        mean: normalisation mean.
+        std: normalisation standard deviation.
+        num_workers: data-loader worker processes.
+        seed: seed of the training shuffle.
+    """
+
+    def __init__(
+        self,
+        calib_dir: str | Path,
+        tasks: Sequence[str],
+        eval_dir: str | Path | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int = 128,
+        image_size: int = 224,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.calib_dir = Path(calib_dir)
+        self.eval_dir = Path(eval_dir) if eval_dir is not None else None
+        self.tasks = list(tasks)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.transform = build_image_transform(image_size, mean, std)
+        if not self.calib_dir.is_dir():
+            raise DataError(f"--calib {self.calib_dir} does not exist (expected one folder of images per task)")
+        self.calibration: dict[str, UnlabeledImageFolder] = {}
+        self.evaluation: dict[str, LabelledImageFolder] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.calibration:
+            missing = [t for t in self.tasks if not (self.calib_dir / t).is_dir()]
+            if missing:
+                raise DataError(
+                    f"--calib {self.calib_dir} has no sub-folder for task(s) {', '.join(missing)} "
+                    f"(found: {', '.join(sorted(p.name for p in self.calib_dir.iterdir() if p.is_dir())) or 'none'})"
+                )
+            self.calibration = {t: UnlabeledImageFolder(self.calib_dir / t, self.transform) for t in self.tasks}
+        if self.eval_dir is not None and not self.evaluation and stage in (None, "fit", "validate", "test"):
+            self.evaluation = {t: LabelledImageFolder(self.eval_dir / t, self.transform) for t in self.tasks}
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, seed_offset: int = 0) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed + seed_offset)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            generator=generator,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def calibration_loaders(self, shuffle: bool = True) -> dict[str, DataLoader]:
+        """One loader of unlabeled calibration images per task."""
+        self.setup("fit")
+        return {
+            task: self._loader(ds, self.batch_size, shuffle, seed_offset=i)
+            for i, (task, ds) in enumerate(self.calibration.items())
+        }
+
+    def train_dataloader(self) -> CombinedLoader:
+        return CombinedLoader(self.calibration_loaders(), mode="max_size_cycle")
+
+    def evaluation_loaders(self) -> list[DataLoader]:
+        if self.eval_dir is None:
+            return []
+        self.setup("test")
+        return [self._loader(self.evaluation[t], self.eval_batch_size, shuffle=False) for t in self.tasks]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self.evaluation_loaders()
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.evaluation_loaders()
+
+    def class_counts(self) -> Mapping[str, int]:
+        """Number of classes per task in the evaluation data (empty without ``eval_dir``)."""
+        self.setup("test")
+        return {t: len(ds.classes) for t, ds in self.evaluation.items()}

@@ -1,0 +1,32 @@
+"""Exceptions raised for bad user input.
+
+Every error adamerge raises for a user mistake is an :class:`AdamergeError`; its message names
+the file, tensor or argument at fault and what was expected, so the command line can print it
+without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class AdamergeError(ValueError):
+    """Base class of adamerge's user-facing errors."""
+
+
+class CheckpointError(AdamergeError):
+    """A weights file is missing, unreadable, not a state dict, or holds NaN/Inf."""
+
+
+class IncompatibleExpertError(AdamergeError):
+    """An expert's tensor names or shapes differ from the base model's."""
+
+
+class ArchitectureError(AdamergeError):
+    """An architecture spec cannot be resolved to a model."""
+
+
+class DataError(AdamergeError):
+    """A data folder is missing, empty, or holds nothing usable."""
+
+
+class OutputExistsError(AdamergeError):
+    """The output folder exists and overwriting was not asked for."""

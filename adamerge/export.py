@@ -1,0 +1,114 @@
+"""Writing results: an output folder is built under a temporary name and renamed when complete,
+so a failed run never leaves a half-written folder behind."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from adamerge.checkpoints import save_state_dict
+from adamerge.errors import OutputExistsError
+from adamerge.merged_model import MergedModel
+
+logger = logging.getLogger(__name__)
+
+
+def check_output_dir(output: Path, overwrite: bool) -> None:
+    """Refuse an existing output folder unless ``overwrite``."""
+    if output.exists() and not overwrite:
+        raise OutputExistsError(f"output folder {output} exists; pass --overwrite to replace it")
+    if output.exists() and not output.is_dir():
+        raise OutputExistsError(f"output {output} exists and is not a folder")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(output: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``output``; on success it replaces ``output``.
+
+    On an exception the temporary folder is removed and ``output`` is left as it was.
+    """
+    output = Path(output)
+    check_output_dir(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if output.exists():
+        check_output_dir(output, overwrite)
+        retired = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, retired)
+        os.replace(staging, output)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, output)
+    logger.info("wrote %s", output)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    _write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def write_yaml(path: Path, payload: Any) -> None:
+    _write_text(path, yaml.safe_dump(payload, sort_keys=False))
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+        handle.write(text)
+        tmp = Path(handle.name)
+    os.replace(tmp, path)
+
+
+def write_coefficients(directory: Path, merged: MergedModel) -> None:
+    """``coefficients.json`` (``{task: {group: λ}}``) and ``coefficients.tsv`` (task × group)."""
+    table = merged.coefficients.table()
+    write_json(directory / "coefficients.json", table)
+    groups = merged.layout.group_names
+    path = directory / "coefficients.tsv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t")
+        writer.writerow(["task", *groups])
+        for task, values in table.items():
+            writer.writerow([task, *(f"{values[g]:.6f}" for g in groups)])
+
+
+def write_merged_model(directory: Path, merged: MergedModel) -> dict[str, str]:
+    """The merged weights in the base architecture's own state-dict keys.
+
+    ``merged.pt`` is a complete state dict (with the base's head tensors); ``heads/<task>.pt``
+    holds each task's head tensors. Plain PyTorch loads them, no adamerge needed::
+
+        model = torchvision.models.mobilenet_v2(num_classes=10)
+        model.load_state_dict(torch.load("merged.pt") | torch.load("heads/mnist.pt"))
+    """
+    files = {"merged": str(save_state_dict(merged.merged_state_dict(), directory / "merged.pt").name)}
+    for task in merged.heads.tasks:
+        head = {k: v.detach() for k, v in merged.heads.for_task(task).items()}
+        save_state_dict(head, directory / "heads" / f"{task}.pt")
+        files[f"head/{task}"] = f"heads/{task}.pt"
+    return files
+
+
+def format_table(rows: Mapping[str, Mapping[str, float]], tasks: list[str]) -> str:
+    """A Markdown table: one row per method, one column per task plus the average (percent)."""
+    header = ["method", *tasks, "average"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, values in rows.items():
+        cells = [f"{100 * values[t]:.1f}" if t in values else "-" for t in [*tasks, "average"]]
+        lines.append("| " + " | ".join([method, *cells]) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,187 @@
+"""The LightningModule that learns merging coefficients.
+
+One training step merges once and back-propagates once:
+
+1. ``θ = θ(λ)`` is computed (graph to λ) and detached into leaf tensors ``θ'``;
+2. for each task in turn, the task's batch runs through ``θ'`` with the task's head, and the
+   task's loss is back-propagated into ``θ'.grad`` (only one task's activations are alive at a
+   time);
+3. the step returns ``⟨θ(λ), θ'.grad⟩`` (valued as the true loss) whose gradient in λ is exactly
+   ``Σ_tasks ∂L_task/∂λ``; Lightning's ordinary backward, optimizer, gradient accumulation and DDP
+   all work on it unchanged.
+
+Under DDP only λ is all-reduced: task vectors, heads and frozen base weights are listed in
+``_ddp_params_and_buffers_to_ignore``, so they are neither broadcast at start nor every step.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from adamerge.errors import AdamergeError
+from adamerge.losses import EntropyLoss
+from adamerge.merged_model import MergedModel
+
+logger = logging.getLogger(__name__)
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+COEFFICIENT_PREFIX = "merged.coefficients."
+
+
+def adam(lr: float = 1e-3) -> OptimizerFactory:
+    """AdaMerging's optimiser: Adam, lr 1e-3, betas (0.9, 0.999)."""
+    return functools.partial(torch.optim.Adam, lr=lr, betas=(0.9, 0.999))
+
+
+class MergingModule(L.LightningModule):
+    """Learns the coefficients of a :class:`MergedModel` with a per-task objective.
+
+    Args:
+        merged: the model (base, task vectors, coefficients, heads).
+        loss: objective on a task's logits (default: entropy, AdaMerging).
+        optimizer: factory ``params -> Optimizer`` (default: Adam lr 1e-3).
+        sources: references to the base and expert files, stored in checkpoints (not the weights).
+    """
+
+    def __init__(
+        self,
+        merged: MergedModel,
+        loss: nn.Module | None = None,
+        optimizer: OptimizerFactory | None = None,
+        sources: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["merged", "loss", "optimizer"])
+        self.merged = merged
+        self.loss = loss if loss is not None else EntropyLoss()
+        self.optimizer_factory = optimizer if optimizer is not None else adam()
+        self.sources = dict(sources or {})
+        self.accuracy = nn.ModuleDict()
+        self.strict_loading = False  # checkpoints hold λ only; the rest comes from the expert files
+        self._eval_merged: dict[str, torch.Tensor] | None = None
+        self._bn_estimated_for: torch.Tensor | None = None  # λ the BatchNorm statistics belong to
+        self.results: dict[str, dict[str, float]] = {}
+        self._ddp_params_and_buffers_to_ignore = [
+            name for name, _ in self.named_buffers() if name.startswith(("merged.task_vectors.", "merged.heads."))
+        ] + [name for name, p in self.named_parameters() if not p.requires_grad]
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.merged.tasks
+
+    # -- training ----------------------------------------------------------------------------
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        merged = self.merged.merged_tensors()  # θ(λ), graph to λ
+        leaves = {name: t.detach().requires_grad_() for name, t in merged.items()}  # θ'
+        total = torch.zeros((), device=self.device)
+        for task, inputs in batch.items():
+            task_loss = self.loss(self.merged(inputs, task, merged=leaves))
+            task_loss.backward(inputs=list(leaves.values()))  # accumulates ∂L_task/∂θ' in θ'.grad
+            total += task_loss.detach()
+            self.log(f"train/loss/{task}", task_loss.detach(), batch_size=inputs.shape[0])
+        surrogate = sum(
+            torch.dot(merged[name].reshape(-1), leaf.grad.reshape(-1))  # ⟨θ(λ), ∂L/∂θ'⟩
+            for name, leaf in leaves.items()
+            if leaf.grad is not None
+        )
+        if not isinstance(surrogate, torch.Tensor):
+            raise AdamergeError("no merged tensor received a gradient: does the loss depend on the model?")
+        self.log("train/loss", total, prog_bar=True, batch_size=1)
+        return surrogate - surrogate.detach() + total  # value: the loss; gradient: ∂L/∂λ
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(self.merged.coefficients.parameters())
+
+    # -- evaluation --------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._prepare_evaluation()
+
+    def on_test_epoch_start(self) -> None:
+        self._prepare_evaluation()
+
+    @torch.no_grad()
+    def _prepare_evaluation(self) -> None:
+        if self.merged.batchnorm == "reestimate":
+            self.reestimate_batchnorm()
+        self._eval_merged = self.merged.merged_tensors()
+
+    @torch.no_grad()
+    def reestimate_batchnorm(self) -> None:
+        """Recompute BatchNorm statistics on the datamodule's calibration data (once per value of λ)."""
+        current = self.merged.coefficients.raw.detach()
+        if self._bn_estimated_for is not None and torch.equal(self._bn_estimated_for, current):
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        loaders = getattr(datamodule, "calibration_loaders", None)
+        if loaders is None:
+            logger.warning("batchnorm policy 'reestimate' needs a datamodule with calibration_loaders(); skipped")
+            return
+        batches = (
+            (task, inputs.to(self.device)) for task, loader in loaders(shuffle=False).items() for inputs in loader
+        )
+        seen = self.merged.reestimate_batchnorm(batches)
+        self._bn_estimated_for = current.clone()
+        if seen:
+            logger.info("re-estimated BatchNorm statistics on %d calibration samples", seen)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._common_eval_step(batch, dataloader_idx)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._common_eval_step(batch, dataloader_idx)
+
+    def _common_eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int) -> None:
+        inputs, labels = batch
+        task = self.tasks[dataloader_idx]
+        logits = self.merged(inputs, task, merged=self._eval_merged)  # (B, C)
+        self._accuracy(task, logits.shape[-1]).update(logits, labels)
+
+    def _accuracy(self, task: str, num_classes: int) -> MulticlassAccuracy:
+        if task not in self.accuracy:
+            self.accuracy[task] = MulticlassAccuracy(num_classes=num_classes, average="micro").to(self.device)
+        return self.accuracy[task]
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_accuracy("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_accuracy("test")
+
+    def _log_accuracy(self, stage: str) -> None:
+        values = {task: float(self.accuracy[task].compute()) for task in self.tasks if task in self.accuracy}
+        for task, value in values.items():
+            self.log(f"{stage}/acc/{task}", value, add_dataloader_idx=False)
+            self.accuracy[task].reset()
+        if values:
+            average = sum(values.values()) / len(values)
+            self.log(f"{stage}/acc/average", average, add_dataloader_idx=False, prog_bar=stage == "val")
+            self.results[stage] = values | {"average": average}
+        self._eval_merged = None
+
+    # -- checkpoints: λ and references, never the weights ------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith(COEFFICIENT_PREFIX)}
+        checkpoint["adamerge"] = {
+            "tasks": list(self.tasks),
+            "groups": list(self.merged.layout.group_names),
+            "constraint": self.merged.coefficients.constraint,
+            "sources": self.sources,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("adamerge")
+        if meta is None or f"{COEFFICIENT_PREFIX}raw" not in checkpoint.get("state_dict", {}):
+            raise AdamergeError("checkpoint holds no adamerge coefficients (was it written by adamerge?)")
+        if meta["tasks"] != list(self.tasks) or meta["groups"] != list(self.merged.layout.group_names):
+            raise AdamergeError(
+                f"checkpoint coefficients are for tasks {meta['tasks']} with {len(meta['groups'])} groups; "
+                f"this model has tasks {list(self.tasks)} with {self.merged.layout.num_groups} groups"
+            )
