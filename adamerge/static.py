@@ -1,0 +1,286 @@
+"""Static merges as one generalised task-arithmetic merge with orthogonal options.
+
+    θ = θ_0 + merged_delta,    merged_delta = s(ℓ) · AGG_k( λ_k · M_k ⊙ E_k ⊙ S(τ_k) )
+
+applied in that order, tensor by tensor:
+
+- ``sparsify`` S: none, ``"magnitude"`` (TIES trim), ``"dare"``, ``"breadcrumbs"``;
+- ``sign`` E: none, or keep the entries agreeing with the sign elected (``"sum"``/``"count"``)
+  from the sparsified vectors;
+- ``mask`` M: none, each task's own ``"tall"`` mask, or the shared ``"consensus"`` mask, both
+  computed from the raw task vectors with ``τ_MTL = Σ_k τ_k``;
+- ``aggregate`` AGG: ``"sum"``, ``"mean"`` over the K tasks, or ``"disjoint_mean"`` (TIES: mean
+  over the tasks whose entry survived);
+- ``scale`` λ: one float or one per task;
+- ``lines``: ``(α, β)`` LiNeS depth profile ``s(ℓ) = α + β·ℓ/(L−1)`` (α ``None``: the LiNeS
+  reference code's ``‖Σ_k τ_k‖₁ / (K‖τ_MTL‖₁)``), which replaces ``scale``.
+
+The published methods are presets of :class:`StaticMerge` in :data:`STATIC_METHODS`; run one
+with :func:`static_merge`. Tensors are processed one at a time, so apart from the result only
+one tensor's K-stacked temporaries are alive at any moment (model-scope magnitude thresholds are
+computed first, from one P-length buffer per task).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from adamerge import preprocess as pp
+from adamerge.errors import AdamergeError
+
+logger = logging.getLogger(__name__)
+
+Sparsify = Literal["magnitude", "dare", "breadcrumbs"]
+Aggregate = Literal["sum", "mean", "disjoint_mean"]
+
+_CHOICES = {
+    "sparsify": (None, "magnitude", "dare", "breadcrumbs"),
+    "sign": (None, "sum", "count"),
+    "mask": (None, "tall", "consensus"),
+    "aggregate": ("sum", "mean", "disjoint_mean"),
+    "scope": (None, "model", "tensor"),
+}
+
+
+@dataclass(frozen=True)
+class StaticMerge:
+    """A task-arithmetic merge with orthogonal sparsify / sign / mask / aggregate / scale options.
+
+    The defaults are plain task arithmetic with λ = 0.3. Options unused by the chosen strategies
+    (e.g. ``drop_rate`` without DARE) are validated but ignored.
+
+    Attributes:
+        sparsify: per-task sparsification, ``None``, ``"magnitude"``, ``"dare"`` or ``"breadcrumbs"``.
+        density: fraction kept by ``"magnitude"`` and ``"breadcrumbs"``, in (0, 1].
+        scope: ranking scope of ``"magnitude"``/``"breadcrumbs"``; ``None`` picks each one's own
+            default (magnitude: ``"model"`` as TIES, breadcrumbs: ``"tensor"`` as its paper).
+        outlier_fraction: largest magnitudes dropped by ``"breadcrumbs"``, in [0, 1).
+        drop_rate: DARE drop probability, in [0, 1).
+        rescale: DARE rescales survivors by 1/(1 − drop_rate).
+        seed: DARE seed.
+        sign: ``None``, or the election rule ``"sum"`` (TIES) or ``"count"``; non-agreeing entries
+            are dropped.
+        mask: ``None``, ``"tall"`` (each task keeps its own TALL-mask entries) or ``"consensus"``.
+        mask_lambdas: TALL-mask λ, one for all tasks or one per task.
+        min_agreement: Consensus k (tasks whose TALL mask must be active).
+        aggregate: ``"sum"``, ``"mean"`` or ``"disjoint_mean"``.
+        scale: λ, a float or one per task (per-task values weight the tasks before aggregation).
+        lines: ``(α, β)`` for LiNeS, α ``None`` for the automatic α; ``scale`` must then be 1.
+        num_layers: LiNeS ``L`` (default: parsed from the names).
+        layer_of: LiNeS depth regex (one group) or callable; default
+            :data:`adamerge.preprocess.DEFAULT_LAYER_PATTERN`.
+    """
+
+    sparsify: Sparsify | None = None
+    density: float = 0.2
+    scope: Literal["model", "tensor"] | None = None
+    outlier_fraction: float = 0.01
+    drop_rate: float = 0.5
+    rescale: bool = True
+    seed: int = 0
+    sign: Literal["sum", "count"] | None = None
+    mask: Literal["tall", "consensus"] | None = None
+    mask_lambdas: float | tuple[float, ...] = 0.4
+    min_agreement: int = 2
+    aggregate: Aggregate = "sum"
+    scale: float | tuple[float, ...] = 0.3
+    lines: tuple[float | None, float] | None = None
+    num_layers: int | None = None
+    layer_of: str | Callable[[str], int | None] | None = None
+
+    def __post_init__(self) -> None:
+        for field, choices in _CHOICES.items():
+            if getattr(self, field) not in choices:
+                raise AdamergeError(f"{field} must be one of {list(choices)}, got {getattr(self, field)!r}")
+        pp.check_density(self.density)
+        pp.check_fraction(self.outlier_fraction, "outlier_fraction")
+        pp.check_fraction(self.drop_rate, "drop_rate")
+        pp.check_min_agreement(self.min_agreement)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise AdamergeError(f"seed must be an int, got {self.seed!r}")
+        for field in ("scale", "mask_lambdas"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)):
+                object.__setattr__(self, field, tuple(float(v) for v in value))
+        self._check_lines()
+
+    def _check_lines(self) -> None:
+        if self.lines is None:
+            return
+        if len(self.lines) != 2:
+            raise AdamergeError(f"lines must be (alpha, beta) with alpha None for automatic, got {self.lines!r}")
+        object.__setattr__(self, "lines", tuple(self.lines))
+        scales = self.scale if isinstance(self.scale, tuple) else (self.scale,)
+        if any(s != 1.0 for s in scales):
+            raise AdamergeError(
+                "lines replaces scale with the depth profile α + β·ℓ/(L−1): "
+                f"set scale=1.0, got scale={self.scale!r}"
+            )
+
+    # ------------------------------------------------------------------------------------------
+
+    def merged_delta(
+        self, tv: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The merged task vector, ``θ = θ_0 + merged_delta``.
+
+        Args:
+            tv: ``{name: Tensor(K, *shape)}`` in model order (a ``TaskVectors`` store works too).
+            dtype: result dtype; default the task vectors' dtype. Aggregation runs in float32.
+
+        Returns:
+            ``{name: Tensor(*shape)}`` in model order.
+
+        Raises:
+            AdamergeError: invalid ``tv``, or per-task ``scale``/``mask_lambdas`` of the wrong length.
+        """
+        items = pp.as_items(tv)
+        first = items[0][1]
+        weights = pp.per_task_values(self.scale, first.shape[0], "scale", first)  # (K,)
+        lambdas = pp.per_task_values(self.mask_lambdas, first.shape[0], "mask_lambdas", first)  # (K,)
+        windows = self._windows(tv)
+        generator = pp.make_generator(self.seed, first.device) if self.sparsify == "dare" else None
+        delta, summed_norm, merged_norm = {}, 0.0, 0.0
+        for name, x in items:
+            kept = self._rewrite(name, x, windows, generator, lambdas)  # (K, *shape)
+            delta[name] = self._aggregate(kept, weights)  # (*shape) float32
+            if self.lines is not None and self.lines[0] is None:
+                summed_norm += float(x.sum(dim=0, dtype=torch.float32).abs().sum())
+                merged_norm += float(delta[name].abs().sum())
+        if self.lines is not None:
+            delta = self._apply_lines(delta, summed_norm, merged_norm, first.shape[0])
+        out_dtype = first.dtype if dtype is None else dtype
+        return {name: d.to(out_dtype) for name, d in delta.items()}
+
+    def _windows(self, tv: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        if self.sparsify not in ("magnitude", "breadcrumbs") or self.density == 1.0:
+            return None
+        outliers = self.outlier_fraction if self.sparsify == "breadcrumbs" else 0.0
+        scope = self.scope or ("model" if self.sparsify == "magnitude" else "tensor")
+        return pp.magnitude_windows(tv, self.density, outliers, scope)
+
+    def _rewrite(
+        self,
+        name: str,
+        x: torch.Tensor,
+        windows: dict[str, tuple[torch.Tensor, torch.Tensor]] | None,
+        generator: torch.Generator | None,
+        lambdas: torch.Tensor,
+    ) -> torch.Tensor:
+        """Sparsify, sign-filter and mask the stacked tensor ``x`` ``(K, *shape)`` called ``name``."""
+        y = x
+        if windows is not None:
+            y = pp.window_tensor(y, *windows[name])
+        elif generator is not None:
+            y = pp.dare_tensor(y, self.drop_rate, generator, self.rescale)
+        if self.sign is not None:
+            y = torch.where(pp.agreement_tensor(y, pp.elect_sign_tensor(y, self.sign)), y, pp.zeros_like_scalar(y))
+        if self.mask is not None:
+            active = pp.tall_mask_tensor(x, lambdas)  # (K, *shape), from the raw vectors
+            if self.mask == "consensus":
+                active = (active.sum(dim=0) >= self.min_agreement).expand_as(active)
+            y = torch.where(active, y, pp.zeros_like_scalar(y))
+        return y
+
+    def _aggregate(self, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Combine ``y`` ``(K, *shape)`` over tasks with per-task ``weights`` ``(K,)``, in float32."""
+        total = torch.tensordot(weights, y.float(), dims=1)  # (*shape)
+        if self.aggregate == "mean":
+            return total / y.shape[0]
+        if self.aggregate == "disjoint_mean":
+            return total / (y != 0).sum(dim=0).clamp_min(1)  # (*shape)
+        return total
+
+    def _apply_lines(
+        self, delta: dict[str, torch.Tensor], summed_norm: float, merged_norm: float, num_tasks: int
+    ) -> dict[str, torch.Tensor]:
+        alpha, beta = self.lines
+        if alpha is None:
+            if merged_norm == 0.0:
+                raise AdamergeError("the merged vector is all zeros: the automatic LiNeS α is undefined")
+            alpha = summed_norm / (num_tasks * merged_norm)
+        scales = pp.lines_scaling(list(delta), alpha, beta, self.num_layers, self.layer_of)
+        low, high = min(scales.values()), max(scales.values())
+        logger.info("LiNeS: α = %.4g, β = %.4g, scales from %.4g to %.4g", alpha, beta, low, high)
+        return {name: d * scales[name] for name, d in delta.items()}
+
+
+
+#: Named presets with the published (or reference-code) defaults for 8-task CLIP ViT-B/32 merging.
+#:
+#: - ``"average"``: ``θ_0 + mean_k τ_k`` (weight averaging; FusionBench ``simple_average``).
+#: - ``"task-arithmetic"``: ``θ_0 + 0.3 Σ_k τ_k`` (Ilharco et al., 2023). λ = 0.3 is the value
+#:   AdaMerging's ``main_task_arithmetic.py`` uses and FusionBench's docs select for CLIP models.
+#: - ``"ties"``: trim to the top 20 % per task over the model, elect the sign by mass, disjoint
+#:   *sum*, λ = 0.3 — FusionBench's ``ties_merging`` (``threshold: 20``, ``merge_func: sum``,
+#:   ``scaling_factor`` 0.3 in its docs' CLIP runs) and AdaMerging's ``main_ties_merging.py``
+#:   (``K = 20``, ``"dis-sum"``, 0.3), the setting behind the 72.4 % usually cited. The TIES paper's
+#:   validation-free variant is ``aggregate="disjoint_mean", scale=1.0``.
+#: - ``"dare"``: drop 50 %, rescale, λ = 0.3 — FusionBench ``dare/task_arithmetic.yaml``
+#:   (``sparsity_ratio: 0.5``, ``scaling_factor: 0.3``). The DARE paper drops up to 90 % of LLM SFT
+#:   deltas; mergekit sets no default (its ``density`` is required).
+#: - ``"breadcrumbs"``: per tensor, drop the top 0.6 % and keep the next 15 %, λ = 0.2 — the
+#:   starting point of the authors' own search (``rezazzr/breadcrumbs``, ``find_best_hyperparam.py``,
+#:   ``middle_keep``: alpha 0.2, beta 0.15, gamma 0.006).
+#: - ``"consensus"``: task arithmetic (λ = 0.3) of the entries active in ≥ 2 TALL masks
+#:   (``nik-dim/tall_masks`` ``consensus.yaml``: ``prun_thre_k: 2``); TALL λ = 0.4, the middle of
+#:   the grid {0.2, …, 0.6} the paper searches per task on validation data.
+#: - ``"lines"``: task arithmetic scaled by LiNeS depth profile with the reference code's automatic
+#:   α (``‖Σ τ‖₁/(K‖τ_MTL‖₁)``, i.e. 1/K here) and β = 0.5. The paper tunes β on validation data
+#:   over (0, 1]; 0.5, the middle, is this package's validation-free choice, not a published value.
+STATIC_METHODS: dict[str, StaticMerge] = {
+    "average": StaticMerge(aggregate="mean", scale=1.0),
+    "task-arithmetic": StaticMerge(scale=0.3),
+    "ties": StaticMerge(sparsify="magnitude", density=0.2, sign="sum", aggregate="sum", scale=0.3),
+    "dare": StaticMerge(sparsify="dare", drop_rate=0.5, rescale=True, seed=0, scale=0.3),
+    "breadcrumbs": StaticMerge(sparsify="breadcrumbs", density=0.15, outlier_fraction=0.006, scale=0.2),
+    "consensus": StaticMerge(mask="consensus", min_agreement=2, mask_lambdas=0.4, scale=0.3),
+    "lines": StaticMerge(scale=1.0, lines=(None, 0.5)),
+}
+
+
+def static_preset(method: str, **overrides: object) -> StaticMerge:
+    """The :data:`STATIC_METHODS` preset ``method`` with some fields overridden.
+
+    Raises:
+        AdamergeError: unknown method (the message lists the valid ones) or unknown field.
+    """
+    if method not in STATIC_METHODS:
+        raise AdamergeError(f"unknown static merge method {method!r}; valid: {sorted(STATIC_METHODS)}")
+    fields = {f.name for f in dataclasses.fields(StaticMerge)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise AdamergeError(f"unknown StaticMerge option(s) {unknown} for {method!r}; valid: {sorted(fields)}")
+    return dataclasses.replace(STATIC_METHODS[method], **overrides)
+
+
+def static_merge(
+    method: str,
+    tv: Mapping[str, torch.Tensor],
+    *,
+    dtype: torch.dtype | None = None,
+    **overrides: object,
+) -> dict[str, torch.Tensor]:
+    """Merged task vector of a named static method: ``θ = θ_0 + static_merge(method, tv)``.
+
+    Args:
+        method: one of :data:`STATIC_METHODS`.
+        tv: ``{name: Tensor(K, *shape)}`` in model order.
+        dtype: result dtype (default: the task vectors').
+        **overrides: :class:`StaticMerge` fields replacing the preset's, e.g. ``scale=0.4``.
+
+    Returns:
+        ``{name: Tensor(*shape)}``.
+
+    Raises:
+        AdamergeError: unknown method or option, invalid option value or task vectors.
+    """
+    merge = static_preset(method, **overrides)
+    logger.info("static merge %s: %s", method, merge)
+    return merge.merged_delta(tv, dtype=dtype)
