@@ -12,7 +12,6 @@ import logging
 import os
 import pickle
 import tempfile
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -67,11 +66,13 @@ def _load_torch(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):
+            raise CheckpointError(f"{path} is not a torch checkpoint (corrupt or another format): {_first_line(error)}") from None
         raise CheckpointError(
             f"{path} holds Python objects beyond tensors (a whole pickled module?); "
-            f"save it with torch.save(model.state_dict(), ...) instead ({_first_line(error)})"
+            f"save it with torch.save(model.state_dict(), ...) instead"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+    except Exception as error:  # torch surfaces many kinds (RuntimeError, EOFError, IndexError, ...)
         raise CheckpointError(f"{path} is not a torch checkpoint (corrupt or another format): {_first_line(error)}") from None
 
 

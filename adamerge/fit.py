@@ -185,6 +185,7 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
 def _trainer(settings: FitSettings, root: Path) -> L.Trainer:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen base: intended
     return L.Trainer(
         max_steps=settings.steps,
         accelerator=settings.accelerator,

@@ -2,7 +2,9 @@
 
 No ``λ ⊙ τ`` temporary of size K×P is ever formed: the sum over experts is a matrix-vector
 product ``τᵀ λ`` (BLAS gemv) that reads each task-vector entry once, and its backward pass, the
-gradient ``∂L/∂λ_k = ⟨∂L/∂θ, τ_k⟩``, is a second gemv over the same buffer.
+gradient ``∂L/∂λ_k = ⟨∂L/∂θ, τ_k⟩``, is a second gemv over the same buffer. Task vectors stored
+in a lower precision (bf16/fp16) are widened chunk by chunk (a few MB at a time) and accumulated
+in the base's precision.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ import torch
 
 from adamerge.granularity import CoefficientLayout
 
+CPU_CHUNK = 1 << 16  # columns widened at a time on CPU: K × 64 Ki entries stay in cache
+CUDA_CHUNK = 1 << 24
+
 
 def combine(base: torch.Tensor, task_vectors: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
     """``base + Σ_k coefficients[k] · task_vectors[k]`` as one fused contraction.
 
     Args:
         base: θ_0 of one tensor, shape ``S``.
-        task_vectors: τ stacked over experts, ``(K, *S)``; any float dtype (bf16 storage is
-            contracted in bf16 and the result added in the base's dtype).
+        task_vectors: τ stacked over experts, ``(K, *S)``, float32 or a lower precision.
         coefficients: ``(K,)``.
 
     Returns:
@@ -28,11 +32,39 @@ def combine(base: torch.Tensor, task_vectors: torch.Tensor, coefficients: torch.
     """
     flat_tv = task_vectors.reshape(task_vectors.shape[0], -1)  # (K, P)
     if flat_tv.dtype == base.dtype:
-        merged = torch.addmv(base.reshape(-1), flat_tv.t(), coefficients.to(base.dtype))  # (P,)
+        merged = torch.mv(flat_tv.t(), coefficients.to(base.dtype))  # (P,) = τᵀ λ
+        merged = merged.add_(base.reshape(-1))  # in place: mv's backward does not need its output
     else:
-        delta = torch.mv(flat_tv.t(), coefficients.to(flat_tv.dtype))  # (P,) in storage dtype
-        merged = base.reshape(-1) + delta.to(base.dtype)  # (P,)
+        merged = _WidenedCombine.apply(base.reshape(-1), flat_tv, coefficients)  # (P,)
     return merged.view(base.shape)
+
+
+class _WidenedCombine(torch.autograd.Function):
+    """``base + τᵀ λ`` for low-precision τ, widened chunk by chunk, accumulated in base's dtype."""
+
+    @staticmethod
+    def forward(ctx, base: torch.Tensor, flat_tv: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(flat_tv)
+        ctx.coefficient_dtype = coefficients.dtype
+        lam = coefficients.detach().to(base.dtype)  # (K,)
+        merged = base.detach().clone()  # (P,)
+        for start, stop in _chunks(flat_tv):
+            merged[start:stop].addmv_(flat_tv[:, start:stop].to(base.dtype).t(), lam)
+        return merged
+
+    @staticmethod
+    def backward(ctx, grad_merged: torch.Tensor):
+        (flat_tv,) = ctx.saved_tensors
+        grad = torch.zeros(flat_tv.shape[0], dtype=grad_merged.dtype, device=grad_merged.device)  # (K,)
+        for start, stop in _chunks(flat_tv):
+            grad.addmv_(flat_tv[:, start:stop].to(grad_merged.dtype), grad_merged[start:stop])  # += τ_chunk g_chunk
+        return None, None, grad.to(ctx.coefficient_dtype)
+
+
+def _chunks(flat_tv: torch.Tensor) -> Iterable[tuple[int, int]]:
+    size = CUDA_CHUNK if flat_tv.is_cuda else CPU_CHUNK
+    total = flat_tv.shape[1]
+    return ((start, min(start + size, total)) for start in range(0, total, size))
 
 
 def merge_tensors(
@@ -56,3 +88,26 @@ def merge_tensors(
     for (name, tv), group in zip(task_vectors, layout.tensor_groups, strict=True):
         merged[name] = combine(base[name], tv, coefficients[:, group])
     return merged
+
+
+class PrecomputedGradient(torch.autograd.Function):
+    """A scalar carrying already-computed gradients of ``tensors``.
+
+    ``PrecomputedGradient.apply(value, grads, *tensors)`` returns ``value``; back-propagating it
+    hands ``grads`` (scaled by the incoming gradient) to ``tensors`` without any further
+    computation. A training step uses it to run the merged weights' backward once, after the
+    per-task losses have filled ``∂L/∂θ``.
+    """
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, grads: tuple[torch.Tensor, ...], *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.grads = grads
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grads = ctx.grads
+        del ctx.grads
+        if bool(grad_output != 1):  # e.g. gradient accumulation divides the loss
+            grads = tuple(g * grad_output for g in grads)
+        return (None, None, *grads)

@@ -6,9 +6,10 @@ One training step merges once and back-propagates once:
 2. for each task in turn, the task's batch runs through ``θ'`` with the task's head, and the
    task's loss is back-propagated into ``θ'.grad`` (only one task's activations are alive at a
    time);
-3. the step returns ``⟨θ(λ), θ'.grad⟩`` (valued as the true loss) whose gradient in λ is exactly
-   ``Σ_tasks ∂L_task/∂λ``; Lightning's ordinary backward, optimizer, gradient accumulation and DDP
-   all work on it unchanged.
+3. the step returns the summed loss wrapped so that its backward hands ``θ'.grad`` to ``θ(λ)``
+   (:class:`~adamerge.merge.PrecomputedGradient`): Lightning's ordinary backward then runs the
+   merge's backward once, giving exactly ``Σ_tasks ∂L_task/∂λ``; optimizers, gradient
+   accumulation and DDP work on it unchanged.
 
 Under DDP only λ is all-reduced: task vectors, heads and frozen base weights are listed in
 ``_ddp_params_and_buffers_to_ignore``, so they are neither broadcast at start nor every step.
@@ -28,6 +29,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from adamerge.errors import AdamergeError
 from adamerge.losses import EntropyLoss
+from adamerge.merge import PrecomputedGradient
 from adamerge.merged_model import MergedModel
 
 logger = logging.getLogger(__name__)
@@ -86,16 +88,18 @@ class MergingModule(L.LightningModule):
             task_loss = self.loss(self.merged(inputs, task, merged=leaves))
             task_loss.backward(inputs=list(leaves.values()))  # accumulates ∂L_task/∂θ' in θ'.grad
             total += task_loss.detach()
-            self.log(f"train/loss/{task}", task_loss.detach(), batch_size=inputs.shape[0])
-        surrogate = sum(
-            torch.dot(merged[name].reshape(-1), leaf.grad.reshape(-1))  # ⟨θ(λ), ∂L/∂θ'⟩
-            for name, leaf in leaves.items()
-            if leaf.grad is not None
-        )
-        if not isinstance(surrogate, torch.Tensor):
+            self._log_training(f"train/loss/{task}", task_loss.detach(), batch_size=inputs.shape[0])
+        used = [name for name, leaf in leaves.items() if leaf.grad is not None]
+        if not used:
             raise AdamergeError("no merged tensor received a gradient: does the loss depend on the model?")
-        self.log("train/loss", total, prog_bar=True, batch_size=1)
-        return surrogate - surrogate.detach() + total  # value: the loss; gradient: ∂L/∂λ
+        self._log_training("train/loss", total, prog_bar=True, batch_size=1)
+        # value: the summed loss; backward: hands ∂L/∂θ' to θ(λ), one gemv per tensor into λ
+        grads = tuple(leaves[name].grad for name in used)
+        return PrecomputedGradient.apply(total, grads, *(merged[name] for name in used))
+
+    def _log_training(self, name: str, value: torch.Tensor, **kwargs: Any) -> None:
+        if self._trainer is not None:  # the step also runs outside a Trainer (benchmarks, notebooks)
+            self.log(name, value, **kwargs)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.merged.coefficients.parameters())

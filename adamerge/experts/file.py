@@ -106,7 +106,10 @@ def load_file_experts(
 
     def reader(task: str, path: Path):
         def read() -> dict[str, torch.Tensor]:
-            state = load_state_dict(path)
+            try:
+                state = load_state_dict(path)
+            except CheckpointError as error:
+                raise CheckpointError(f"expert {task!r}: {error}") from None
             check_expert_keys(base_state, state, f"{task} ({path})", head_names)
             heads[task] = {n: state[n].clone() for n in head_names}
             return state

@@ -1,0 +1,141 @@
+"""MergedModel behaviour a user relies on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adamerge.errors import AdamergeError
+from adamerge.experts import load_file_experts
+from adamerge.granularity import GroupWise, TaskWise, TensorWise
+from adamerge.merged_model import MergedModel
+from adamerge.module import MergingModule
+from adamerge.task_vectors import TaskVectors
+from tests.conftest import HEAD
+from tests.tiny import tiny_convnet, tiny_mlp
+
+GRANULARITIES = [TaskWise(), TensorWise(), GroupWise([r"^(\d+)\."])]
+
+
+def mlp_merge(granularity=TensorWise(), constraint="none", init=0.3, dtype=torch.float32, num_tasks=3):
+    torch.manual_seed(0)
+    base = tiny_mlp()
+    experts = [tiny_mlp().state_dict() for _ in range(num_tasks)]
+    names = [n for n, _ in base.named_parameters()]
+    tv = TaskVectors.from_states(base.state_dict(), {f"t{k}": s for k, s in enumerate(experts)}, names, dtype)
+    return base, experts, MergedModel(base, tv, granularity, constraint, init, batchnorm="base")
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_one_hot_reproduces_each_expert_and_zero_the_base(granularity):
+    base, experts, merged = mlp_merge(granularity)
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    x = torch.randn(5, 12)
+    for k, state in enumerate(experts):
+        merged.coefficients.set_values(torch.nn.functional.one_hot(torch.tensor(k), 3).float())
+        reference = tiny_mlp()
+        reference.load_state_dict(state)
+        torch.testing.assert_close(merged(x), reference(x), rtol=1e-5, atol=1e-5)
+    merged.coefficients.set_values(0.0)
+    reference = tiny_mlp()
+    reference.load_state_dict(base_state)
+    torch.testing.assert_close(merged(x), reference(x))
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_functional_forward_equals_merge_and_unload(granularity):
+    _, _, merged = mlp_merge(granularity)
+    merged.coefficients.set_values(torch.rand(3, merged.layout.num_groups))
+    x = torch.randn(4, 12)
+    plain = merged.merge_and_unload()
+    assert not isinstance(plain, MergedModel)
+    torch.testing.assert_close(plain(x), merged(x))
+
+
+def test_gradients_reach_only_the_coefficients():
+    base, _, merged = mlp_merge()
+    merged(torch.randn(4, 12)).square().sum().backward()
+    assert merged.coefficients.raw.grad is not None and merged.coefficients.raw.grad.abs().sum() > 0
+    assert [n for n, p in merged.named_parameters() if p.requires_grad] == ["coefficients.raw"]
+    assert all(p.grad is None for p in base.parameters())
+    assert all(not b.requires_grad for b in merged.buffers())
+
+
+def test_task_vectors_are_not_saved_in_state_dict():
+    _, _, merged = mlp_merge()
+    keys = merged.state_dict().keys()
+    assert not any(k.startswith("task_vectors.") for k in keys)
+    assert "coefficients.raw" in keys
+
+
+def test_bfloat16_storage_is_close_to_float32():
+    _, _, exact = mlp_merge(dtype=torch.float32)
+    _, _, low = mlp_merge(dtype=torch.bfloat16)
+    x = torch.randn(8, 12)
+    torch.testing.assert_close(low(x), exact(x), rtol=2e-2, atol=2e-2)
+    assert low.task_vectors.tv_0.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("constraint,expected", [("clamp", [0.0, 1.0, 0.5]), ("none", [-0.5, 1.5, 0.5])])
+def test_constraints_apply_in_forward(constraint, expected):
+    _, _, merged = mlp_merge(TaskWise(), constraint=constraint)
+    with torch.no_grad():
+        merged.coefficients.raw.copy_(torch.tensor([[-0.5], [1.5], [0.5]]))
+    torch.testing.assert_close(merged.coefficients()[:, 0], torch.tensor(expected))
+
+
+def test_sigmoid_init_round_trips():
+    _, _, merged = mlp_merge(constraint="sigmoid", init=0.1)
+    torch.testing.assert_close(merged.coefficients(), torch.full_like(merged.coefficients(), 0.1))
+
+
+def test_training_step_gradient_equals_naive_joint_backward(tiny_setup):
+    """Merge once, per-task backward into leaves, one backward into λ == autograd on the summed loss."""
+    experts = load_file_experts("tests.tiny:tiny_convnet", tiny_setup.base, tiny_setup.experts, HEAD, "base")
+    merged = MergedModel(experts.model, experts.task_vectors, "layer", "clamp", 0.3, experts.heads, "base")
+    module = MergingModule(merged)
+    generator = torch.Generator().manual_seed(0)
+    batch = {t: torch.randn(4, 3, 12, 12, generator=generator) for t in merged.tasks}
+
+    module.training_step(batch, 0).backward()
+    fused = merged.coefficients.raw.grad.clone()
+    merged.coefficients.raw.grad = None
+
+    naive = sum(module.loss(merged(x, task)) for task, x in batch.items())
+    naive.backward()
+    torch.testing.assert_close(fused, merged.coefficients.raw.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_batchnorm_reestimation_uses_merged_weights(tiny_setup):
+    experts = load_file_experts("tests.tiny:tiny_convnet", tiny_setup.base, tiny_setup.experts, HEAD)
+    merged = MergedModel(experts.model, experts.task_vectors, "layer", heads=experts.heads)
+    x = torch.randn(64, 3, 12, 12)
+    seen = merged.reestimate_batchnorm([("alpha", x[:32]), ("beta", x[32:])])
+    assert seen == 64
+    # the first BatchNorm sees the first convolution's output with merged weights
+    conv = merged.merge_and_unload("alpha")[0]
+    features = conv(x)  # (N, C, H, W)
+    torch.testing.assert_close(merged.model[1].running_mean, features.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+def test_heads_are_required_and_unknown_tasks_refused(tiny_setup):
+    experts = load_file_experts("tests.tiny:tiny_convnet", tiny_setup.base, tiny_setup.experts, HEAD)
+    merged = MergedModel(experts.model, experts.task_vectors, heads=experts.heads)
+    x = torch.randn(2, 3, 12, 12)
+    assert merged(x, "alpha").shape == (2, 3) and merged(x, "beta").shape == (2, 4)
+    with pytest.raises(AdamergeError, match="pass task="):
+        merged(x)
+    with pytest.raises(AdamergeError, match="unknown task 'gamma'"):
+        merged(x, "gamma")
+
+
+def test_merge_and_unload_resizes_heads(tiny_setup):
+    experts = load_file_experts("tests.tiny:tiny_convnet", tiny_setup.base, tiny_setup.experts, HEAD, "base")
+    merged = MergedModel(experts.model, experts.task_vectors, heads=experts.heads, batchnorm="base")
+    plain = merged.merge_and_unload("beta")
+    assert plain[8].out_features == 4
+    x = torch.randn(3, 3, 12, 12)
+    torch.testing.assert_close(plain(x), merged(x, "beta"))
+    fresh = tiny_convnet(num_classes=4)
+    fresh.load_state_dict(merged.merged_state_dict("beta"))
+    torch.testing.assert_close(fresh.eval()(x), merged(x, "beta"))
