@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms
 
 from adamerge.errors import DataError
@@ -162,6 +162,7 @@ class MultiTaskImageDataModule(L.LightningDataModule):
         std: normalisation standard deviation.
         num_workers: data-loader worker processes.
         seed: seed of the training shuffle.
+        shuffle: shuffle the calibration data (off: fixed order, e.g. to compare runs exactly).
     """
 
     def __init__(
@@ -176,8 +177,10 @@ class MultiTaskImageDataModule(L.LightningDataModule):
         std: Sequence[float] = IMAGENET_STD,
         num_workers: int = 0,
         seed: int = 0,
+        shuffle: bool = True,
     ) -> None:
         super().__init__()
+        self.shuffle = shuffle
         self.calib_dir = Path(calib_dir)
         self.eval_dir = Path(eval_dir) if eval_dir is not None else None
         self.tasks = list(tasks)
@@ -203,27 +206,42 @@ class MultiTaskImageDataModule(L.LightningDataModule):
         if self.eval_dir is not None and not self.evaluation and stage in (None, "fit", "validate", "test"):
             self.evaluation = {t: LabelledImageFolder(self.eval_dir / t, self.transform) for t in self.tasks}
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, seed_offset: int = 0) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, batch_size: int, shuffle: bool, seed_offset: int = 0, distributed: bool = False
+    ) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed + seed_offset)
+        sampler = None
+        if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # our own shard per rank, honouring ``shuffle`` (Lightning would always shuffle training data)
+            sampler = DistributedSampler(dataset, shuffle=shuffle, seed=self.seed + seed_offset)
+            shuffle = False
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             generator=generator,
             persistent_workers=self.num_workers > 0,
         )
 
-    def calibration_loaders(self, shuffle: bool = True) -> dict[str, DataLoader]:
-        """One loader of unlabeled calibration images per task."""
+    def calibration_loaders(self, shuffle: bool | None = None, distributed: bool = False) -> dict[str, DataLoader]:
+        """One loader of unlabeled calibration images per task.
+
+        Args:
+            shuffle: shuffle the order (default: the module's ``shuffle``).
+            distributed: shard across DDP ranks (training); off, every rank sees all the data, as
+                BatchNorm re-estimation needs for identical statistics on every rank.
+        """
         self.setup("fit")
+        shuffle = self.shuffle if shuffle is None else shuffle
         return {
-            task: self._loader(ds, self.batch_size, shuffle, seed_offset=i)
+            task: self._loader(ds, self.batch_size, shuffle, seed_offset=i, distributed=distributed)
             for i, (task, ds) in enumerate(self.calibration.items())
         }
 
     def train_dataloader(self) -> CombinedLoader:
-        return CombinedLoader(self.calibration_loaders(), mode="max_size_cycle")
+        return CombinedLoader(self.calibration_loaders(distributed=True), mode="max_size_cycle")
 
     def evaluation_loaders(self) -> list[DataLoader]:
         if self.eval_dir is None:
