@@ -152,7 +152,7 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
         heads=experts.heads,
         batchnorm=settings.batchnorm,
     )
-    module = MergingModule(merged, loss=method.loss(), optimizer=adam(method.lr), sources=experts.sources)
+    module = MergingModule(merged, objective=method.loss(), optimizer=adam(method.lr), sources=experts.sources)
     load_s = time.perf_counter() - started
 
     metrics: dict[str, Any] = {"tasks": list(experts.tasks), "accuracy": {}, "timing_s": {"load": load_s}}

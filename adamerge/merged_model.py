@@ -20,6 +20,7 @@ from adamerge.batchnorm import BATCHNORM_POLICIES, batchnorm_layers, reestimate_
 from adamerge.coefficients import Coefficients
 from adamerge.errors import AdamergeError
 from adamerge.granularity import Granularity, TensorWise, parse_granularity
+from adamerge.hooks import capture_hidden
 from adamerge.merge import merge_tensors
 from adamerge.task_vectors import TaskVectors
 
@@ -144,6 +145,18 @@ class MergedModel(nn.Module):
             for layer in batchnorm_layers(self.model):
                 layer.train()
         return self
+
+    @property
+    def head_module(self) -> str | None:
+        """Name of the module owning the task heads (``None`` without heads)."""
+        if not self.heads.names:
+            return None
+        return self.heads.names[0].rpartition(".")[0]
+
+    def capture(self, names: Sequence[str]):
+        """Context manager collecting hidden states of the next forward passes, see
+        :func:`adamerge.hooks.capture_hidden` (``"<head input>"``: the features entering the head)."""
+        return capture_hidden(self.model, names, self.head_module)
 
     @torch.no_grad()
     def reestimate_batchnorm(self, batches: Iterable[tuple[str, torch.Tensor]]) -> int:

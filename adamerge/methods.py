@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from torch import nn
 
 from adamerge.errors import AdamergeError
-from adamerge.losses import EntropyLoss
+from adamerge.objectives import Entropy
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ METHODS = {
         constraint="clamp",
         init=0.3,
         lr=1e-3,
-        loss=EntropyLoss,
+        loss=Entropy,
         paper="Yang et al., AdaMerging: Adaptive Model Merging for Multi-Task Learning, ICLR 2024",
     ),
 }

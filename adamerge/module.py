@@ -28,9 +28,9 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from adamerge.errors import AdamergeError
-from adamerge.losses import EntropyLoss
 from adamerge.merge import PrecomputedGradient
 from adamerge.merged_model import MergedModel
+from adamerge.objectives import Entropy, ModelOutputs, Objective, TaskBatch, as_task_batch
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class MergingModule(L.LightningModule):
 
     Args:
         merged: the model (base, task vectors, coefficients, heads).
-        loss: objective on a task's logits (default: entropy, AdaMerging).
+        objective: per-task objective (default: :class:`~adamerge.objectives.Entropy`, AdaMerging).
         optimizer: factory ``params -> Optimizer`` (default: Adam lr 1e-3).
         sources: references to the base and expert files, stored in checkpoints (not the weights).
     """
@@ -56,14 +56,14 @@ class MergingModule(L.LightningModule):
     def __init__(
         self,
         merged: MergedModel,
-        loss: nn.Module | None = None,
+        objective: Objective | None = None,
         optimizer: OptimizerFactory | None = None,
         sources: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["merged", "loss", "optimizer"])
+        self.save_hyperparameters(ignore=["merged", "objective", "optimizer"])
         self.merged = merged
-        self.loss = loss if loss is not None else EntropyLoss()
+        self.objective = objective if objective is not None else Entropy()
         self.optimizer_factory = optimizer if optimizer is not None else adam()
         self.sources = dict(sources or {})
         self.accuracy = nn.ModuleDict()
@@ -80,22 +80,35 @@ class MergingModule(L.LightningModule):
         return self.merged.tasks
 
     # -- training ----------------------------------------------------------------------------
-    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         merged = self.merged.merged_tensors()  # θ(λ), graph to λ
         leaves = {name: t.detach().requires_grad_() for name, t in merged.items()}  # θ'
         total = torch.zeros((), device=self.device)
-        for task, inputs in batch.items():
-            task_loss = self.loss(self.merged(inputs, task, merged=leaves))
+        for task, item in batch.items():
+            task_batch = as_task_batch(item)
+            task_loss = self.objective(task, self._outputs(task_batch, task, leaves), task_batch)
             task_loss.backward(inputs=list(leaves.values()))  # accumulates ∂L_task/∂θ' in θ'.grad
             total += task_loss.detach()
-            self._log_training(f"train/loss/{task}", task_loss.detach(), batch_size=inputs.shape[0])
+            self._log_training(f"train/loss/{task}", task_loss.detach(), batch_size=task_batch.size)
         used = [name for name, leaf in leaves.items() if leaf.grad is not None]
         if not used:
             raise AdamergeError("no merged tensor received a gradient: does the loss depend on the model?")
-        self._log_training("train/loss", total, prog_bar=True, batch_size=1)
         # value: the summed loss; backward: hands ∂L/∂θ' to θ(λ), one gemv per tensor into λ
         grads = tuple(leaves[name].grad for name in used)
-        return PrecomputedGradient.apply(total, grads, *(merged[name] for name in used))
+        loss = PrecomputedGradient.apply(total, grads, *(merged[name] for name in used))
+        regularizer = self.objective.regularization(self.merged.coefficients())
+        if regularizer is not None:
+            self._log_training("train/regularizer", regularizer.detach(), batch_size=1)
+            loss = loss + regularizer
+        self._log_training("train/loss", loss.detach(), prog_bar=True, batch_size=1)
+        return loss
+
+    def _outputs(self, batch: TaskBatch, task: str, tensors: Mapping[str, torch.Tensor]) -> ModelOutputs:
+        if not self.objective.hidden_modules:
+            return ModelOutputs(self.merged(batch.inputs, task, merged=tensors))
+        with self.merged.capture(self.objective.hidden_modules) as hidden:
+            logits = self.merged(batch.inputs, task, merged=tensors)
+        return ModelOutputs(logits, dict(hidden))
 
     def _log_training(self, name: str, value: torch.Tensor, **kwargs: Any) -> None:
         if self._trainer is not None:  # the step also runs outside a Trainer (benchmarks, notebooks)

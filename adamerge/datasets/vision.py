@@ -33,7 +33,7 @@ DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "dat
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
-DIGIT_CLASSES = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
+DIGIT_CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
