@@ -50,6 +50,8 @@ class Coefficients(nn.Module):
         constraint: ``none``, ``clamp`` or ``sigmoid``.
         init: initial (constrained) value: a float for every entry, or a ``(K, G)`` / ``(K,)``
             tensor (a per-task value is broadcast over groups).
+        trainable: optional ``(K, G)`` boolean mask; entries marked ``False`` keep their value
+            (their gradient is zeroed), e.g. the layers Expert Merging++ does not refine.
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class Coefficients(nn.Module):
         layout: CoefficientLayout,
         constraint: str = "clamp",
         init: float | torch.Tensor = 0.3,
+        trainable: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if constraint not in CONSTRAINTS:
@@ -67,6 +70,11 @@ class Coefficients(nn.Module):
         self.constraint = constraint
         self.raw = nn.Parameter(torch.empty(len(self.tasks), layout.num_groups))  # (K, G)
         self.set_values(init)
+        if trainable is not None:
+            if trainable.shape != self.raw.shape:
+                raise AdamergeError(f"trainable mask of shape {tuple(trainable.shape)}, expected {tuple(self.raw.shape)}")
+            self.register_buffer("trainable", trainable.bool(), persistent=False)
+            self.raw.register_hook(lambda grad: grad * self.trainable)  # frozen entries get no gradient
 
     def forward(self) -> torch.Tensor:
         """Constrained coefficients ``(K, G)``."""

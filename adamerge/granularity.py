@@ -10,13 +10,15 @@ task then owns one coefficient per group, so the coefficients form a ``(K, G)`` 
 - :class:`GroupWise`: one group per regex match, timm ``group_matcher`` style: tensors matched by
   the same pattern with the same captured text share a group (``r"^blocks\\.(\\d+)\\."`` gives one
   coefficient per transformer block).
+- :class:`ChunkWise`: each tensor split into chunks with their own coefficients: contiguous pieces
+  of the flattened tensor (Expert Merging++), or seeded random partitions of its entries (aTLAS).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from adamerge.errors import AdamergeError
@@ -31,12 +33,22 @@ class CoefficientLayout:
     Attributes:
         group_names: the G group names, in first-appearance order.
         tensor_names: merged tensor names, in model order.
-        tensor_groups: for each tensor (same order), the index of its group in ``group_names``.
+        tensor_groups: for each tensor (same order), the index of its (first) group.
+        tensor_chunks: for each tensor, how many chunks it is split into; chunk ``c`` of tensor
+            ``i`` uses group ``tensor_groups[i] + c`` (1 everywhere except for :class:`ChunkWise`).
+        partition_seed: ``None`` for contiguous chunks; else chunks are random partitions of the
+            entries, drawn from this seed (one permutation per tensor).
     """
 
     group_names: tuple[str, ...]
     tensor_names: tuple[str, ...]
     tensor_groups: tuple[int, ...]
+    tensor_chunks: tuple[int, ...] = ()
+    partition_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.tensor_chunks:
+            object.__setattr__(self, "tensor_chunks", (1,) * len(self.tensor_names))
 
     @property
     def num_groups(self) -> int:
@@ -53,24 +65,30 @@ class CoefficientLayout:
         return cls(tuple(order), tuple(tensor_names), groups)
 
 
-class Granularity:
-    """Base class: maps an ordered list of tensor names to a :class:`CoefficientLayout`."""
+def chunk_bounds(numel: int, chunks: int) -> list[tuple[int, int]]:
+    """``chunks`` contiguous, nearly equal ``(start, stop)`` ranges covering ``range(numel)``."""
+    edges = [round(i * numel / chunks) for i in range(chunks + 1)]
+    return list(zip(edges[:-1], edges[1:]))
 
-    def compile(self, tensor_names: Sequence[str]) -> CoefficientLayout:
+
+class Granularity:
+    """Base class: maps an ordered list of tensor names (and their sizes) to a layout."""
+
+    def compile(self, tensor_names: Sequence[str], numels: Sequence[int] | None = None) -> CoefficientLayout:
         raise NotImplementedError
 
 
 class TaskWise(Granularity):
     """One coefficient per task for the whole model."""
 
-    def compile(self, tensor_names: Sequence[str]) -> CoefficientLayout:
+    def compile(self, tensor_names: Sequence[str], numels: Sequence[int] | None = None) -> CoefficientLayout:
         return CoefficientLayout.from_keys(tensor_names, ["all"] * len(tensor_names))
 
 
 class TensorWise(Granularity):
     """One coefficient per task and parameter tensor (AdaMerging's "layer-wise")."""
 
-    def compile(self, tensor_names: Sequence[str]) -> CoefficientLayout:
+    def compile(self, tensor_names: Sequence[str], numels: Sequence[int] | None = None) -> CoefficientLayout:
         return CoefficientLayout.from_keys(tensor_names, list(tensor_names))
 
 
@@ -103,7 +121,7 @@ class GroupWise(Granularity):
                 return f"{pattern.pattern}[{captured}]" if captured else pattern.pattern
         return None
 
-    def compile(self, tensor_names: Sequence[str]) -> CoefficientLayout:
+    def compile(self, tensor_names: Sequence[str], numels: Sequence[int] | None = None) -> CoefficientLayout:
         keys = []
         unmatched = []
         for name in tensor_names:
@@ -122,10 +140,47 @@ class GroupWise(Granularity):
         return CoefficientLayout.from_keys(tensor_names, keys)
 
 
+class ChunkWise(Granularity):
+    """One coefficient per task and chunk of each tensor.
+
+    Args:
+        chunks: chunks per tensor: one number for every tensor, or ``{tensor name: count}`` (tensors
+            not named get 1). A count is capped at the tensor's number of entries.
+        partition: ``contiguous`` (pieces of the flattened tensor, Expert Merging++) or ``random``
+            (seeded random partitions of the entries, aTLAS).
+        seed: seed of the random partitions.
+    """
+
+    def __init__(self, chunks: int | Mapping[str, int], partition: str = "contiguous", seed: int = 0) -> None:
+        if partition not in ("contiguous", "random"):
+            raise AdamergeError(f"partition {partition!r}: expected 'contiguous' or 'random'")
+        counts = chunks.values() if isinstance(chunks, Mapping) else [chunks]
+        if any(int(c) < 1 for c in counts):
+            raise AdamergeError(f"chunk counts must be >= 1, got {chunks!r}")
+        self.chunks = chunks
+        self.partition = partition
+        self.seed = seed
+
+    def compile(self, tensor_names: Sequence[str], numels: Sequence[int] | None = None) -> CoefficientLayout:
+        if numels is None:
+            raise AdamergeError("ChunkWise needs the tensor sizes (numels) to compile")
+        group_names: list[str] = []
+        groups, counts = [], []
+        for name, numel in zip(tensor_names, numels, strict=True):
+            wanted = self.chunks.get(name, 1) if isinstance(self.chunks, Mapping) else self.chunks
+            count = max(1, min(int(wanted), int(numel)))
+            groups.append(len(group_names))
+            counts.append(count)
+            group_names.extend([name] if count == 1 else [f"{name}#{c}" for c in range(count)])
+        seed = self.seed if self.partition == "random" else None
+        return CoefficientLayout(tuple(group_names), tuple(tensor_names), tuple(groups), tuple(counts), seed)
+
+
 def parse_granularity(spec: str | Granularity) -> Granularity:
     """Granularity from a command-line spec.
 
-    ``task`` | ``layer`` (alias ``tensor``) | ``group:REGEX[;REGEX...]``.
+    ``task`` | ``layer`` (alias ``tensor``) | ``group:REGEX[;REGEX...]`` | ``chunk:N`` (contiguous)
+    | ``partition:N`` (random partitions, aTLAS).
     """
     if isinstance(spec, Granularity):
         return spec
@@ -136,4 +191,9 @@ def parse_granularity(spec: str | Granularity) -> Granularity:
         return TensorWise()
     if kind == "group" and rest:
         return GroupWise(rest.split(";"))
-    raise AdamergeError(f"granularity {spec!r}: expected 'task', 'layer' (or 'tensor'), or 'group:REGEX[;REGEX...]'")
+    if kind in ("chunk", "partition") and rest.isdigit():
+        return ChunkWise(int(rest), "contiguous" if kind == "chunk" else "random")
+    raise AdamergeError(
+        f"granularity {spec!r}: expected 'task', 'layer' (or 'tensor'), 'group:REGEX[;REGEX...]', "
+        "'chunk:N' or 'partition:N'"
+    )

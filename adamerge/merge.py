@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from adamerge.granularity import CoefficientLayout
+from adamerge.granularity import CoefficientLayout, chunk_bounds
 
 CPU_CHUNK = 1 << 16  # columns widened at a time on CPU: K × 64 Ki entries stay in cache
 CUDA_CHUNK = 1 << 24
@@ -67,26 +67,63 @@ def _chunks(flat_tv: torch.Tensor) -> Iterable[tuple[int, int]]:
     return ((start, min(start + size, total)) for start in range(0, total, size))
 
 
+def combine_chunks(
+    base: torch.Tensor,
+    task_vectors: torch.Tensor,
+    coefficients: torch.Tensor,
+    inverse_permutation: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Merge one tensor whose entries are split into C chunks with their own coefficients.
+
+    Args:
+        base: θ_0, shape ``S`` (P entries).
+        task_vectors: ``(K, *S)``; for random partitions, stored with its entries permuted so that
+            every partition is a contiguous range.
+        coefficients: ``(K, C)``, column ``c`` for chunk ``c``.
+        inverse_permutation: ``(P,)`` indices restoring the original entry order (random
+            partitions), or ``None`` for contiguous chunks.
+    """
+    flat_base = base.reshape(-1)  # (P,)
+    flat_tv = task_vectors.reshape(task_vectors.shape[0], -1)  # (K, P)
+    bounds = chunk_bounds(flat_base.numel(), coefficients.shape[1])
+    if inverse_permutation is None:
+        pieces = [combine(flat_base[a:b], flat_tv[:, a:b], coefficients[:, c]) for c, (a, b) in enumerate(bounds)]
+        return torch.cat(pieces).view(base.shape)
+    zero = flat_base.new_zeros(())
+    deltas = [combine(zero.expand(b - a), flat_tv[:, a:b], coefficients[:, c]) for c, (a, b) in enumerate(bounds)]
+    delta = torch.cat(deltas)[inverse_permutation]  # (P,) back in the original entry order
+    return (flat_base + delta).view(base.shape)
+
+
 def merge_tensors(
     base: Mapping[str, torch.Tensor],
     task_vectors: Iterable[tuple[str, torch.Tensor]],
     coefficients: torch.Tensor,
     layout: CoefficientLayout,
+    inverse_permutations: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Merge every tensor of ``task_vectors`` with its group's coefficients.
+    """Merge every tensor of ``task_vectors`` with its group's (or chunks') coefficients.
 
     Args:
         base: ``{name: θ_0}`` holding at least the merged names.
         task_vectors: ``(name, τ (K, *S))`` pairs in layout order.
         coefficients: constrained coefficients ``(K, G)``.
         layout: the compiled granularity.
+        inverse_permutations: for randomly partitioned tensors, the permutation undoing their
+            storage order (see :func:`combine_chunks`).
 
     Returns:
         ``{name: merged tensor}`` for the merged names only.
     """
+    inverse_permutations = inverse_permutations or {}
     merged = {}
-    for (name, tv), group in zip(task_vectors, layout.tensor_groups, strict=True):
-        merged[name] = combine(base[name], tv, coefficients[:, group])
+    rows = zip(task_vectors, layout.tensor_groups, layout.tensor_chunks, strict=True)
+    for (name, tv), group, chunks in rows:
+        if chunks == 1:
+            merged[name] = combine(base[name], tv, coefficients[:, group])
+        else:
+            lam = coefficients[:, group : group + chunks]  # (K, C)
+            merged[name] = combine_chunks(base[name], tv, lam, inverse_permutations.get(name))
     return merged
 
 

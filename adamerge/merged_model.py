@@ -64,6 +64,10 @@ class MergedModel(nn.Module):
         init: initial coefficient value(s), float or ``(K,)`` / ``(K, G)`` tensor.
         heads: ``{task: {name: tensor}}`` of task-specific tensors (never merged).
         batchnorm: BatchNorm statistics policy, see :mod:`adamerge.batchnorm`.
+        trainable: optional ``(K, G)`` mask of coefficients that learn (others stay at ``init``).
+
+    A random-partition granularity (aTLAS) permutes the stored task vectors in place once, so
+    that every partition is a contiguous range; the model owns its ``task_vectors``.
     """
 
     def __init__(
@@ -75,14 +79,17 @@ class MergedModel(nn.Module):
         init: float | torch.Tensor = 0.3,
         heads: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
         batchnorm: str = "reestimate",
+        trainable: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if batchnorm not in BATCHNORM_POLICIES:
             raise AdamergeError(f"batchnorm policy {batchnorm!r}: expected one of {', '.join(BATCHNORM_POLICIES)}")
         self.model = model.requires_grad_(False)
         self.task_vectors = task_vectors
-        self.layout = parse_granularity(granularity).compile(task_vectors.names)
-        self.coefficients = Coefficients(task_vectors.tasks, self.layout, constraint, init)
+        numels = [tv[0].numel() for _, tv in task_vectors.items()]
+        self.layout = parse_granularity(granularity).compile(task_vectors.names, numels)
+        self.coefficients = Coefficients(task_vectors.tasks, self.layout, constraint, init, trainable)
+        self.partitions = _PartitionOrder(task_vectors, self.layout)
         self.heads = TaskHeads(heads or {})
         if self.heads.tasks and set(self.heads.tasks) != set(self.tasks):
             raise AdamergeError(f"heads are given for {list(self.heads.tasks)}, experts are {list(self.tasks)}")
@@ -114,7 +121,9 @@ class MergedModel(nn.Module):
             coefficients: constrained ``(K, G)`` values to use instead of the learned ones.
         """
         lam = self.coefficients() if coefficients is None else coefficients  # (K, G)
-        return merge_tensors(self.base_tensors(), self.task_vectors.items(), lam, self.layout)
+        return merge_tensors(
+            self.base_tensors(), self.task_vectors.items(), lam, self.layout, self.partitions.inverse()
+        )
 
     def forward(
         self,
@@ -206,6 +215,29 @@ class MergedModel(nn.Module):
         for name, tensor in state.items():
             assign_tensor(plain, name, tensor)
         return plain.requires_grad_(True).eval()
+
+
+class _PartitionOrder(nn.Module):
+    """Random partitions as contiguous ranges: the task vectors of partitioned tensors are stored
+    permuted (done once here, in place); ``inverse()`` gives the permutations restoring the order."""
+
+    def __init__(self, task_vectors: TaskVectors, layout) -> None:
+        super().__init__()
+        self.names: list[str] = []
+        if layout.partition_seed is None:
+            return
+        for index, ((name, tv), chunks) in enumerate(zip(task_vectors.items(), layout.tensor_chunks, strict=True)):
+            if chunks == 1:
+                continue
+            generator = torch.Generator().manual_seed(layout.partition_seed + index)
+            permutation = torch.randperm(tv[0].numel(), generator=generator)  # (P,)
+            flat = tv.view(tv.shape[0], -1)  # (K, P)
+            flat.copy_(flat[:, permutation.to(flat.device)])
+            self.register_buffer(f"inverse_{len(self.names)}", torch.argsort(permutation), persistent=False)
+            self.names.append(name)
+
+    def inverse(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, f"inverse_{i}") for i, name in enumerate(self.names)}
 
 
 def assign_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -8,14 +8,20 @@ import torch
 from adamerge import losses
 from adamerge.errors import AdamergeError
 from adamerge.experts import load_file_experts
-from adamerge.granularity import GroupWise, TaskWise, TensorWise
+from adamerge.granularity import ChunkWise, GroupWise, TaskWise, TensorWise
 from adamerge.merged_model import MergedModel
 from adamerge.module import MergingModule
 from adamerge.task_vectors import TaskVectors
 from tests.conftest import HEAD
 from tests.tiny import tiny_convnet, tiny_mlp
 
-GRANULARITIES = [TaskWise(), TensorWise(), GroupWise([r"^(\d+)\."])]
+GRANULARITIES = [
+    TaskWise(),
+    TensorWise(),
+    GroupWise([r"^(\d+)\."]),
+    ChunkWise(3),
+    ChunkWise(4, "random", seed=1),
+]
 
 
 def mlp_merge(granularity=TensorWise(), constraint="none", init=0.3, dtype=torch.float32, num_tasks=3):
@@ -140,3 +146,40 @@ def test_merge_and_unload_resizes_heads(tiny_setup):
     fresh = tiny_convnet(num_classes=4)
     fresh.load_state_dict(merged.merged_state_dict("beta"))
     torch.testing.assert_close(fresh.eval()(x), merged(x, "beta"))
+
+
+@pytest.mark.parametrize("partition", ["contiguous", "random"])
+def test_chunks_split_each_tensor_into_disjoint_covering_parts(partition):
+    base, experts, merged = mlp_merge(ChunkWise(3, partition, seed=5), num_tasks=1)
+    name = "0.weight"  # (16, 12): 192 entries in 3 chunks of 64
+    first = merged.layout.group_of(name)
+    delta = experts[0][name] - base.state_dict()[name]
+    owners = torch.full(delta.shape, -1)
+    for c in range(3):
+        values = torch.zeros(1, merged.layout.num_groups)
+        values[0, first + c] = 1.0
+        merged.coefficients.set_values(values)
+        changed = merged.merged_tensors()[name] - base.state_dict()[name]
+        part = changed != 0
+        assert int(part.sum()) == 64
+        torch.testing.assert_close(changed[part], delta[part])  # the chunk gets the full expert
+        assert bool((owners[part] == -1).all())  # disjoint
+        owners[part] = c
+    assert bool((owners >= 0).all())  # covering
+    contiguous = torch.equal(owners.flatten(), torch.arange(3).repeat_interleave(64))
+    assert contiguous == (partition == "contiguous")
+
+
+def test_frozen_coefficients_keep_their_value():
+    torch.manual_seed(0)
+    base = tiny_mlp()
+    names = [n for n, _ in base.named_parameters()]
+    tv = TaskVectors.from_states(base.state_dict(), {"a": tiny_mlp().state_dict()}, names)
+    trainable = torch.tensor([[True, False, True, False]])
+    merged = MergedModel(base, tv, "layer", "none", 0.3, batchnorm="base", trainable=trainable)
+    optimizer = torch.optim.SGD(merged.parameters(), lr=1.0)
+    merged(torch.randn(4, 12)).square().sum().backward()
+    optimizer.step()
+    values = merged.coefficients()[0].detach()
+    assert values[1] == pytest.approx(0.3) and values[3] == pytest.approx(0.3)
+    assert values[0] != pytest.approx(0.3) and values[2] != pytest.approx(0.3)
