@@ -42,6 +42,17 @@ def _fit_parser() -> ArgumentParser:
     parser.add_argument("--accelerator", type=str, default="auto")
     parser.add_argument("--devices", type=int | str, default="auto")
     parser.add_argument("--strategy", type=str, default="auto")
+    parser.add_argument("--shots", type=int | None, default=None, help="atlas few-shot: labelled images per class")
+    parser.add_argument("--calib-limit", type=int | None, default=None, help="calibration inputs per task (subset)")
+    parser.add_argument("--pseudo-label-threshold", type=float, default=0.99, help="atlas test-time adaptation")
+    parser.add_argument(
+        "--align-modules", type=list[str], default=["<head input>"], help="expert-merging: hidden states aligned"
+    )
+    parser.add_argument("--temperature", type=float, default=1.0, help="expert-merging: distillation T")
+    parser.add_argument("--gamma", type=float, default=5.0, help="expert-merging: coefficient regulariser weight")
+    parser.add_argument("--task-weights", type=dict[str, float], default={}, help="expert-merging: β per task")
+    parser.add_argument("--chunk-budget", type=int | None, default=None, help="expert-merging++: chunk budget B")
+    parser.add_argument("--chunk-kappa", type=float, default=1.0, help="expert-merging++: importance sharpness κ")
     parser.add_argument("--output", type=Path, required=True, help="output folder (refused if it exists)")
     parser.add_argument("--overwrite", type=bool, default=False, help="replace an existing output folder")
     parser.add_argument("--eval-experts", type=bool, default=True, help="also evaluate each expert alone")
@@ -82,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             options = {k: v for k, v in vars(args.fit).items() if k != "config"}
             options["experts"] = parse_experts(options["experts"])
+            options["align_modules"] = tuple(options["align_modules"])
             run_fit(FitSettings(**options))
     except AdamergeError as error:
         logging.getLogger("adamerge").error("%s", error)

@@ -133,6 +133,49 @@ class LabelledImageFolder(Dataset):
         return self.transform(image), label
 
 
+class CalibrationView(Dataset):
+    """The training items of one task: a (seeded) subset of a calibration dataset.
+
+    Items are the image tensor alone, or a dict ``{"inputs", "labels"?, "index"?}`` where ``index``
+    is the item's position in this view (to look up cached expert outputs) and ``labels`` come from
+    a labelled source (few-shot).
+    """
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], with_index: bool = False) -> None:
+        self.dataset = dataset
+        self.indices = list(indices)
+        self.with_index = with_index
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int):
+        item = self.dataset[self.indices[position]]
+        if isinstance(item, tuple):
+            out = {"inputs": item[0], "labels": item[1]}
+        elif self.with_index:
+            out = {"inputs": item}
+        else:
+            return item
+        if self.with_index:
+            out["index"] = position
+        return out
+
+
+def few_shot_indices(dataset: LabelledImageFolder, shots: int, seed: int) -> list[int]:
+    """``shots`` sample indices per class, drawn with ``seed`` (all of a class if it has fewer)."""
+    generator = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, (_, label) in enumerate(dataset.samples):
+        by_class.setdefault(label, []).append(index)
+    chosen = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        order = torch.randperm(len(members), generator=generator)[:shots]
+        chosen.extend(members[i] for i in sorted(order.tolist()))
+    return chosen
+
+
 def _verify_image(path: Path) -> bool:
     try:
         with Image.open(path) as image:
@@ -161,8 +204,12 @@ class MultiTaskImageDataModule(L.LightningDataModule):
         mean: normalisation mean.
         std: normalisation standard deviation.
         num_workers: data-loader worker processes.
-        seed: seed of the training shuffle.
+        seed: seed of the training shuffle and of the subsets below.
         shuffle: shuffle the calibration data (off: fixed order, e.g. to compare runs exactly).
+        shots: read the calibration folder as labelled ``<task>/<class>/<image>`` and keep this many
+            images per class (seeded), for few-shot objectives.
+        limit_per_task: keep this many calibration images per task (seeded subset).
+        with_index: training items carry their index in the task's calibration view.
     """
 
     def __init__(
@@ -178,9 +225,15 @@ class MultiTaskImageDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         shuffle: bool = True,
+        shots: int | None = None,
+        limit_per_task: int | None = None,
+        with_index: bool = False,
     ) -> None:
         super().__init__()
         self.shuffle = shuffle
+        self.shots = shots
+        self.limit_per_task = limit_per_task
+        self.with_index = with_index
         self.calib_dir = Path(calib_dir)
         self.eval_dir = Path(eval_dir) if eval_dir is not None else None
         self.tasks = list(tasks)
@@ -191,7 +244,7 @@ class MultiTaskImageDataModule(L.LightningDataModule):
         self.transform = build_image_transform(image_size, mean, std)
         if not self.calib_dir.is_dir():
             raise DataError(f"--calib {self.calib_dir} does not exist (expected one folder of images per task)")
-        self.calibration: dict[str, UnlabeledImageFolder] = {}
+        self.calibration: dict[str, CalibrationView] = {}
         self.evaluation: dict[str, LabelledImageFolder] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -202,9 +255,21 @@ class MultiTaskImageDataModule(L.LightningDataModule):
                     f"--calib {self.calib_dir} has no sub-folder for task(s) {', '.join(missing)} "
                     f"(found: {', '.join(sorted(p.name for p in self.calib_dir.iterdir() if p.is_dir())) or 'none'})"
                 )
-            self.calibration = {t: UnlabeledImageFolder(self.calib_dir / t, self.transform) for t in self.tasks}
+            self.calibration = {t: self._calibration_view(t, k) for k, t in enumerate(self.tasks)}
         if self.eval_dir is not None and not self.evaluation and stage in (None, "fit", "validate", "test"):
             self.evaluation = {t: LabelledImageFolder(self.eval_dir / t, self.transform) for t in self.tasks}
+
+    def _calibration_view(self, task: str, position: int) -> CalibrationView:
+        seed = self.seed + 1000 * (position + 1)
+        if self.shots is not None:
+            labelled = LabelledImageFolder(self.calib_dir / task, self.transform)
+            return CalibrationView(labelled, few_shot_indices(labelled, self.shots, seed), self.with_index)
+        dataset = UnlabeledImageFolder(self.calib_dir / task, self.transform)
+        indices = list(range(len(dataset)))
+        if self.limit_per_task is not None and self.limit_per_task < len(indices):
+            generator = torch.Generator().manual_seed(seed)
+            indices = sorted(torch.randperm(len(indices), generator=generator)[: self.limit_per_task].tolist())
+        return CalibrationView(dataset, indices, self.with_index)
 
     def _loader(
         self, dataset: Dataset, batch_size: int, shuffle: bool, seed_offset: int = 0, distributed: bool = False

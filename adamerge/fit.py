@@ -28,11 +28,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from adamerge.architectures import build_architecture
-from adamerge.checkpoints import load_state_dict
 from adamerge.data import MultiTaskImageDataModule
 from adamerge.errors import AdamergeError
 from adamerge.experts import ExpertSet, load_file_experts, parse_base_spec
+from adamerge.experts.file import load_expert_module
 from adamerge.export import (
     atomic_output_dir,
     check_output_dir,
@@ -42,9 +41,23 @@ from adamerge.export import (
     write_merged_model,
     write_yaml,
 )
-from adamerge.merged_model import MergedModel, assign_tensor
-from adamerge.methods import resolve_method
-from adamerge.module import MergingModule, adam
+from adamerge.granularity import ChunkWise
+from adamerge.hooks import HEAD_INPUT, capture_hidden
+from adamerge.importance import chunk_budget, layer_importance
+from adamerge.merged_model import MergedModel
+from adamerge.methods import MethodSpec, resolve_method
+from adamerge.module import MergingModule
+from adamerge.objectives import (
+    CrossEntropy,
+    Entropy,
+    ExpertAlignment,
+    Objective,
+    PseudoLabel,
+    as_task_batch,
+    collect_outputs,
+)
+from adamerge.preprocess import ties
+from adamerge.task_vectors import TaskVectors
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +95,18 @@ class FitSettings:
         eval_experts: also evaluate each expert alone on its own task.
         base_kwargs: constructor keyword arguments of the architecture.
         progress_bar: show Lightning's progress bar.
+        shots: few-shot aTLAS: read ``calib`` as ``<task>/<class>/<image>`` and use this many
+            labelled images per class (seeded).
+        calib_limit: use this many calibration inputs per task (seeded subset; Expert Merging
+            needs only 5-10).
+        pseudo_label_threshold: aTLAS test-time adaptation confidence threshold.
+        align_modules: Expert Merging: hidden states aligned (sub-module names, or
+            ``"<head input>"`` for the features entering the head).
+        temperature: Expert Merging distillation temperature T.
+        gamma: Expert Merging coefficient-regulariser weight γ.
+        task_weights: Expert Merging task weights β (default 1).
+        chunk_budget: Expert Merging++ chunk budget B (default: twice the number of tensors).
+        chunk_kappa: Expert Merging++ importance sharpness κ.
     """
 
     base: str
@@ -110,6 +135,15 @@ class FitSettings:
     eval_experts: bool = True
     base_kwargs: dict[str, Any] = field(default_factory=dict)
     progress_bar: bool = True
+    shots: int | None = None
+    calib_limit: int | None = None
+    pseudo_label_threshold: float = 0.99
+    align_modules: tuple[str, ...] = (HEAD_INPUT,)
+    temperature: float = 1.0
+    gamma: float = 5.0
+    task_weights: dict[str, float] = field(default_factory=dict)
+    chunk_budget: int | None = None
+    chunk_kappa: float = 1.0
 
 
 def run_fit(settings: FitSettings) -> dict[str, Any]:
@@ -119,7 +153,9 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
     check_output_dir(output, settings.overwrite)
     if settings.task_vector_dtype not in DTYPES:
         raise AdamergeError(f"--task-vector-dtype {settings.task_vector_dtype!r}: expected one of {', '.join(DTYPES)}")
-    method = resolve_method(settings.method, init=settings.init, constraint=settings.constraint, lr=settings.lr)
+    method = resolve_method(
+        settings.method, init=settings.init, constraint=settings.constraint, lr=settings.lr, shots=settings.shots
+    )
     L.seed_everything(settings.seed, verbose=False)
 
     arch, base_weights = parse_base_spec(settings.base)
@@ -132,6 +168,7 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
         dtype=DTYPES[settings.task_vector_dtype],
         arch_kwargs=settings.base_kwargs,
     )
+    task_vectors = preprocess_task_vectors(experts.task_vectors, method.preprocess)
     data = MultiTaskImageDataModule(
         settings.calib,
         experts.tasks,
@@ -141,29 +178,41 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
         image_size=settings.image_size,
         num_workers=settings.num_workers,
         seed=settings.seed,
+        shots=settings.shots,
+        limit_per_task=settings.calib_limit,
+        with_index=method.objective == "expert-alignment",
     )
     data.setup("fit")  # fail on bad calibration / evaluation folders before any training
     merged = MergedModel(
         experts.model,
-        experts.task_vectors,
+        task_vectors,
         granularity=settings.granularity,
         constraint=method.constraint,
         init=method.init,
         heads=experts.heads,
         batchnorm=settings.batchnorm,
     )
-    module = MergingModule(merged, objective=method.loss(), optimizer=adam(method.lr), sources=experts.sources)
+    targets = ExpertTargets(settings, data, merged) if method.objective == "expert-alignment" else None
+    module = _module(method, merged, settings, experts.sources, targets)
     load_s = time.perf_counter() - started
 
-    metrics: dict[str, Any] = {"tasks": list(experts.tasks), "accuracy": {}, "timing_s": {"load": load_s}}
+    metrics: dict[str, Any] = {
+        "tasks": list(experts.tasks),
+        "method": dataclasses.asdict(method),
+        "accuracy": {},
+        "timing_s": {"load": load_s},
+    }
     with atomic_output_dir(output, settings.overwrite) as staging:
-        trainer = _trainer(settings, staging)
+        trainer = _trainer(settings, staging, "logs")
         if settings.eval is not None:
             if settings.eval_experts:
                 metrics["accuracy"]["expert (alone)"] = evaluate_experts(experts, data, settings)
-            metrics["accuracy"][f"task arithmetic (λ={method.init:g})"] = _test(trainer, module, data)
+            metrics["accuracy"][_initial_label(method)] = _test(trainer, module, data)
         fit_started = time.perf_counter()
         trainer.fit(module, datamodule=data)
+        if method.refine_chunks:
+            module, trainer = _refine_in_chunks(module, method, settings, experts.sources, targets, data, staging)
+            merged = module.merged
         metrics["timing_s"]["fit"] = time.perf_counter() - fit_started
         metrics["steps"] = trainer.global_step
         if settings.eval is not None:
@@ -182,7 +231,138 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
     return metrics
 
 
-def _trainer(settings: FitSettings, root: Path) -> L.Trainer:
+def preprocess_task_vectors(task_vectors: TaskVectors, preprocess: str | None) -> TaskVectors:
+    """Apply a method's task-vector preprocessor (``ties``: AdaMerging++)."""
+    if preprocess is None:
+        return task_vectors
+    if preprocess == "ties":
+        return TaskVectors(task_vectors.tasks, ties(dict(task_vectors.items()), density=0.2))
+    raise AdamergeError(f"unknown task-vector preprocessor {preprocess!r}")
+
+
+def _initial_label(method: MethodSpec) -> str:
+    if method.init == 0:
+        return "pretrained (λ=0)"
+    if method.preprocess == "ties":
+        return f"TIES-trimmed task arithmetic (λ={method.init:g})"
+    return f"task arithmetic (λ={method.init:g})"
+
+
+def _module(
+    method: MethodSpec,
+    merged: MergedModel,
+    settings: FitSettings,
+    sources: dict[str, Any],
+    targets: ExpertTargets | None,
+) -> MergingModule:
+    objective = build_objective(method, merged, settings, targets)
+    return MergingModule(
+        merged,
+        objective=objective,
+        optimizer=method.optimizer_factory(),
+        scheduler=method.scheduler_factory(settings.steps),
+        sources=sources,
+    )
+
+
+def build_objective(
+    method: MethodSpec, merged: MergedModel, settings: FitSettings, targets: ExpertTargets | None
+) -> Objective:
+    """The method's objective for this model (expert alignment caches the experts' outputs)."""
+    if method.objective == "entropy":
+        return Entropy()
+    if method.objective == "cross-entropy":
+        return CrossEntropy()
+    if method.objective == "pseudo-label":
+        return PseudoLabel(settings.pseudo_label_threshold)
+    if method.objective == "expert-alignment":
+        assert targets is not None
+        objective = ExpertAlignment(
+            merged.coefficients().detach(),
+            merged.tasks,
+            hidden_modules=settings.align_modules,
+            temperature=settings.temperature,
+            gamma=settings.gamma,
+            task_weights=settings.task_weights,
+        )
+        targets.fill(objective)
+        return objective
+    raise AdamergeError(f"unknown objective {method.objective!r}")
+
+
+class ExpertTargets:
+    """Each expert's logits and hidden states on its own calibration data, computed once."""
+
+    def __init__(self, settings: FitSettings, data: MultiTaskImageDataModule, merged: MergedModel) -> None:
+        self.settings = settings
+        self.data = data
+        self.head_module = merged.head_module
+        self.cache: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+
+    @torch.no_grad()
+    def fill(self, objective: ExpertAlignment) -> None:
+        arch, _ = parse_base_spec(self.settings.base)
+        loaders = self.data.calibration_loaders(shuffle=False, distributed=False)
+        for task, path in self.settings.experts.items():
+            if task not in self.cache:
+                model = load_expert_module(arch, path, self.settings.base_kwargs).eval()
+                batches = (as_task_batch(item).inputs for item in loaders[task])
+                self.cache[task] = collect_outputs(
+                    model,
+                    lambda names, model=model: capture_hidden(model, names, self.head_module),
+                    objective.hidden_modules,
+                    batches,
+                )
+            objective.cache_targets(task, *self.cache[task])
+
+
+def _refine_in_chunks(
+    module: MergingModule,
+    method: MethodSpec,
+    settings: FitSettings,
+    sources: dict[str, Any],
+    targets: ExpertTargets | None,
+    data: MultiTaskImageDataModule,
+    staging: Path,
+) -> tuple[MergingModule, L.Trainer]:
+    """Expert Merging++ stage two: importance-guided chunks, initialised at the stage-one λ."""
+    first = module.merged
+    if first.layout.tensor_groups != tuple(range(len(first.layout.tensor_names))):
+        raise AdamergeError("expert-merging++ refines a layer-wise first stage: use --granularity layer")
+    stage_one = first.coefficients().detach()  # (K, L)
+    importance = layer_importance(stage_one, first.task_vectors.items())
+    budget = settings.chunk_budget or 2 * len(importance)
+    chunks = chunk_budget(importance, budget, settings.chunk_kappa)
+    granularity = ChunkWise({n: max(1, m) for n, m in chunks.items()})
+    layout = granularity.compile(first.layout.tensor_names, [tv[0].numel() for _, tv in first.task_vectors.items()])
+    init = torch.cat(
+        [stage_one[:, [i]].expand(-1, c) for i, c in enumerate(layout.tensor_chunks)], dim=1
+    )  # (K, G2): every chunk starts at its tensor's stage-one value
+    trainable = torch.cat(
+        [torch.full((stage_one.shape[0], c), chunks[n] > 0) for n, c in zip(layout.tensor_names, layout.tensor_chunks)],
+        dim=1,
+    )
+    second = MergedModel(
+        first.model,
+        first.task_vectors,
+        granularity,
+        method.constraint,
+        init.clamp(1e-4, 1 - 1e-4) if method.constraint == "sigmoid" else init,
+        heads={t: first.heads.for_task(t) for t in first.heads.tasks},
+        batchnorm=first.batchnorm,
+        trainable=trainable,
+    )
+    logger.info(
+        "expert-merging++: %d of %d tensors refined into %d chunks (budget %d, kappa %g)",
+        sum(m > 0 for m in chunks.values()), len(chunks), sum(chunks.values()), budget, settings.chunk_kappa,
+    )
+    refined = _module(method, second, settings, sources, targets)
+    trainer = _trainer(settings, staging, "logs_stage2")
+    trainer.fit(refined, datamodule=data)
+    return refined, trainer
+
+
+def _trainer(settings: FitSettings, root: Path, log_name: str) -> L.Trainer:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen base: intended
@@ -192,7 +372,7 @@ def _trainer(settings: FitSettings, root: Path) -> L.Trainer:
         devices=settings.devices,
         strategy=settings.strategy,
         default_root_dir=root,
-        logger=CSVLogger(root, name="logs", version=""),
+        logger=CSVLogger(root, name=log_name, version=""),
         callbacks=[ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, save_top_k=0)],
         limit_val_batches=0,
         num_sanity_val_steps=0,
@@ -214,10 +394,7 @@ def evaluate_experts(experts: ExpertSet, data: MultiTaskImageDataModule, setting
     results = {}
     loaders = dict(zip(data.tasks, data.evaluation_loaders(), strict=True))
     for task, path in settings.experts.items():
-        model = build_architecture(arch, settings.base_kwargs)
-        for name, tensor in load_state_dict(path).items():
-            assign_tensor(model, name, tensor)
-        model.eval()
+        model = load_expert_module(arch, path, settings.base_kwargs).eval()
         correct = total = 0
         for inputs, labels in loaders[task]:
             correct += int((model(inputs).argmax(-1) == labels).sum())

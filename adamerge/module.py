@@ -50,6 +50,7 @@ class MergingModule(L.LightningModule):
         merged: the model (base, task vectors, coefficients, heads).
         objective: per-task objective (default: :class:`~adamerge.objectives.Entropy`, AdaMerging).
         optimizer: factory ``params -> Optimizer`` (default: Adam lr 1e-3).
+        scheduler: optional factory ``Optimizer -> LRScheduler``, stepped every training step.
         sources: references to the base and expert files, stored in checkpoints (not the weights).
     """
 
@@ -58,13 +59,15 @@ class MergingModule(L.LightningModule):
         merged: MergedModel,
         objective: Objective | None = None,
         optimizer: OptimizerFactory | None = None,
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         sources: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["merged", "objective", "optimizer"])
+        self.save_hyperparameters(ignore=["merged", "objective", "optimizer", "scheduler"])
         self.merged = merged
         self.objective = objective if objective is not None else Entropy()
         self.optimizer_factory = optimizer if optimizer is not None else adam()
+        self.scheduler_factory = scheduler
         self.sources = dict(sources or {})
         self.accuracy = nn.ModuleDict()
         self.strict_loading = False  # checkpoints hold λ only; the rest comes from the expert files
@@ -114,8 +117,12 @@ class MergingModule(L.LightningModule):
         if self._trainer is not None:  # the step also runs outside a Trainer (benchmarks, notebooks)
             self.log(name, value, **kwargs)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory(self.merged.coefficients.parameters())
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.merged.coefficients.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        schedule = {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     # -- evaluation --------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -142,7 +149,9 @@ class MergingModule(L.LightningModule):
             logger.warning("batchnorm policy 'reestimate' needs a datamodule with calibration_loaders(); skipped")
             return
         batches = (
-            (task, inputs.to(self.device)) for task, loader in loaders(shuffle=False).items() for inputs in loader
+            (task, as_task_batch(item).inputs.to(self.device))
+            for task, loader in loaders(shuffle=False).items()
+            for item in loader
         )
         seen = self.merged.reestimate_batchnorm(batches)
         self._bn_estimated_for = current.clone()

@@ -128,3 +128,14 @@ def load_file_experts(
         "head_pattern": head_pattern,
     }
     return ExpertSet(model, task_vectors, heads, sources)
+
+
+def load_expert_module(arch: str, path: str | Path, arch_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """An expert as a plain module of the architecture, its own weights and statistics loaded
+    (head tensors of another shape than the architecture's replace its parameters)."""
+    from adamerge.merged_model import assign_tensor
+
+    model = build_architecture(arch, arch_kwargs)
+    for name, tensor in load_state_dict(path).items():
+        assign_tensor(model, name, tensor)
+    return model
