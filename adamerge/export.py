@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from adamerge.checkpoints import save_state_dict
@@ -87,7 +88,9 @@ def write_coefficients(directory: Path, merged: MergedModel) -> None:
             writer.writerow([task, *(f"{values[g]:.6f}" for g in groups)])
 
 
-def write_merged_model(directory: Path, merged: MergedModel) -> dict[str, str]:
+def write_merged_model(
+    directory: Path, state: Mapping[str, torch.Tensor], heads: Mapping[str, Mapping[str, torch.Tensor]]
+) -> dict[str, str]:
     """The merged weights in the base architecture's own state-dict keys.
 
     ``merged.pt`` is a complete state dict (with the base's head tensors); ``heads/<task>.pt``
@@ -96,12 +99,17 @@ def write_merged_model(directory: Path, merged: MergedModel) -> dict[str, str]:
         model = torchvision.models.mobilenet_v2(num_classes=10)
         model.load_state_dict(torch.load("merged.pt") | torch.load("heads/mnist.pt"))
     """
-    files = {"merged": str(save_state_dict(merged.merged_state_dict(), directory / "merged.pt").name)}
-    for task in merged.heads.tasks:
-        head = {k: v.detach() for k, v in merged.heads.for_task(task).items()}
-        save_state_dict(head, directory / "heads" / f"{task}.pt")
+    files = {"merged": save_state_dict(state, directory / "merged.pt").name}
+    for task, head in heads.items():
+        save_state_dict({k: v.detach() for k, v in head.items()}, directory / "heads" / f"{task}.pt")
         files[f"head/{task}"] = f"heads/{task}.pt"
     return files
+
+
+def write_merged_model_of(directory: Path, merged: MergedModel) -> dict[str, str]:
+    """:func:`write_merged_model` for a :class:`MergedModel` at its current coefficients."""
+    heads = {task: merged.heads.for_task(task) for task in merged.heads.tasks}
+    return write_merged_model(directory, merged.merged_state_dict(), heads)
 
 
 def format_table(rows: Mapping[str, Mapping[str, float]], tasks: list[str]) -> str:
@@ -112,3 +120,12 @@ def format_table(rows: Mapping[str, Mapping[str, float]], tasks: list[str]) -> s
         cells = [f"{100 * values[t]:.1f}" if t in values else "-" for t in [*tasks, "average"]]
         lines.append("| " + " | ".join([method, *cells]) + " |")
     return "\n".join(lines)
+
+
+def plain_config(value: Any) -> Any:
+    """Settings as YAML-safe plain data (paths as strings, tuples as lists)."""
+    if isinstance(value, dict):
+        return {k: plain_config(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_config(v) for v in value]
+    return str(value) if isinstance(value, Path) else value

@@ -30,15 +30,17 @@ from lightning.pytorch.loggers import CSVLogger
 
 from adamerge.data import MultiTaskImageDataModule
 from adamerge.errors import AdamergeError
+from adamerge.evaluation import accuracy, with_average
 from adamerge.experts import ExpertSet, load_file_experts, parse_base_spec
 from adamerge.experts.file import load_expert_module
 from adamerge.export import (
     atomic_output_dir,
     check_output_dir,
     format_table,
+    plain_config,
     write_coefficients,
     write_json,
-    write_merged_model,
+    write_merged_model_of,
     write_yaml,
 )
 from adamerge.granularity import ChunkWise
@@ -222,10 +224,10 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
             module.reestimate_batchnorm()  # exported statistics belong to the learned λ
         if trainer.is_global_zero:
             write_coefficients(staging, merged)
-            metrics["files"] = write_merged_model(staging, merged)
+            metrics["files"] = write_merged_model_of(staging, merged)
             metrics["timing_s"]["total"] = time.perf_counter() - started
             write_json(staging / "metrics.json", metrics)
-            write_yaml(staging / "config.yaml", _jsonable(dataclasses.asdict(settings)))
+            write_yaml(staging / "config.yaml", plain_config(dataclasses.asdict(settings)))
     if metrics["accuracy"]:
         logger.info("per-task accuracy (%%):\n%s", format_table(metrics["accuracy"], list(experts.tasks)))
     return metrics
@@ -387,28 +389,13 @@ def _test(trainer: L.Trainer, module: MergingModule, data: MultiTaskImageDataMod
     return dict(module.results["test"])
 
 
-@torch.no_grad()
 def evaluate_experts(experts: ExpertSet, data: MultiTaskImageDataModule, settings: FitSettings) -> dict[str, float]:
     """Accuracy of each expert alone (its own weights and statistics) on its own task."""
     arch, _ = parse_base_spec(settings.base)
-    results = {}
     loaders = dict(zip(data.tasks, data.evaluation_loaders(), strict=True))
-    for task, path in settings.experts.items():
-        model = load_expert_module(arch, path, settings.base_kwargs).eval()
-        correct = total = 0
-        for inputs, labels in loaders[task]:
-            correct += int((model(inputs).argmax(-1) == labels).sum())
-            total += labels.numel()
-        results[task] = correct / total
-    results["average"] = sum(results.values()) / len(results)
-    return results
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
+    return with_average(
+        {
+            task: accuracy(load_expert_module(arch, path, settings.base_kwargs).eval(), loaders[task])
+            for task, path in settings.experts.items()
+        }
+    )

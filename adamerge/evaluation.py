@@ -1,0 +1,22 @@
+"""Top-1 accuracy of plain modules, per task (experts alone, static merges)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+
+@torch.no_grad()
+def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Fraction of correct top-1 predictions of ``forward`` over labelled batches."""
+    correct = total = 0
+    for inputs, labels in batches:
+        correct += int((forward(inputs).argmax(-1) == labels).sum())
+        total += labels.numel()
+    return correct / max(total, 1)
+
+
+def with_average(per_task: dict[str, float]) -> dict[str, float]:
+    """Per-task values plus their unweighted ``average``."""
+    return per_task | {"average": sum(per_task.values()) / len(per_task)}

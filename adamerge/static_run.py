@@ -1,0 +1,140 @@
+"""The ``adamerge merge`` workflow: a static merge (no training) written like ``adamerge fit``'s.
+
+The merged weights ``θ_0 + static_merge(method, τ)`` replace the base weights; BatchNorm
+statistics follow the same policy as in ``fit`` (re-estimated on ``--calib`` data when given);
+``--eval`` reports per-task accuracy with each task's own head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.func import functional_call
+
+from adamerge.batchnorm import batchnorm_layers, reestimate_running_stats
+from adamerge.data import MultiTaskImageDataModule
+from adamerge.errors import AdamergeError
+from adamerge.evaluation import accuracy, with_average
+from adamerge.experts import load_file_experts, parse_base_spec
+from adamerge.export import (
+    atomic_output_dir,
+    check_output_dir,
+    format_table,
+    plain_config,
+    write_json,
+    write_merged_model,
+    write_yaml,
+)
+from adamerge.objectives import as_task_batch
+from adamerge.static import STATIC_METHODS, static_merge
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MergeSettings:
+    """Everything ``adamerge merge`` needs.
+
+    Attributes:
+        base: ``ARCH@WEIGHTS`` of the pretrained model.
+        experts: ``{task: weights file}``.
+        method: one of :data:`adamerge.static.STATIC_METHODS`.
+        output: folder to write (refused if it exists, unless ``overwrite``).
+        options: overrides of the method's preset (e.g. ``{"scale": 0.4, "density": 0.2}``).
+        calib: optional unlabeled folder per task (BatchNorm re-estimation).
+        eval: optional ``<task>/<class>/<image>`` folder of labelled data.
+        head_pattern: regex of task-specific tensors (never merged).
+        batchnorm: ``reestimate`` (needs ``calib``), ``base`` or ``merge``.
+        batch_size: inputs per batch for BatchNorm re-estimation.
+        eval_batch_size: inputs per evaluation batch.
+        image_size: square input side.
+        seed: seed of random strategies (DARE).
+        overwrite: replace an existing output folder.
+        base_kwargs: constructor keyword arguments of the architecture.
+    """
+
+    base: str
+    experts: dict[str, str]
+    method: str
+    output: Path
+    options: dict[str, Any] = field(default_factory=dict)
+    calib: Path | None = None
+    eval: Path | None = None
+    head_pattern: str | None = None
+    batchnorm: str = "reestimate"
+    batch_size: int = 64
+    eval_batch_size: int = 128
+    image_size: int = 224
+    seed: int = 0
+    overwrite: bool = False
+    base_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def run_merge(settings: MergeSettings) -> dict[str, Any]:
+    """Run ``adamerge merge``; returns the metrics written to ``metrics.json``."""
+    started = time.perf_counter()
+    check_output_dir(Path(settings.output), settings.overwrite)
+    if settings.method not in STATIC_METHODS:
+        raise AdamergeError(f"--method {settings.method!r}: expected one of {', '.join(STATIC_METHODS)}")
+    L.seed_everything(settings.seed, verbose=False)
+    arch, weights = parse_base_spec(settings.base)
+    experts = load_file_experts(
+        arch, weights, settings.experts, settings.head_pattern, settings.batchnorm, arch_kwargs=settings.base_kwargs
+    )
+    data = None
+    if settings.calib is not None or settings.eval is not None:
+        if settings.calib is None and settings.batchnorm == "reestimate" and batchnorm_layers(experts.model):
+            raise AdamergeError("--batchnorm reestimate needs --calib data (or choose --batchnorm base)")
+        data = MultiTaskImageDataModule(
+            settings.calib or settings.eval, experts.tasks, eval_dir=settings.eval, batch_size=settings.batch_size,
+            eval_batch_size=settings.eval_batch_size, image_size=settings.image_size, seed=settings.seed, shuffle=False,
+        )
+        data.setup("fit")
+    options = dict(settings.options)
+    if settings.method == "dare":
+        options.setdefault("seed", settings.seed)
+    delta = static_merge(settings.method, dict(experts.task_vectors.items()), dtype=torch.float32, **options)
+    model = experts.model
+    with torch.no_grad():
+        tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        for name, change in delta.items():
+            tensors[name].add_(change.to(tensors[name].dtype))  # θ = θ_0 + merged delta, in place
+    heads = experts.heads
+
+    def forward(task: str):
+        return lambda inputs: functional_call(model, heads.get(task, {}), (inputs,))
+
+    model.eval()
+    if settings.batchnorm == "reestimate" and settings.calib is not None and data is not None:
+        loaders = data.calibration_loaders(shuffle=False)
+
+        def run_batches() -> int:
+            seen = 0
+            with torch.no_grad():
+                for task, loader in loaders.items():
+                    for item in loader:
+                        inputs = as_task_batch(item).inputs
+                        forward(task)(inputs)
+                        seen += inputs.shape[0]
+            return seen
+
+        reestimate_running_stats(model, run_batches)
+    metrics: dict[str, Any] = {"tasks": list(experts.tasks), "method": settings.method, "options": options, "accuracy": {}}
+    if settings.eval is not None and data is not None:
+        loaders = dict(zip(data.tasks, data.evaluation_loaders(), strict=True))
+        metrics["accuracy"][settings.method] = with_average({t: accuracy(forward(t), loaders[t]) for t in experts.tasks})
+    with atomic_output_dir(Path(settings.output), settings.overwrite) as staging:
+        metrics["files"] = write_merged_model(staging, model.state_dict(), heads)
+        metrics["timing_s"] = {"total": time.perf_counter() - started}
+        write_json(staging / "metrics.json", metrics)
+        write_yaml(staging / "config.yaml", plain_config(dataclasses.asdict(settings)))
+    if metrics["accuracy"]:
+        logger.info("per-task accuracy (%%):\n%s", format_table(metrics["accuracy"], list(experts.tasks)))
+    return metrics
