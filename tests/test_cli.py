@@ -234,3 +234,52 @@ def test_malformed_experts_argument(tiny_setup, tmp_path, caplog):
     args = fit_args(tiny_setup, tmp_path / "o")
     args[args.index("--experts") + 1] = "just-a-path.pt"
     assert "expected NAME=PATH" in run_fails(args, caplog)
+
+
+@pytest.mark.parametrize("method", ["task-arithmetic", "ties", "dare"])
+def test_static_merge_command_end_to_end(tiny_setup, tmp_path, method):
+    output = tmp_path / method
+    args = [
+        "merge", "--method", method,
+        "--base", f"tests.tiny:tiny_convnet@{tiny_setup.base}",
+        "--experts", *tiny_setup.expert_args(),
+        "--calib", str(tiny_setup.calib), "--eval", str(tiny_setup.eval),
+        "--head-pattern", HEAD, "--image-size", "12", "--output", str(output),
+    ]
+    assert main(args) == 0
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert set(metrics["accuracy"][method]) == {"alpha", "beta", "average"}
+    model = tiny_convnet(num_classes=3)
+    model.load_state_dict(torch.load(output / "merged.pt", weights_only=True) | torch.load(output / "heads" / "alpha.pt", weights_only=True))
+
+
+def test_static_task_arithmetic_export_equals_merged_model_at_that_lambda(tiny_setup, tmp_path):
+    from adamerge.experts import load_file_experts
+    from adamerge.merged_model import MergedModel
+
+    output = tmp_path / "ta"
+    args = ["merge", "--method", "task-arithmetic", "--options", "{scale: 0.4}", "--batchnorm", "base",
+            "--base", f"tests.tiny:tiny_convnet@{tiny_setup.base}", "--experts", *tiny_setup.expert_args(),
+            "--head-pattern", HEAD, "--output", str(output)]
+    assert main(args) == 0
+    experts = load_file_experts("tests.tiny:tiny_convnet", tiny_setup.base, tiny_setup.experts, HEAD, "base")
+    merged = MergedModel(experts.model, experts.task_vectors, "task", "none", 0.4, experts.heads, "base")
+    exported = torch.load(output / "merged.pt", weights_only=True)
+    for name, tensor in merged.merged_state_dict().items():
+        torch.testing.assert_close(exported[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_static_merge_refuses_unknown_method(tiny_setup, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["merge", "--method", "magic", "--base", f"tests.tiny:tiny_convnet@{tiny_setup.base}",
+              "--experts", *tiny_setup.expert_args(), "--output", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse(config, tiny_setup, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--base", f"tests.tiny:tiny_convnet@{tiny_setup.base}",
+              "--experts", *tiny_setup.expert_args(), "--calib", str(tiny_setup.calib),
+              "--output", str(tmp_path / "o"), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "method:" in capsys.readouterr().out

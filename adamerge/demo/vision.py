@@ -88,9 +88,9 @@ class DemoSettings:
     finetune_size: int = 2000
     calib_size: int = 500
     test_size: int = 500
-    epochs: int = 3
+    epochs: int = 4
     batch_size: int = 64
-    lr: float = 5e-4
+    lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_fraction: float = 0.1
     max_steps: int | None = None
