@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Every method on the real MobileNetV2 vision experts: per-task accuracy, wall time, peak RSS.
+
+The experts, calibration and test folders come from :mod:`adamerge.demo.vision` (built and cached
+on first use from ``../shared/data``). Each method runs as ``adamerge merge`` (static) or
+``adamerge fit`` (learned) in a fresh process, so its wall time and peak RSS are its own.
+
+    python benchmarks/vision_methods.py --out benchmarks/results/vision.json
+    python benchmarks/vision_methods.py --quick --out /tmp/vision-quick.json   # minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STATIC = ["average", "task-arithmetic", "ties", "dare", "breadcrumbs", "consensus", "lines"]
+LEARNED = {
+    # name in the table: (method, granularity, extra options)
+    "adamerging (task-wise)": ("adamerging", "task", []),
+    "adamerging (layer-wise)": ("adamerging", "layer", []),
+    "adamerging++ (layer-wise)": ("adamerging++", "layer", []),
+    "atlas tta (layer-wise)": ("atlas", "layer", ["--init", "0.3", "--pseudo-label-threshold", "0.9"]),
+    "expert-merging (layer-wise)": ("expert-merging", "layer", ["--calib-limit", "10"]),
+    "expert-merging++": ("expert-merging++", "layer", ["--calib-limit", "10"]),
+}
+MEASURE = """
+import json, resource, sys, time
+from adamerge.cli import main
+start = time.perf_counter()
+code = main(sys.argv[1:])
+print("MEASURE " + json.dumps({"code": code, "wall_s": time.perf_counter() - start,
+      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def run(argv: list[str]) -> dict:
+    done = subprocess.run([sys.executable, "-c", MEASURE, *argv], capture_output=True, text=True, env=os.environ.copy())
+    lines = [line for line in done.stdout.splitlines() if line.startswith("MEASURE ")]
+    if done.returncode or not lines or json.loads(lines[-1][8:])["code"] != 0:
+        sys.stderr.write(done.stdout[-2000:] + done.stderr[-4000:])
+        raise SystemExit(f"failed: adamerge {' '.join(argv[:4])} ...")
+    return json.loads(lines[-1][8:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small demo assets and few steps")
+    parser.add_argument("--steps", type=int, default=None, help="steps of every learned method (default 500 as AdaMerging's code, quick 20)")
+    parser.add_argument("--methods", nargs="+", default=None, help="subset of table rows to run")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    from adamerge.demo.vision import build_vision_demo
+
+    started = time.perf_counter()
+    assets = build_vision_demo(data_root=args.data_root, cache_dir=args.cache_dir, quick=args.quick)
+    build_s = time.perf_counter() - started
+    steps = args.steps or (20 if args.quick else 500)
+    common = [
+        "--base", f"torchvision:mobilenet_v2@{assets.base}",
+        "--experts", *[f"{t}={p}" for t, p in assets.experts.items()],
+        "--eval", str(assets.eval_dir),
+        "--head-pattern", r"^classifier\.",
+        "--image-size", str(assets.image_size),
+    ]
+    results: dict[str, dict] = {}
+    work = Path(tempfile.mkdtemp(prefix="adamerge-vision-"))
+    rows = [*STATIC, *LEARNED] if args.methods is None else args.methods
+    for row in rows:
+        output = work / row.replace(" ", "_").replace("(", "").replace(")", "")
+        if row in STATIC:
+            argv = ["merge", "--method", row, *common, "--calib", str(assets.calib_dir), "--output", str(output)]
+        else:
+            method, granularity, extra = LEARNED[row]
+            argv = [
+                "fit", "--method", method, "--granularity", granularity, *common, "--calib", str(assets.calib_dir),
+                "--steps", str(steps), "--output", str(output), "--progress-bar", "false", *extra,
+            ]
+            if row != "adamerging (layer-wise)":
+                argv += ["--eval-experts", "false"]
+        measured = run(argv)
+        metrics = json.loads((output / "metrics.json").read_text())
+        accuracy = metrics["accuracy"]
+        if "expert (alone)" in accuracy:
+            results["expert (alone)"] = {"per_task": accuracy["expert (alone)"]}
+        if row == "adamerging (layer-wise)":
+            initial = next(k for k in accuracy if k.startswith("task arithmetic"))
+            results["task arithmetic (λ=0.3, fit's init)"] = {"per_task": accuracy[initial]}
+        final = accuracy[row if row in STATIC else f"{LEARNED[row][0]} ({LEARNED[row][1]})"]
+        results[row] = {"per_task": final, "wall_s": measured["wall_s"], "peak_rss_mb": measured["peak_rss_mb"]}
+        sys.stderr.write(f"{row:30s} average {100 * final['average']:.1f}  {measured['wall_s']:.0f} s\n")
+
+    first = ["expert (alone)", "task arithmetic (λ=0.3, fit's init)"]
+    results = {k: results[k] for k in first if k in results} | {k: v for k, v in results.items() if k not in first}
+    experts = results["expert (alone)"]["per_task"]
+    for entry in results.values():
+        per_task = entry["per_task"]
+        entry["average"] = per_task["average"]
+        entry["normalized"] = sum(per_task[t] / experts[t] for t in assets.tasks) / len(assets.tasks)
+    payload = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "tasks": assets.tasks,
+        "image_size": assets.image_size,
+        "steps": steps,
+        "assets_manifest": json.loads(Path(assets.manifest).read_text()),
+        "splits": json.loads(Path(assets.splits).read_text()),
+        "build_s": build_s,
+        "methods": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    table = markdown(payload)
+    args.out.with_suffix(".md").write_text(f"Command: `{payload['command']}`\n\n{table}\n")
+    print(table)
+
+
+def markdown(payload: dict) -> str:
+    tasks = payload["tasks"]
+    lines = ["| method | " + " | ".join(tasks) + " | average | normalized | wall (s) | peak RSS (MB) |"]
+    lines.append("|" + "---|" * (len(tasks) + 5))
+    for name, entry in payload["methods"].items():
+        cells = [f"{100 * entry['per_task'][t]:.1f}" for t in tasks]
+        cells += [f"{100 * entry['average']:.1f}", f"{100 * entry['normalized']:.1f}"]
+        cells += [f"{entry['wall_s']:.0f}" if "wall_s" in entry else "-"]
+        cells += [f"{entry['peak_rss_mb']:.0f}" if "peak_rss_mb" in entry else "-"]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
