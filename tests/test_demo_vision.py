@@ -61,6 +61,12 @@ def test_split_rejects_sizes_larger_than_the_data():
         split_indices(100, {"test": 60, "calib": 40, "finetune": 1}, seed=0)
 
 
+def test_unknown_task_fails_before_building(tmp_path):
+    with pytest.raises(demo.DataError, match="unknown vision task"):
+        build_vision_demo(DATA_ROOT, tmp_path, tasks=("mnist", "svhn"))
+    assert not (tmp_path / "manifest.json").exists()
+
+
 def test_task_seeds_differ_per_task_and_are_stable():
     assert task_seed(0, "mnist") == task_seed(0, "mnist") != task_seed(0, "usps")
 

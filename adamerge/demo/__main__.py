@@ -24,7 +24,7 @@ from adamerge.fit import FitSettings, run_fit
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small splits, 32 px, few steps (minutes)")
+    parser.add_argument("--quick", action="store_true", help="small splits, 48 px, few steps (minutes)")
     parser.add_argument("--steps", type=int, default=None, help="AdaMerging steps (default 500, quick 30)")
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     parser.add_argument("--data-root", default=None, help="default: $ADAMERGE_DATA_ROOT or ../shared/data")

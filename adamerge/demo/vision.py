@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,10 +49,9 @@ import torchvision
 from PIL import Image
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
 
 from adamerge.data import LabelledImageFolder, build_image_transform
-from adamerge.datasets.vision import ImageArrays, load_vision_task, resolve_data_root
+from adamerge.datasets.vision import VISION_TASKS, ImageArrays, load_vision_task, resolve_data_root
 from adamerge.errors import CheckpointError, DataError
 
 logger = logging.getLogger(__name__)
@@ -97,7 +96,7 @@ class DemoSettings:
     seed: int = 0
 
 
-QUICK_SETTINGS = DemoSettings(image_size=32, finetune_size=500, calib_size=100, test_size=200, epochs=2)
+QUICK_SETTINGS = DemoSettings(image_size=48, finetune_size=500, calib_size=100, test_size=200, epochs=3, batch_size=32)
 
 
 @dataclass(frozen=True)
@@ -336,7 +335,7 @@ def to_input_tensor(images: np.ndarray, image_size: int) -> torch.Tensor:
     return batch.contiguous(memory_format=torch.channels_last)
 
 
-def _warmup_cosine(total_steps: int, warmup_steps: int):
+def _warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -440,10 +439,28 @@ def _prepare_base(source: Path, root: Path, manifest: dict) -> str:
     return digest
 
 
+def write_task_folders(arrays: ImageArrays, parts: Mapping[str, np.ndarray], root: Path, task: str) -> None:
+    """Write ``calib/<task>`` (unlabeled calibration rows) and ``eval/<task>`` (labelled test rows)."""
+    for kind in ("calib", "eval"):
+        (root / kind).mkdir(parents=True, exist_ok=True)
+    write_calib_folder(arrays, parts["calib"], root / "calib" / task)
+    write_eval_folder(arrays, parts["test"], root / "eval" / task)
+
+
+def train_expert(
+    arrays: ImageArrays, parts: Mapping[str, np.ndarray], settings: DemoSettings, base_path: Path, seed: int
+) -> tuple[nn.Module, int]:
+    """Fine-tune a fresh expert on the ``finetune`` rows; return it with its number of steps."""
+    model = build_expert_model(base_path, len(arrays.classes), seed)
+    inputs = to_input_tensor(arrays.images[parts["finetune"]], settings.image_size)  # (F, 3, S, S)
+    labels = torch.from_numpy(arrays.labels[parts["finetune"]])  # (F,)
+    return model, finetune(model, inputs, labels, settings, seed)
+
+
 def build_task(
     task: str, arrays: ImageArrays, root: Path, settings: DemoSettings, base_path: Path
 ) -> tuple[dict, dict]:
-    """Split one task, write its image folders, fine-tune and save its expert.
+    """Split one task, write its image folders, fine-tune, evaluate and save its expert.
 
     Args:
         task: task name.
@@ -460,20 +477,13 @@ def build_task(
     parts = split_indices(len(arrays), sizes, seed)
     if len(parts["finetune"]) < settings.finetune_size:
         logger.warning("%s: only %d fine-tuning rows left (asked %d)", task, len(parts["finetune"]), sizes["finetune"])
-    for kind, part in (("calib", "calib"), ("eval", "test")):
-        (root / kind).mkdir(parents=True, exist_ok=True)
-        writer = write_calib_folder if kind == "calib" else write_eval_folder
-        writer(arrays, parts[part], root / kind / task)
+    write_task_folders(arrays, parts, root, task)
 
     started = time.perf_counter()
-    model = build_expert_model(base_path, len(arrays.classes), seed)
-    train_x = to_input_tensor(arrays.images[parts["finetune"]], settings.image_size)  # (F, 3, S, S)
-    train_y = torch.from_numpy(arrays.labels[parts["finetune"]])  # (F,)
-    steps = finetune(model, train_x, train_y, settings, seed)
-    del train_x
+    model, steps = train_expert(arrays, parts, settings, base_path, seed)
     train_seconds = time.perf_counter() - started
-    test_x = to_input_tensor(arrays.images[parts["test"]], settings.image_size)  # (T, 3, S, S)
-    test_accuracy = accuracy(model, test_x, torch.from_numpy(arrays.labels[parts["test"]]))
+    test_inputs = to_input_tensor(arrays.images[parts["test"]], settings.image_size)  # (T, 3, S, S)
+    test_accuracy = accuracy(model, test_inputs, torch.from_numpy(arrays.labels[parts["test"]]))
 
     expert_path = root / "experts" / f"{task}.pth"
     save_state_dict_atomic(model.state_dict(), expert_path)
@@ -541,6 +551,9 @@ def build_vision_demo(
     preset = QUICK_SETTINGS if quick else DemoSettings()
     settings = DemoSettings(**{**asdict(preset), **{k: v for k, v in overrides.items() if v is not None}, "seed": seed})
     tasks = list(dict.fromkeys(tasks))
+    unknown = [task for task in tasks if task not in VISION_TASKS]
+    if unknown:
+        raise DataError(f"unknown vision task(s) {', '.join(unknown)}; known: {', '.join(VISION_TASKS)}")
     root = resolve_cache_dir(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
     manifest = _read_json(root / "manifest.json")
@@ -623,7 +636,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-root", default=None, help="data root (default: $ADAMERGE_DATA_ROOT or ../shared/data)")
     parser.add_argument("--cache-dir", default=None, help=f"cache folder (default: ${CACHE_ENV} or {DEFAULT_CACHE_DIR})")
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="task names (default: all five)")
-    parser.add_argument("--quick", action="store_true", help="small splits, 32 px, 2 epochs (smoke runs)")
+    parser.add_argument("--quick", action="store_true", help="small splits, 48 px, 3 epochs (smoke runs, ~10 s per expert)")
     for name, kind in [("image-size", int), ("finetune-size", int), ("calib-size", int), ("test-size", int),
                        ("epochs", int), ("batch-size", int), ("lr", float), ("max-steps", int)]:  # fmt: skip
         parser.add_argument(f"--{name}", type=kind, default=None, help="override the preset's value")
