@@ -182,7 +182,7 @@ class MergingModule(L.LightningModule):
         self._log_accuracy("test")
 
     def _log_accuracy(self, stage: str) -> None:
-        values = {task: float(self.accuracy[task].compute()) for task in self.tasks if task in self.accuracy}
+        values = {task: round(float(self.accuracy[task].compute()), 6) for task in self.tasks if task in self.accuracy}
         for task, value in values.items():
             self.log(f"{stage}/acc/{task}", value, add_dataloader_idx=False)
             self.accuracy[task].reset()
