@@ -277,8 +277,10 @@ def test_static_merge_refuses_unknown_method(tiny_setup, tmp_path):
 
 @pytest.mark.parametrize("config", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_parse(config, tiny_setup, tmp_path, capsys):
+    command = "merge" if "static" in config.parts else "fit"
+    assert f"adamerge {command} --config configs/" in config.read_text()  # the header runs it
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), "--base", f"tests.tiny:tiny_convnet@{tiny_setup.base}",
+        main([command, "--config", str(config), "--base", f"tests.tiny:tiny_convnet@{tiny_setup.base}",
               "--experts", *tiny_setup.expert_args(), "--calib", str(tiny_setup.calib),
               "--output", str(tmp_path / "o"), "--print_config"])
     assert exit_info.value.code == 0
