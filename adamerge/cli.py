@@ -17,13 +17,19 @@ def _common_arguments(parser: ArgumentParser) -> None:
     from adamerge.batchnorm import BATCHNORM_POLICIES
 
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of these options")
-    parser.add_argument("--base", type=str, required=True, help="ARCH@WEIGHTS, e.g. torchvision:mobilenet_v2@base.pth")
+    parser.add_argument(
+        "--base", type=str, required=True, help="ARCH@WEIGHTS (torchvision:mobilenet_v2@base.pth), open_clip:ARCH@FILE or hf:DIR"
+    )
     parser.add_argument("--base-kwargs", type=dict, default={}, help="constructor keyword arguments of ARCH")
-    parser.add_argument("--experts", type=str, nargs="+", required=True, help="NAME=PATH of each fine-tuned expert")
+    parser.add_argument(
+        "--experts", type=str, nargs="+", required=True, help="NAME=PATH (or NAME=hf:DIR, NAME=peft:ADAPTER_DIR) per expert"
+    )
+    parser.add_argument("--trust-pickles", type=bool, default=False, help="accept expert files that are pickled modules")
     parser.add_argument("--eval", type=Path | None, default=None, help="folder <task>/<class>/<file> of labelled data")
     parser.add_argument("--head-pattern", type=str | None, default=None, help="regex of task-specific tensors")
     parser.add_argument("--batchnorm", type=str, default="reestimate", choices=list(BATCHNORM_POLICIES))
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--image-size", type=int, default=224, help="square input side (image experts)")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per example (text experts)")
     parser.add_argument("--eval-batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, required=True, help="output folder (refused if it exists)")

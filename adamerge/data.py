@@ -12,7 +12,8 @@ Layouts:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 from pathlib import Path
 
 import lightning as L
@@ -23,6 +24,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms
 
 from adamerge.errors import DataError
+
+if TYPE_CHECKING:
+    from adamerge.experts.base import ExpertSet
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +214,8 @@ class MultiTaskImageDataModule(L.LightningDataModule):
             images per class (seeded), for few-shot objectives.
         limit_per_task: keep this many calibration images per task (seeded subset).
         with_index: training items carry their index in the task's calibration view.
+        transform: the image preprocessing to use instead of the one built from ``image_size``,
+            ``mean`` and ``std`` (e.g. open_clip's own).
     """
 
     def __init__(
@@ -228,6 +234,7 @@ class MultiTaskImageDataModule(L.LightningDataModule):
         shots: int | None = None,
         limit_per_task: int | None = None,
         with_index: bool = False,
+        transform: Callable[[Image.Image], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.shuffle = shuffle
@@ -241,7 +248,7 @@ class MultiTaskImageDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.seed = seed
-        self.transform = build_image_transform(image_size, mean, std)
+        self.transform = transform if transform is not None else build_image_transform(image_size, mean, std)
         if not self.calib_dir.is_dir():
             raise DataError(f"--calib {self.calib_dir} does not exist (expected one folder of images per task)")
         self.calibration: dict[str, CalibrationView] = {}
@@ -324,3 +331,36 @@ class MultiTaskImageDataModule(L.LightningDataModule):
         """Number of classes per task in the evaluation data (empty without ``eval_dir``)."""
         self.setup("test")
         return {t: len(ds.classes) for t, ds in self.evaluation.items()}
+
+
+def build_datamodule(
+    experts: ExpertSet,
+    calib_dir: str | Path,
+    *,
+    image_size: int = 224,
+    max_length: int = 128,
+    **options: Any,
+) -> L.LightningDataModule:
+    """The multi-task DataModule for ``experts``' modality.
+
+    Images: :class:`MultiTaskImageDataModule` with the source's own preprocessing if it has one
+    (open_clip), else ImageNet statistics at ``image_size``. Text:
+    :class:`adamerge.text_data.MultiTaskTextDataModule` with the base's tokenizer, ``max_length``
+    tokens per example.
+
+    Args:
+        experts: the loaded expert set (its ``modality``, ``image_transform`` and ``tokenizer``).
+        calib_dir: one folder of unlabeled data per task.
+        image_size: square input side (image experts without their own preprocessing).
+        max_length: tokens per example (text experts).
+        **options: the DataModules' shared arguments (``eval_dir``, ``batch_size``, ``seed``, ...).
+    """
+    if experts.modality == "text":
+        from adamerge.text_data import MultiTaskTextDataModule
+
+        return MultiTaskTextDataModule(calib_dir, experts.tasks, experts.tokenizer, max_length=max_length, **options)
+    if experts.modality != "image":
+        raise DataError(f"expert source produced modality {experts.modality!r}: expected 'image' or 'text'")
+    return MultiTaskImageDataModule(
+        calib_dir, experts.tasks, image_size=image_size, transform=experts.image_transform, **options
+    )

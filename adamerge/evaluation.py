@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
+from adamerge.model_inputs import as_logits
+
 
 @torch.no_grad()
-def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Fraction of correct top-1 predictions of ``forward`` over labelled batches."""
+def accuracy(forward: Callable[[Any], Any], batches: Iterable[tuple[Any, torch.Tensor]]) -> float:
+    """Fraction of correct top-1 predictions of ``forward`` over labelled ``(inputs, labels)`` batches
+    (``forward`` may return logits or an output with ``.logits``)."""
     correct = total = 0
     for inputs, labels in batches:
-        correct += int((forward(inputs).argmax(-1) == labels).sum())
+        correct += int((as_logits(forward(inputs)).argmax(-1) == labels).sum())
         total += labels.numel()
     return correct / max(total, 1)
 

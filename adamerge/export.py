@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,9 @@ def write_coefficients(directory: Path, merged: MergedModel) -> None:
             writer.writerow([task, *(f"{values[g]:.6f}" for g in groups)])
 
 
+MergedModelWriter = Callable[[Path, Mapping[str, torch.Tensor], Mapping[str, Mapping[str, torch.Tensor]]], dict[str, str]]
+
+
 def write_merged_model(
     directory: Path, state: Mapping[str, torch.Tensor], heads: Mapping[str, Mapping[str, torch.Tensor]]
 ) -> dict[str, str]:
@@ -106,10 +109,11 @@ def write_merged_model(
     return files
 
 
-def write_merged_model_of(directory: Path, merged: MergedModel) -> dict[str, str]:
-    """:func:`write_merged_model` for a :class:`MergedModel` at its current coefficients."""
+def write_merged_model_of(directory: Path, merged: MergedModel, writer: MergedModelWriter | None = None) -> dict[str, str]:
+    """Write a :class:`MergedModel` at its current coefficients with ``writer`` (an expert source's
+    own format) or :func:`write_merged_model`."""
     heads = {task: merged.heads.for_task(task) for task in merged.heads.tasks}
-    return write_merged_model(directory, merged.merged_state_dict(), heads)
+    return (writer or write_merged_model)(directory, merged.merged_state_dict(), heads)
 
 
 def format_table(rows: Mapping[str, Mapping[str, float]], tasks: list[str]) -> str:

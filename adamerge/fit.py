@@ -28,11 +28,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from adamerge.data import MultiTaskImageDataModule
+from adamerge.data import build_datamodule
 from adamerge.errors import AdamergeError
 from adamerge.evaluation import accuracy, with_average
-from adamerge.experts import ExpertSet, load_file_experts, parse_base_spec
-from adamerge.experts.file import load_expert_module
+from adamerge.experts import ExpertSet, SourceOptions, load_experts
 from adamerge.export import (
     atomic_output_dir,
     check_output_dir,
@@ -48,6 +47,7 @@ from adamerge.hooks import HEAD_INPUT, capture_hidden
 from adamerge.importance import chunk_budget, layer_importance
 from adamerge.merged_model import MergedModel
 from adamerge.methods import MethodSpec, resolve_method
+from adamerge.model_inputs import call_module
 from adamerge.module import MergingModule
 from adamerge.objectives import (
     CrossEntropy,
@@ -87,7 +87,8 @@ class FitSettings:
         lr: learning rate (method default when ``None``).
         batch_size: calibration inputs per task per step.
         eval_batch_size: inputs per evaluation batch.
-        image_size: square input side.
+        image_size: square input side (image experts).
+        max_length: tokens per example (text experts; longer texts are truncated).
         num_workers: data-loader workers.
         seed: global seed (data order, initialisation).
         accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
@@ -96,6 +97,7 @@ class FitSettings:
         overwrite: replace an existing output folder.
         eval_experts: also evaluate each expert alone on its own task.
         base_kwargs: constructor keyword arguments of the architecture.
+        trust_pickles: accept expert files that are pickled modules (they run code when loaded).
         progress_bar: show Lightning's progress bar.
         shots: few-shot aTLAS: read ``calib`` as ``<task>/<class>/<image>`` and use this many
             labelled images per class (seeded).
@@ -128,6 +130,7 @@ class FitSettings:
     batch_size: int = 16
     eval_batch_size: int = 128
     image_size: int = 224
+    max_length: int = 128
     num_workers: int = 0
     seed: int = 0
     accelerator: str = "auto"
@@ -136,6 +139,7 @@ class FitSettings:
     overwrite: bool = False
     eval_experts: bool = True
     base_kwargs: dict[str, Any] = field(default_factory=dict)
+    trust_pickles: bool = False
     progress_bar: bool = True
     shots: int | None = None
     calib_limit: int | None = None
@@ -160,24 +164,16 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
     )
     L.seed_everything(settings.seed, verbose=False)
 
-    arch, base_weights = parse_base_spec(settings.base)
-    experts = load_file_experts(
-        arch,
-        base_weights,
-        settings.experts,
-        head_pattern=settings.head_pattern,
-        batchnorm=settings.batchnorm,
-        dtype=DTYPES[settings.task_vector_dtype],
-        arch_kwargs=settings.base_kwargs,
-    )
+    experts = load_experts(settings.base, settings.experts, source_options(settings, DTYPES[settings.task_vector_dtype]))
     task_vectors = preprocess_task_vectors(experts.task_vectors, method.preprocess)
-    data = MultiTaskImageDataModule(
+    data = build_datamodule(
+        experts,
         settings.calib,
-        experts.tasks,
         eval_dir=settings.eval,
         batch_size=settings.batch_size,
         eval_batch_size=settings.eval_batch_size,
         image_size=settings.image_size,
+        max_length=settings.max_length,
         num_workers=settings.num_workers,
         seed=settings.seed,
         shots=settings.shots,
@@ -194,7 +190,7 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
         heads=experts.heads,
         batchnorm=settings.batchnorm,
     )
-    targets = ExpertTargets(settings, data, merged) if method.objective == "expert-alignment" else None
+    targets = ExpertTargets(experts, data, merged) if method.objective == "expert-alignment" else None
     module = _module(method, merged, settings, experts.sources, targets)
     load_s = time.perf_counter() - started
 
@@ -208,7 +204,9 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
         trainer = _trainer(settings, staging, "logs")
         if settings.eval is not None:
             if settings.eval_experts:
-                metrics["accuracy"]["expert (alone)"] = evaluate_experts(experts, data, settings)
+                alone = evaluate_experts(experts, data, settings)
+                if alone:
+                    metrics["accuracy"]["expert (alone)"] = alone
             metrics["accuracy"][_initial_label(method)] = _test(trainer, module, data)
         fit_started = time.perf_counter()
         trainer.fit(module, datamodule=data)
@@ -224,13 +222,26 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
             module.reestimate_batchnorm()  # exported statistics belong to the learned λ
         if trainer.is_global_zero:
             write_coefficients(staging, merged)
-            metrics["files"] = write_merged_model_of(staging, merged)
+            metrics["files"] = write_merged_model_of(staging, merged, experts.export)
             metrics["timing_s"]["total"] = time.perf_counter() - started
             write_json(staging / "metrics.json", metrics)
             write_yaml(staging / "config.yaml", plain_config(dataclasses.asdict(settings)))
     if metrics["accuracy"]:
         logger.info("per-task accuracy (%%):\n%s", format_table(metrics["accuracy"], list(experts.tasks)))
     return metrics
+
+
+def source_options(settings: Any, dtype: torch.dtype = torch.float32) -> SourceOptions:
+    """The :class:`SourceOptions` of ``fit`` / ``merge`` settings."""
+    return SourceOptions(
+        head_pattern=settings.head_pattern,
+        batchnorm=settings.batchnorm,
+        dtype=dtype,
+        base_kwargs=settings.base_kwargs,
+        calib=settings.calib,
+        eval=settings.eval,
+        trust_pickles=settings.trust_pickles,
+    )
 
 
 def preprocess_task_vectors(task_vectors: TaskVectors, preprocess: str | None) -> TaskVectors:
@@ -295,22 +306,23 @@ def build_objective(
 class ExpertTargets:
     """Each expert's logits and hidden states on its own calibration data, computed once."""
 
-    def __init__(self, settings: FitSettings, data: MultiTaskImageDataModule, merged: MergedModel) -> None:
-        self.settings = settings
+    def __init__(self, experts: ExpertSet, data: L.LightningDataModule, merged: MergedModel) -> None:
+        if experts.expert_model is None:
+            raise AdamergeError("expert-merging needs each expert alone, which this expert source cannot rebuild")
+        self.experts = experts
         self.data = data
         self.head_module = merged.head_module
         self.cache: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
 
     @torch.no_grad()
     def fill(self, objective: ExpertAlignment) -> None:
-        arch, _ = parse_base_spec(self.settings.base)
         loaders = self.data.calibration_loaders(shuffle=False, distributed=False)
-        for task, path in self.settings.experts.items():
+        for task in self.experts.tasks:
             if task not in self.cache:
-                model = load_expert_module(arch, path, self.settings.base_kwargs).eval()
+                model = self.experts.expert_model(task).eval()
                 batches = (as_task_batch(item).inputs for item in loaders[task])
                 self.cache[task] = collect_outputs(
-                    model,
+                    _module_forward(model),
                     lambda names, model=model: capture_hidden(model, names, self.head_module),
                     objective.hidden_modules,
                     batches,
@@ -324,7 +336,7 @@ def _refine_in_chunks(
     settings: FitSettings,
     sources: dict[str, Any],
     targets: ExpertTargets | None,
-    data: MultiTaskImageDataModule,
+    data: L.LightningDataModule,
     staging: Path,
 ) -> tuple[MergingModule, L.Trainer]:
     """Expert Merging++ stage two: importance-guided chunks, initialised at the stage-one λ."""
@@ -384,18 +396,21 @@ def _trainer(settings: FitSettings, root: Path, log_name: str) -> L.Trainer:
     )
 
 
-def _test(trainer: L.Trainer, module: MergingModule, data: MultiTaskImageDataModule) -> dict[str, float]:
+def _test(trainer: L.Trainer, module: MergingModule, data: L.LightningDataModule) -> dict[str, float]:
     trainer.test(module, datamodule=data, verbose=False)
     return dict(module.results["test"])
 
 
-def evaluate_experts(experts: ExpertSet, data: MultiTaskImageDataModule, settings: FitSettings) -> dict[str, float]:
-    """Accuracy of each expert alone (its own weights and statistics) on its own task."""
-    arch, _ = parse_base_spec(settings.base)
+def evaluate_experts(experts: ExpertSet, data: L.LightningDataModule, settings: FitSettings) -> dict[str, float]:
+    """Accuracy of each expert alone (its own weights, statistics and head) on its own task."""
+    if experts.expert_model is None:
+        logger.warning("this expert source cannot rebuild the experts alone: their accuracy is not reported")
+        return {}
     loaders = dict(zip(data.tasks, data.evaluation_loaders(), strict=True))
     return with_average(
-        {
-            task: accuracy(load_expert_module(arch, path, settings.base_kwargs).eval(), loaders[task])
-            for task, path in settings.experts.items()
-        }
+        {task: accuracy(_module_forward(experts.expert_model(task).eval()), loaders[task]) for task in experts.tasks}
     )
+
+
+def _module_forward(model: torch.nn.Module):
+    return lambda inputs: call_module(model, inputs)

@@ -14,7 +14,6 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from adamerge.batchnorm import BATCHNORM_POLICIES, batchnorm_layers, reestimate_running_stats
 from adamerge.coefficients import Coefficients
@@ -22,6 +21,7 @@ from adamerge.errors import AdamergeError
 from adamerge.granularity import Granularity, TensorWise, parse_granularity
 from adamerge.hooks import capture_hidden
 from adamerge.merge import merge_tensors
+from adamerge.model_inputs import Inputs, call_functional, input_batch_size
 from adamerge.task_vectors import TaskVectors
 
 logger = logging.getLogger(__name__)
@@ -127,14 +127,15 @@ class MergedModel(nn.Module):
 
     def forward(
         self,
-        inputs: torch.Tensor,
+        inputs: Inputs,
         task: str | None = None,
         merged: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Run the merged model.
 
         Args:
-            inputs: a batch for the base architecture.
+            inputs: a batch for the base architecture: a tensor, or a dict of tensors passed as
+                keyword arguments (e.g. a tokenizer's output).
             task: whose head to use (required when heads exist).
             merged: precomputed :meth:`merged_tensors` (to merge once and run several tasks).
         """
@@ -143,7 +144,7 @@ class MergedModel(nn.Module):
             if task is None:
                 raise AdamergeError(f"this model has task-specific heads: pass task= one of {', '.join(self.tasks)}")
             tensors.update(self.heads.for_task(task))
-        return functional_call(self.model, tensors, (inputs,), strict=False, tie_weights=True)
+        return call_functional(self.model, tensors, inputs)  # logits (a ModelOutput's ``.logits``)
 
     def train(self, mode: bool = True) -> MergedModel:
         """Dropout and the like stay off; under the ``reestimate`` policy BatchNorm layers use batch
@@ -168,7 +169,7 @@ class MergedModel(nn.Module):
         return capture_hidden(self.model, names, self.head_module)
 
     @torch.no_grad()
-    def reestimate_batchnorm(self, batches: Iterable[tuple[str, torch.Tensor]]) -> int:
+    def reestimate_batchnorm(self, batches: Iterable[tuple[str, Inputs]]) -> int:
         """Recompute the BatchNorm running statistics with the current merged weights.
 
         Args:
@@ -183,8 +184,8 @@ class MergedModel(nn.Module):
             seen = 0
             for task, inputs in batches:
                 tensors = merged | (self.heads.for_task(task) if self.heads.names else {})
-                functional_call(self.model, tensors, (inputs,), strict=False, tie_weights=True)
-                seen += inputs.shape[0]
+                call_functional(self.model, tensors, inputs)
+                seen += input_batch_size(inputs)
             return seen
 
         return reestimate_running_stats(self.model, run_batches)

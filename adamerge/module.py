@@ -30,6 +30,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from adamerge.errors import AdamergeError
 from adamerge.merge import PrecomputedGradient
 from adamerge.merged_model import MergedModel
+from adamerge.model_inputs import move_inputs
 from adamerge.objectives import Entropy, ModelOutputs, Objective, TaskBatch, as_task_batch
 
 logger = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ class MergingModule(L.LightningModule):
             logger.warning("batchnorm policy 'reestimate' needs a datamodule with calibration_loaders(); skipped")
             return
         batches = (
-            (task, as_task_batch(item).inputs.to(self.device))
+            (task, move_inputs(as_task_batch(item).inputs, self.device))
             for task, loader in loaders(shuffle=False).items()
             for item in loader
         )

@@ -25,6 +25,7 @@ from torch import nn
 from adamerge import losses
 from adamerge.errors import AdamergeError
 from adamerge.hooks import HEAD_INPUT
+from adamerge.model_inputs import Inputs, input_batch_size
 
 logger = logging.getLogger(__name__)
 
@@ -35,28 +36,31 @@ class TaskBatch:
     """One task's share of a training step.
 
     Attributes:
-        inputs: model inputs ``(B, ...)``.
+        inputs: model inputs ``(B, ...)``, or a dict of such tensors (a tokenizer's output).
         labels: class indices ``(B,)`` for supervised objectives.
         index: dataset indices ``(B,)`` of the samples (to look up cached expert outputs).
     """
 
-    inputs: torch.Tensor
+    inputs: Inputs
     labels: torch.Tensor | None = None
     index: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
-        return int(self.inputs.shape[0])
+        return input_batch_size(self.inputs)
 
 
 def as_task_batch(item: torch.Tensor | Mapping[str, torch.Tensor] | TaskBatch) -> TaskBatch:
-    """A :class:`TaskBatch` from a tensor (inputs only) or a collated ``{"inputs", "labels", "index"}``."""
+    """A :class:`TaskBatch` from a tensor (inputs only), a collated ``{"inputs", "labels", "index"}``,
+    or a dict of input tensors without an ``"inputs"`` key (a tokenizer's output, inputs only)."""
     if isinstance(item, TaskBatch):
         return item
     if isinstance(item, torch.Tensor):
         return TaskBatch(item)
     if isinstance(item, Mapping) and "inputs" in item:
         return TaskBatch(item["inputs"], item.get("labels"), item.get("index"))
+    if isinstance(item, Mapping) and item and all(isinstance(v, torch.Tensor) for v in item.values()):
+        return TaskBatch(dict(item))
     raise AdamergeError(f"a training batch per task must be a tensor or a dict with 'inputs', got {type(item).__name__}")
 
 

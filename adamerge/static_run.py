@@ -16,13 +16,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.func import functional_call
 
 from adamerge.batchnorm import batchnorm_layers, reestimate_running_stats
-from adamerge.data import MultiTaskImageDataModule
+from adamerge.data import build_datamodule
 from adamerge.errors import AdamergeError
 from adamerge.evaluation import accuracy, with_average
-from adamerge.experts import load_file_experts, parse_base_spec
+from adamerge.experts import load_experts
 from adamerge.export import (
     atomic_output_dir,
     check_output_dir,
@@ -32,6 +31,7 @@ from adamerge.export import (
     write_merged_model,
     write_yaml,
 )
+from adamerge.model_inputs import call_functional, input_batch_size
 from adamerge.objectives import as_task_batch
 from adamerge.static import STATIC_METHODS, static_merge
 
@@ -54,10 +54,12 @@ class MergeSettings:
         batchnorm: ``reestimate`` (needs ``calib``), ``base`` or ``merge``.
         batch_size: inputs per batch for BatchNorm re-estimation.
         eval_batch_size: inputs per evaluation batch.
-        image_size: square input side.
+        image_size: square input side (image experts).
+        max_length: tokens per example (text experts).
         seed: seed of random strategies (DARE).
         overwrite: replace an existing output folder.
         base_kwargs: constructor keyword arguments of the architecture.
+        trust_pickles: accept expert files that are pickled modules (they run code when loaded).
     """
 
     base: str
@@ -72,9 +74,11 @@ class MergeSettings:
     batch_size: int = 64
     eval_batch_size: int = 128
     image_size: int = 224
+    max_length: int = 128
     seed: int = 0
     overwrite: bool = False
     base_kwargs: dict[str, Any] = field(default_factory=dict)
+    trust_pickles: bool = False
 
 
 def run_merge(settings: MergeSettings) -> dict[str, Any]:
@@ -84,17 +88,17 @@ def run_merge(settings: MergeSettings) -> dict[str, Any]:
     if settings.method not in STATIC_METHODS:
         raise AdamergeError(f"--method {settings.method!r}: expected one of {', '.join(STATIC_METHODS)}")
     L.seed_everything(settings.seed, verbose=False)
-    arch, weights = parse_base_spec(settings.base)
-    experts = load_file_experts(
-        arch, weights, settings.experts, settings.head_pattern, settings.batchnorm, arch_kwargs=settings.base_kwargs
-    )
+    from adamerge.fit import source_options
+
+    experts = load_experts(settings.base, settings.experts, source_options(settings))
     data = None
     if settings.calib is not None or settings.eval is not None:
         if settings.calib is None and settings.batchnorm == "reestimate" and batchnorm_layers(experts.model):
             raise AdamergeError("--batchnorm reestimate needs --calib data (or choose --batchnorm base)")
-        data = MultiTaskImageDataModule(
-            settings.calib or settings.eval, experts.tasks, eval_dir=settings.eval, batch_size=settings.batch_size,
-            eval_batch_size=settings.eval_batch_size, image_size=settings.image_size, seed=settings.seed, shuffle=False,
+        data = build_datamodule(
+            experts, settings.calib or settings.eval, eval_dir=settings.eval, batch_size=settings.batch_size,
+            eval_batch_size=settings.eval_batch_size, image_size=settings.image_size, max_length=settings.max_length,
+            seed=settings.seed, shuffle=False,
         )
         data.setup("fit")
     options = dict(settings.options)
@@ -109,7 +113,7 @@ def run_merge(settings: MergeSettings) -> dict[str, Any]:
     heads = experts.heads
 
     def forward(task: str):
-        return lambda inputs: functional_call(model, heads.get(task, {}), (inputs,))
+        return lambda inputs: call_functional(model, heads.get(task, {}), inputs)
 
     model.eval()
     if settings.batchnorm == "reestimate" and settings.calib is not None and data is not None:
@@ -122,7 +126,7 @@ def run_merge(settings: MergeSettings) -> dict[str, Any]:
                     for item in loader:
                         inputs = as_task_batch(item).inputs
                         forward(task)(inputs)
-                        seen += inputs.shape[0]
+                        seen += input_batch_size(inputs)
             return seen
 
         reestimate_running_stats(model, run_batches)
@@ -131,7 +135,7 @@ def run_merge(settings: MergeSettings) -> dict[str, Any]:
         loaders = dict(zip(data.tasks, data.evaluation_loaders(), strict=True))
         metrics["accuracy"][settings.method] = with_average({t: accuracy(forward(t), loaders[t]) for t in experts.tasks})
     with atomic_output_dir(Path(settings.output), settings.overwrite) as staging:
-        metrics["files"] = write_merged_model(staging, model.state_dict(), heads)
+        metrics["files"] = (experts.export or write_merged_model)(staging, model.state_dict(), heads)
         metrics["timing_s"] = {"total": time.perf_counter() - started}
         write_json(staging / "metrics.json", metrics)
         write_yaml(staging / "config.yaml", plain_config(dataclasses.asdict(settings)))

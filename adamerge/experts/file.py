@@ -127,7 +127,14 @@ def load_file_experts(
         "experts": {task: str(Path(path).resolve()) for task, path in experts.items()},
         "head_pattern": head_pattern,
     }
-    return ExpertSet(model, task_vectors, heads, sources)
+    paths = {task: Path(path) for task, path in experts.items()}
+    return ExpertSet(
+        model,
+        task_vectors,
+        heads,
+        sources,
+        expert_model=lambda task: load_expert_module(base_arch, paths[task], arch_kwargs),
+    )
 
 
 def load_expert_module(arch: str, path: str | Path, arch_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
