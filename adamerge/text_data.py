@@ -1,0 +1,435 @@
+"""Calibration and evaluation text per task, tokenised for a Hugging Face model, and a round-robin
+multi-task DataModule (the text twin of :class:`adamerge.data.MultiTaskImageDataModule`).
+
+Layouts:
+
+- calibration (unlabeled): ``CALIB/<task>/`` holding ``.txt`` files (one example per line, blank
+  lines ignored) and/or ``.jsonl`` files (one JSON object per line with a ``text`` field; any
+  ``label`` is ignored); ``CALIB/<task>.txt`` or ``CALIB/<task>.jsonl`` also work;
+- labelled (evaluation, and calibration when ``shots`` is set): ``DIR/<task>.jsonl`` or
+  ``DIR/<task>/*.jsonl``, one ``{"text": str, "label": int}`` per line, ``label`` the class index
+  ``0..C-1``.
+
+Every file is read as UTF-8 and split on ``\\n`` only; records keep their file and line so every
+error names them. Texts are tokenised once (truncated to ``max_length`` tokens) when a task is
+set up; batches are padded to their longest example (:class:`PadCollator`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from adamerge.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+Encoding = dict[str, list[int]]
+
+
+@dataclass
+class TextRecords:
+    """Texts read from files, each with where it came from (``file:line``) and an optional label."""
+
+    texts: list[str] = field(default_factory=list)
+    origins: list[str] = field(default_factory=list)
+    labels: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    """Non-blank lines ``(line number, text)`` of a UTF-8 file, split on ``\\n`` only."""
+    try:
+        content = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror})") from None
+    lines = [(number, line.rstrip("\r")) for number, line in enumerate(content.split("\n"), start=1)]
+    kept = [(number, line) for number, line in lines if line.strip()]
+    if not kept:
+        raise DataError(f"{path}: holds no non-blank line (expected one example per line)")
+    return kept
+
+
+def _read_jsonl(path: Path, labelled: bool, num_classes: int | None) -> TextRecords:
+    """Records of a JSON-lines file: ``text`` (and ``label`` when ``labelled``)."""
+    records = TextRecords(labels=[] if labelled else None)
+    for number, line in _read_lines(path):
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object with a 'text' field, got {type(record).__name__}")
+        text = record.get("text")
+        if not isinstance(text, str):
+            found = "missing" if text is None else type(text).__name__
+            raise DataError(f"{where}: field 'text' is {found}, expected a string")
+        if labelled:
+            label = record.get("label")
+            if isinstance(label, bool) or not isinstance(label, int):
+                shown = "missing" if "label" not in record else repr(label)
+                raise DataError(f"{where}: field 'label' is {shown}, expected an integer class index")
+            if label < 0 or (num_classes is not None and label >= num_classes):
+                allowed = f"0..{num_classes - 1}" if num_classes is not None else ">= 0"
+                raise DataError(f"{where}: label {label} is out of range (expected {allowed})")
+            records.labels.append(label)
+        records.texts.append(text)
+        records.origins.append(where)
+    return records
+
+
+def _extend(records: TextRecords, more: TextRecords) -> None:
+    records.texts += more.texts
+    records.origins += more.origins
+    if records.labels is not None and more.labels is not None:
+        records.labels += more.labels
+
+
+def _text_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+
+
+def read_unlabeled(root: Path, task: str) -> TextRecords:
+    """Unlabeled texts of ``task``: ``root/<task>/`` (``.txt`` / ``.jsonl``), or ``root/<task>.txt|.jsonl``.
+
+    Raises:
+        DataError: no such folder or file, a file without lines, malformed JSON, nothing usable.
+    """
+    folder = root / task
+    if folder.is_dir():
+        files = _text_files(folder, TEXT_SUFFIXES)
+        if not files:
+            raise DataError(f"calibration folder {folder} holds no .txt or .jsonl file")
+    else:
+        files = [root / f"{task}{suffix}" for suffix in TEXT_SUFFIXES if (root / f"{task}{suffix}").is_file()]
+        if not files:
+            raise DataError(f"calibration data of task {task!r} not found: expected a folder {folder} of .txt/.jsonl files")
+    records = TextRecords()
+    for path in files:
+        if path.suffix.lower() == ".jsonl":
+            _extend(records, _read_jsonl(path, labelled=False, num_classes=None))
+        else:
+            lines = _read_lines(path)
+            records.texts += [text for _, text in lines]
+            records.origins += [f"{path}:{number}" for number, _ in lines]
+    return records
+
+
+def read_labelled(root: Path, task: str, num_classes: int | None = None) -> TextRecords:
+    """Labelled texts of ``task``: ``root/<task>.jsonl`` or ``root/<task>/*.jsonl``.
+
+    Args:
+        root: the labelled folder.
+        task: task name.
+        num_classes: labels must lie in ``0..num_classes-1`` (when known).
+
+    Raises:
+        DataError: missing file/folder, malformed JSON, missing or out-of-range labels.
+    """
+    file, folder = root / f"{task}.jsonl", root / task
+    if file.is_file():
+        files = [file]
+    elif folder.is_dir():
+        files = _text_files(folder, (".jsonl",))
+        if not files:
+            raise DataError(f"labelled folder {folder} holds no .jsonl file (one {{'text', 'label'}} object per line)")
+    else:
+        raise DataError(f"labelled data of task {task!r} not found: expected {file} or a folder {folder} of .jsonl files")
+    records = TextRecords(labels=[])
+    for path in files:
+        _extend(records, _read_jsonl(path, labelled=True, num_classes=num_classes))
+    return records
+
+
+class TokenizedTexts(Dataset):
+    """Texts tokenised once (truncated to ``max_length``); items are ``{name: list[int]}``, or
+    ``(encoding, label)`` for labelled records.
+
+    Attributes:
+        records: the texts, their origins and labels.
+        num_classes: the number of classes (labelled records: known, or the largest label + 1).
+    """
+
+    def __init__(self, records: TextRecords, tokenizer: Any, max_length: int, num_classes: int | None = None) -> None:
+        if not records.texts:
+            raise DataError("no text to tokenise")
+        self.records = records
+        encoded = tokenizer(records.texts, truncation=True, max_length=max_length)
+        names = [n for n in getattr(tokenizer, "model_input_names", ["input_ids", "attention_mask"]) if n in encoded]
+        self.columns: dict[str, list[list[int]]] = {name: list(encoded[name]) for name in names}
+        empty = [i for i, ids in enumerate(self.columns["input_ids"]) if not ids]
+        if empty:
+            raise DataError(f"{records.origins[empty[0]]}: the tokenizer produced no token for this text")
+        labels = records.labels
+        self.num_classes = num_classes if num_classes is not None else (max(labels) + 1 if labels else None)
+
+    @property
+    def labels(self) -> list[int] | None:
+        return self.records.labels
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Encoding | tuple[Encoding, int]:
+        encoding = {name: column[index] for name, column in self.columns.items()}
+        if self.records.labels is not None:
+            return encoding, self.records.labels[index]
+        return encoding
+
+
+class PadCollator:
+    """Pads a batch of token lists to its longest example.
+
+    ``input_ids`` are padded with the tokenizer's pad token, every other column (attention mask,
+    token types) with 0, on the tokenizer's padding side. Items may be an encoding, an
+    ``(encoding, label)`` pair, or a dict ``{"inputs": encoding, "labels"?, "index"?}``; the batch
+    has the same structure with tensors ``(B, T)`` and ``(B,)``.
+    """
+
+    def __init__(self, pad_token_id: int, padding_side: str = "right") -> None:
+        if padding_side not in ("right", "left"):
+            raise DataError(f"tokenizer padding side {padding_side!r}: expected 'right' or 'left'")
+        self.pad_token_id = pad_token_id
+        self.padding_side = padding_side
+
+    def pad(self, encodings: Sequence[Encoding]) -> dict[str, torch.Tensor]:
+        length = max(len(e["input_ids"]) for e in encodings)
+        batch = {}
+        for name in encodings[0]:
+            value = self.pad_token_id if name == "input_ids" else 0
+            rows = []
+            for encoding in encodings:
+                fill = [value] * (length - len(encoding[name]))
+                rows.append(encoding[name] + fill if self.padding_side == "right" else fill + encoding[name])
+            batch[name] = torch.tensor(rows, dtype=torch.long)  # (B, T)
+        return batch
+
+    def __call__(self, items: Sequence[Any]) -> Any:
+        first = items[0]
+        if isinstance(first, tuple):
+            return self.pad([i[0] for i in items]), torch.tensor([i[1] for i in items], dtype=torch.long)
+        if isinstance(first, Mapping) and "inputs" in first:
+            out: dict[str, Any] = {"inputs": self.pad([i["inputs"] for i in items])}
+            for key in ("labels", "index"):
+                if key in first:
+                    out[key] = torch.tensor([i[key] for i in items], dtype=torch.long)  # (B,)
+            return out
+        return self.pad(items)
+
+
+class TextCalibrationView(Dataset):
+    """The training items of one task: a (seeded) subset of a tokenised dataset.
+
+    Items are the encoding alone, or ``{"inputs": encoding, "labels"?, "index"?}`` where ``index``
+    is the position in this view (to look up cached expert outputs) and ``labels`` come from a
+    labelled source (few-shot).
+    """
+
+    def __init__(self, dataset: TokenizedTexts, indices: Sequence[int], with_index: bool = False) -> None:
+        self.dataset = dataset
+        self.indices = list(indices)
+        self.with_index = with_index
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> Any:
+        item = self.dataset[self.indices[position]]
+        if isinstance(item, tuple):
+            out = {"inputs": item[0], "labels": item[1]}
+        elif self.with_index:
+            out = {"inputs": item}
+        else:
+            return item
+        if self.with_index:
+            out["index"] = position
+        return out
+
+
+def few_shot_text_indices(labels: Sequence[int], shots: int, seed: int) -> list[int]:
+    """``shots`` indices per class drawn with ``seed`` (all of a class with fewer), in file order."""
+    generator = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    chosen = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        order = torch.randperm(len(members), generator=generator)[:shots]
+        chosen.extend(members[i] for i in sorted(order.tolist()))
+    return chosen
+
+
+class MultiTaskTextDataModule(L.LightningDataModule):
+    """Unlabeled calibration texts per task (training) and optional labelled evaluation texts.
+
+    Training batches are dictionaries ``{task: tokenised batch}`` (``{"input_ids": (B, T), ...}``,
+    or ``{"inputs": ..., "labels": (B,), "index": (B,)}`` for few-shot / cached-target
+    objectives): every step sees one batch of every task (Lightning's ``CombinedLoader`` in
+    ``max_size_cycle`` mode). Validation and test iterate the tasks one after another, batches
+    ``(tokenised dict, labels (B,))``; the dataloader index is the task's position in ``tasks``.
+
+    Args:
+        calib_dir: unlabeled texts per task (see the module docstring for the layouts).
+        tasks: task names, in the experts' order.
+        tokenizer: a Hugging Face tokenizer (called on a list of strings; its ``pad_token_id``
+            and ``padding_side`` pad the batches).
+        max_length: tokens per example (longer texts are truncated).
+        eval_dir: optional labelled folder (``<task>.jsonl`` or ``<task>/*.jsonl``).
+        batch_size: examples per task per step.
+        eval_batch_size: examples per evaluation batch.
+        num_workers: data-loader worker processes.
+        seed: seed of the training shuffle and of the subsets below.
+        shuffle: shuffle the calibration data.
+        shots: read the calibration folder as labelled and keep this many examples per class
+            (seeded), for few-shot objectives.
+        limit_per_task: keep this many calibration examples per task (seeded subset).
+        with_index: training items carry their index in the task's calibration view.
+        num_classes: optional ``{task: C}``: labels must lie in ``0..C-1`` (e.g. the experts' head
+            sizes); without it, the largest label seen + 1.
+    """
+
+    def __init__(
+        self,
+        calib_dir: str | Path,
+        tasks: Sequence[str],
+        tokenizer: Any,
+        max_length: int = 128,
+        eval_dir: str | Path | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        shots: int | None = None,
+        limit_per_task: int | None = None,
+        with_index: bool = False,
+        num_classes: Mapping[str, int] | None = None,
+    ) -> None:
+        super().__init__()
+        if tokenizer is None:
+            raise DataError("text data needs a tokenizer (the expert source provides the base's)")
+        if max_length < 1:
+            raise DataError(f"--max-length {max_length}: expected a positive number of tokens")
+        if shots is not None and shots < 1:
+            raise DataError(f"--shots {shots}: expected at least 1 example per class")
+        self.calib_dir = Path(calib_dir)
+        self.eval_dir = Path(eval_dir) if eval_dir is not None else None
+        self.tasks = list(tasks)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.shuffle = shuffle
+        self.shots = shots
+        self.limit_per_task = limit_per_task
+        self.with_index = with_index
+        self.num_classes = dict(num_classes or {})
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(tokenizer, "eos_token_id", None)
+            logger.warning("the tokenizer has no pad token: padding with %s", "its end token" if pad is not None else "0")
+        self.collate = PadCollator(pad if pad is not None else 0, getattr(tokenizer, "padding_side", "right"))
+        if not self.calib_dir.is_dir():
+            raise DataError(f"--calib {self.calib_dir} does not exist (expected one folder of .txt/.jsonl files per task)")
+        self.calibration: dict[str, TextCalibrationView] = {}
+        self.evaluation: dict[str, TokenizedTexts] = {}
+
+    def _tokenized(self, records: TextRecords, task: str) -> TokenizedTexts:
+        return TokenizedTexts(records, self.tokenizer, self.max_length, self.num_classes.get(task))
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.calibration:
+            self.calibration = {t: self._calibration_view(t, k) for k, t in enumerate(self.tasks)}
+        if self.eval_dir is not None and not self.evaluation and stage in (None, "fit", "validate", "test"):
+            if not self.eval_dir.is_dir():
+                raise DataError(f"--eval {self.eval_dir} does not exist (expected <task>.jsonl or <task>/*.jsonl files)")
+            self.evaluation = {
+                t: self._tokenized(read_labelled(self.eval_dir, t, self.num_classes.get(t)), t) for t in self.tasks
+            }
+            for task, dataset in self.evaluation.items():
+                logger.info("evaluation %s: %d labelled texts, %s classes", task, len(dataset), dataset.num_classes)
+
+    def _calibration_view(self, task: str, position: int) -> TextCalibrationView:
+        seed = self.seed + 1000 * (position + 1)
+        if self.shots is not None:
+            labelled = self._tokenized(read_labelled(self.calib_dir, task, self.num_classes.get(task)), task)
+            return TextCalibrationView(labelled, few_shot_text_indices(labelled.labels, self.shots, seed), self.with_index)
+        dataset = self._tokenized(read_unlabeled(self.calib_dir, task), task)
+        indices = list(range(len(dataset)))
+        if self.limit_per_task is not None and self.limit_per_task < len(indices):
+            generator = torch.Generator().manual_seed(seed)
+            indices = sorted(torch.randperm(len(indices), generator=generator)[: self.limit_per_task].tolist())
+        logger.info("calibration %s: %d texts", task, len(indices))
+        return TextCalibrationView(dataset, indices, self.with_index)
+
+    def _loader(
+        self, dataset: Dataset, batch_size: int, shuffle: bool, seed_offset: int = 0, distributed: bool = False
+    ) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed + seed_offset)
+        sampler = None
+        if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # our own shard per rank, honouring ``shuffle`` (Lightning would always shuffle training data)
+            sampler = DistributedSampler(dataset, shuffle=shuffle, seed=self.seed + seed_offset)
+            shuffle = False
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            generator=generator,
+            collate_fn=self.collate,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def calibration_loaders(self, shuffle: bool | None = None, distributed: bool = False) -> dict[str, DataLoader]:
+        """One loader of calibration batches per task.
+
+        Args:
+            shuffle: shuffle the order (default: the module's ``shuffle``).
+            distributed: shard across DDP ranks (training); off, every rank sees all the data.
+        """
+        self.setup("fit")
+        shuffle = self.shuffle if shuffle is None else shuffle
+        return {
+            task: self._loader(ds, self.batch_size, shuffle, seed_offset=i, distributed=distributed)
+            for i, (task, ds) in enumerate(self.calibration.items())
+        }
+
+    def train_dataloader(self) -> CombinedLoader:
+        return CombinedLoader(self.calibration_loaders(distributed=True), mode="max_size_cycle")
+
+    def evaluation_loaders(self) -> list[DataLoader]:
+        if self.eval_dir is None:
+            return []
+        self.setup("test")
+        return [self._loader(self.evaluation[t], self.eval_batch_size, shuffle=False) for t in self.tasks]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self.evaluation_loaders()
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.evaluation_loaders()
+
+    def class_counts(self) -> Mapping[str, int]:
+        """Number of classes per task in the evaluation data (empty without ``eval_dir``)."""
+        self.setup("test")
+        return {t: int(ds.num_classes) for t, ds in self.evaluation.items()}

@@ -1,0 +1,161 @@
+"""MultiTaskTextDataModule: layouts, tokenisation, dynamic padding, few-shot subsets and errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from adamerge.errors import DataError
+from adamerge.objectives import as_task_batch
+from adamerge.text_data import MultiTaskTextDataModule, PadCollator, read_labelled, read_unlabeled
+
+WORDS = "the a cat dog is good bad movie film great not very plot actor sport game news world".split()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    from transformers import BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    return BertTokenizerFast(vocab=str(folder / "vocab.txt"))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def sentence(i: int, length: int) -> str:
+    return " ".join(WORDS[(i + j) % len(WORDS)] for j in range(length))
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> tuple[Path, Path]:
+    calib, evaluation = tmp_path / "calib", tmp_path / "eval"
+    (calib / "movies").mkdir(parents=True)
+    (calib / "movies" / "a.txt").write_text("the movie is good\n\n   \nthe film is very very bad\r\n")
+    write_jsonl(calib / "movies" / "b.jsonl", [{"text": "a great plot"}, {"text": "not good", "label": 7}])
+    (calib / "news" / "deep").mkdir(parents=True)
+    (calib / "news" / "deep" / "c.txt").write_text("\n".join(sentence(i, 3 + i % 5) for i in range(9)))
+    write_jsonl(evaluation / "movies.jsonl", [{"text": sentence(i, 4), "label": i % 2} for i in range(10)])
+    write_jsonl(evaluation / "news" / "part.jsonl", [{"text": sentence(i, 6), "label": i % 3} for i in range(7)])
+    return calib, evaluation
+
+
+def test_reading_skips_blank_lines_and_keeps_origins(folders):
+    calib, evaluation = folders
+    records = read_unlabeled(calib, "movies")
+    assert records.texts == ["the movie is good", "the film is very very bad", "a great plot", "not good"]
+    assert records.origins[1].endswith("a.txt:4") and records.origins[3].endswith("b.jsonl:2")
+    assert records.labels is None
+    labelled = read_labelled(evaluation, "news")
+    assert labelled.labels == [i % 3 for i in range(7)]
+
+
+def test_batches_are_tokenised_truncated_and_padded_per_batch(folders, tokenizer):
+    calib, evaluation = folders
+    data = MultiTaskTextDataModule(calib, ["movies", "news"], tokenizer, max_length=6, eval_dir=evaluation,
+                                   batch_size=2, eval_batch_size=4, shuffle=False)
+    loaders = data.calibration_loaders()
+    first = next(iter(loaders["movies"]))
+    assert set(first) == {"input_ids", "token_type_ids", "attention_mask"}
+    expected = tokenizer(["the movie is good", "the film is very very bad"], truncation=True, max_length=6, padding=True)
+    assert first["input_ids"].tolist() == expected["input_ids"]  # longest of the batch: 6 (truncated)
+    assert first["attention_mask"].tolist() == expected["attention_mask"]
+    second = list(loaders["movies"])[1]
+    assert second["input_ids"].shape == (2, 5)  # "a great plot" -> CLS a great plot SEP: padded to this batch only
+    assert second["attention_mask"][1].tolist() == [1, 1, 1, 1, 0]
+    assert as_task_batch(first).inputs["input_ids"] is first["input_ids"]
+    inputs, labels = next(iter(data.evaluation_loaders()[1]))
+    assert inputs["input_ids"].shape == (4, 6) and labels.tolist() == [0, 1, 2, 0]
+    assert dict(data.class_counts()) == {"movies": 2, "news": 3}
+    assert data.tasks == ["movies", "news"] and len(data.val_dataloader()) == 2
+
+
+def test_training_loader_is_round_robin_with_cycling(folders, tokenizer):
+    calib, _ = folders
+    data = MultiTaskTextDataModule(calib, ["movies", "news"], tokenizer, batch_size=2, seed=3)
+    loader = data.train_dataloader()
+    steps = [batch for batch, _, _ in loader]
+    assert len(steps) == 5  # news: 9 texts / 2 -> 5 batches; movies (4 texts) cycles
+    assert all(set(step) == {"movies", "news"} for step in steps)
+    twin = MultiTaskTextDataModule(calib, ["movies", "news"], tokenizer, batch_size=2, seed=3)
+    again = [batch for batch, _, _ in twin.train_dataloader()]
+    assert all(torch.equal(a["news"]["input_ids"], b["news"]["input_ids"]) for a, b in zip(steps, again))
+
+
+def test_few_shot_and_indices(folders, tokenizer):
+    _, evaluation = folders
+    data = MultiTaskTextDataModule(
+        evaluation, ["movies", "news"], tokenizer, batch_size=64, shots=2, with_index=True, seed=1
+    )
+    batch = next(iter(data.calibration_loaders(shuffle=False)["news"]))
+    assert set(batch) == {"inputs", "labels", "index"}
+    assert sorted(batch["labels"].tolist()) == [0, 0, 1, 1, 2, 2] and batch["index"].tolist() == list(range(6))
+    task_batch = as_task_batch(batch)
+    assert task_batch.size == 6 and task_batch.labels is batch["labels"]
+    same = MultiTaskTextDataModule(evaluation, ["movies", "news"], tokenizer, shots=2, seed=1)
+    assert same.calibration_loaders()["news"].dataset.indices == data.calibration["news"].indices
+    limited = MultiTaskTextDataModule(folders[0], ["movies", "news"], tokenizer, limit_per_task=3, with_index=True)
+    assert len(limited.calibration_loaders()["news"].dataset) == 3
+    assert set(next(iter(limited.calibration_loaders()["news"]))) == {"inputs", "index"}
+
+
+def test_left_padding_and_single_file_layout(tmp_path, tokenizer):
+    (tmp_path / "topic.txt").write_text("cat\nthe dog is good\n")
+    collate = PadCollator(pad_token_id=0, padding_side="left")
+    data = MultiTaskTextDataModule(tmp_path, ["topic"], tokenizer, batch_size=2, shuffle=False)
+    data.collate = collate
+    batch = next(iter(data.calibration_loaders()["topic"]))
+    assert batch["input_ids"][0].tolist()[:3] == [0, 0, 0] and batch["attention_mask"][0].tolist()[-3:] == [1, 1, 1]
+
+
+def _task_folder(root: Path, name: str, text: str) -> None:
+    (root / "t").mkdir()
+    (root / "t" / name).write_text(text)
+
+
+@pytest.mark.parametrize(
+    ("write_calib", "write_eval", "message"),
+    [
+        (None, None, "calibration data of task 't' not found"),
+        (lambda c: _task_folder(c, "x.txt", "\n \n"), None, "x.txt: holds no non-blank line"),
+        (lambda c: _task_folder(c, "x.csv", "a\n"), None, "holds no .txt or .jsonl file"),
+        (lambda c: _task_folder(c, "x.jsonl", '{"text": "a"}\n{"text": \n'), None, "x.jsonl:2: not valid JSON"),
+        (lambda c: _task_folder(c, "x.jsonl", '{"txt": "a"}\n'), None, "x.jsonl:1: field 'text' is missing"),
+        (None, lambda e: write_jsonl(e / "t.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": -1}]),
+         "t.jsonl:2: label -1 is out of range"),
+        (None, lambda e: write_jsonl(e / "t.jsonl", [{"text": "a", "label": 5}]),
+         "t.jsonl:1: label 5 is out of range (expected 0..2)"),
+        (None, lambda e: write_jsonl(e / "t.jsonl", [{"text": "a", "label": "pos"}]), "field 'label' is 'pos'"),
+        (None, lambda e: write_jsonl(e / "t.jsonl", [{"text": "a"}]), "field 'label' is missing"),
+        (None, lambda e: (e / "t").mkdir(), "holds no .jsonl file"),
+        (None, lambda e: None, "labelled data of task 't' not found"),
+    ],
+)
+def test_bad_data_is_refused_naming_the_file(tmp_path, tokenizer, write_calib, write_eval, message):
+    calib, evaluation = tmp_path / "calib", tmp_path / "eval"
+    calib.mkdir()
+    evaluation.mkdir()
+    if write_calib is not None:
+        write_calib(calib)
+    if write_eval is not None:
+        (calib / "t.txt").write_text("fine\n")  # valid calibration: the evaluation data is at fault
+        write_eval(evaluation)
+    data = MultiTaskTextDataModule(calib, ["t"], tokenizer, eval_dir=evaluation, num_classes={"t": 3})
+    with pytest.raises(DataError, match=re.escape(message)):
+        data.setup("fit")
+
+
+def test_missing_calibration_root_and_bad_arguments(tmp_path, tokenizer):
+    with pytest.raises(DataError, match="does not exist"):
+        MultiTaskTextDataModule(tmp_path / "nope", ["t"], tokenizer)
+    with pytest.raises(DataError, match="max-length"):
+        MultiTaskTextDataModule(tmp_path, ["t"], tokenizer, max_length=0)
+    with pytest.raises(DataError, match="tokenizer"):
+        MultiTaskTextDataModule(tmp_path, ["t"], None)
