@@ -5,7 +5,8 @@ vectors, per-task heads, how to rebuild an expert alone and how to export the me
 
 - ``hf:DIR`` — Hugging Face transformers (experts ``hf:DIR`` fine-tunes or ``peft:DIR`` LoRA
   adapters), see :mod:`adamerge.experts.hf`;
-- ``open_clip:ARCH@FILE`` — open_clip (full CLIP checkpoints, zero-shot heads), see
+- ``open_clip:ARCH@FILE`` — open_clip (full CLIP checkpoints, zero-shot heads from
+  ``CALIB/<task>/classnames.txt``; an image-tower-only FILE falls back to plain files), see
   :mod:`adamerge.experts.open_clip`;
 - anything else, ``ARCH@FILE`` — plain state-dict files over an architecture spec
   (``torchvision:NAME``, ``timm:NAME``, ``package.module:factory``), see :mod:`adamerge.experts.file`.
@@ -22,6 +23,7 @@ from adamerge.experts.file import load_file_experts, parse_base_spec
 # prefix of --base -> "module:function" taking (base, experts, options) and returning an ExpertSet
 SOURCES: dict[str, str] = {
     "hf:": "adamerge.experts.hf:load_hf_experts",
+    "open_clip:": "adamerge.experts.open_clip:load_open_clip_experts",
 }
 
 
