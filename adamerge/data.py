@@ -358,7 +358,9 @@ def build_datamodule(
     if experts.modality == "text":
         from adamerge.text_data import MultiTaskTextDataModule
 
-        return MultiTaskTextDataModule(calib_dir, experts.tasks, experts.tokenizer, max_length=max_length, **options)
+        return MultiTaskTextDataModule(
+            calib_dir, experts.tasks, experts.tokenizer, max_length=max_length, num_classes=experts.num_classes or None, **options
+        )
     if experts.modality != "image":
         raise DataError(f"expert source produced modality {experts.modality!r}: expected 'image' or 'text'")
     return MultiTaskImageDataModule(

@@ -61,6 +61,7 @@ class ExpertSet:
         image_transform: the preprocessing the experts expect (``None``: ImageNet statistics at the
             requested size).
         tokenizer: the base's tokenizer (text sources).
+        num_classes: ``{task: classes}`` where the source knows them (labels are range-checked).
     """
 
     model: nn.Module
@@ -72,6 +73,7 @@ class ExpertSet:
     export: Callable[[Path, Mapping[str, torch.Tensor], Mapping[str, Mapping[str, torch.Tensor]]], dict[str, str]] | None = None
     image_transform: Callable[[Any], torch.Tensor] | None = None
     tokenizer: Any = None
+    num_classes: dict[str, int] = field(default_factory=dict)
 
     @property
     def tasks(self) -> tuple[str, ...]:

@@ -338,6 +338,7 @@ def load_hf_experts(base: str, experts: Mapping[str, str], options: SourceOption
         expert_model=lambda task: load_pretrained(AutoModelForSequenceClassification, paths[task], f"expert {task!r}")[0],
         export=partial(export_hf, base_path=base_path, configs=configs, tokenizer=tokenizer, prefix=prefix),
         tokenizer=tokenizer,
+        num_classes={task: int(config.num_labels) for task, config in configs.items()},
     )
 
 
