@@ -10,7 +10,7 @@ names in label order). One function per on-disk format:
 
 Every text is whitespace-normalised (runs of whitespace, line breaks included, become one space;
 no text holds a newline, so one text fits one line of a file). Files are decoded as UTF-8, falling
-back to cp1252 (SUBJ and TREC hold a few cp1252 bytes); lines are split on ``\\n`` only, never on
+back to cp1252 (SUBJ and TREC hold a few cp1252 bytes: ``\\xe9`` for é); lines are split on ``\\n`` only, never on
 the Unicode line separators a permissive ``splitlines`` would honour. MPQA has three empty phrases;
 they are kept (the row counts are those of the files) and carry ``""``.
 
@@ -150,34 +150,13 @@ def _require_file(data_root: Path, relative: str) -> Path:
 
 
 def read_text_file(path: Path) -> str:
-    """A file's text: UTF-8, else cp1252 (undefined cp1252 bytes read as latin-1)."""
+    """A file's text: UTF-8, else cp1252 (the five bytes cp1252 leaves undefined read as U+FFFD)."""
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         logger.debug("%s is not UTF-8; decoding as cp1252", path)
-        return "".join(
-            chunk.decode("cp1252", errors="strict") if _is_cp1252(chunk) else chunk.decode("latin-1")
-            for chunk in _byte_runs(raw)
-        )
-
-
-_CP1252_UNDEFINED = frozenset({0x81, 0x8D, 0x8F, 0x90, 0x9D})
-
-
-def _is_cp1252(chunk: bytes) -> bool:
-    return not chunk or chunk[0] not in _CP1252_UNDEFINED
-
-
-def _byte_runs(raw: bytes) -> list[bytes]:
-    """``raw`` cut so that each byte undefined in cp1252 stands alone (rare; usually one chunk)."""
-    runs, start = [], 0
-    for position, byte in enumerate(raw):
-        if byte in _CP1252_UNDEFINED:
-            runs.extend([raw[start:position], raw[position : position + 1]])
-            start = position + 1
-    runs.append(raw[start:])
-    return runs
+        return raw.decode("cp1252", errors="replace")
 
 
 def _lines(path: Path) -> list[tuple[int, str]]:
@@ -252,13 +231,15 @@ def read_tab_separated(path: str | Path, classes: Sequence[str]) -> TextExamples
     return _examples(texts, labels, classes, path)
 
 
-_BROKEN_ENTITY = re.compile(r"(?<![&\w])(#\d+|quot|amp|lt|gt|hellip);")
+_BROKEN_ENTITY = re.compile(r"(?<!&)(#\d+|quot|amp|lt|gt|hellip);")
+_HTML_TAG = re.compile(r"<[^<>]*>")
 
 
 def clean_ag_news(text: str) -> str:
-    """Undo AG News's escapes: ``\\`` for a line break, entities that lost their ``&`` (``#39;``)."""
+    """Undo AG News's escapes: ``\\`` for a line break, entities that lost their ``&`` (``#39;``),
+    and drop the HTML tags (``<b>``, ``<A HREF=...>``) they decode to."""
     text = _BROKEN_ENTITY.sub(r"&\1;", text.replace("\\", " "))
-    return normalise_text(html.unescape(text))
+    return normalise_text(_HTML_TAG.sub(" ", html.unescape(text)))
 
 
 def read_ag_news_csv(path: str | Path, classes: Sequence[str], first_label: int = 1) -> TextExamples:
