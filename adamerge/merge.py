@@ -5,6 +5,12 @@ product ``τᵀ λ`` (BLAS gemv) that reads each task-vector entry once, and its
 gradient ``∂L/∂λ_k = ⟨∂L/∂θ, τ_k⟩``, is a second gemv over the same buffer. Task vectors stored
 in a lower precision (bf16/fp16) are widened chunk by chunk (a few MB at a time) and accumulated
 in the base's precision.
+
+Factored tensors (:class:`~adamerge.task_vectors.FactoredDelta`: LoRA experts' ``s_k B_k A_k``,
+possibly beside dense rows of full fine-tunes) are merged as ONE dense result per tensor,
+``addmm(W_0, B_cat · diag(λ_owner · s), A_cat)``, with the experts' factors concatenated along the
+rank; autograd then gives ``∂L/∂λ_k = s_k Σ_{j ∈ R_k} ((G A_catᵀ) ⊙ B_cat)[:, j]`` — the
+``s_k ⟨G, B_k A_k⟩`` of the dense formula — without ever forming a per-expert dense delta.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from adamerge.errors import AdamergeError
 from adamerge.granularity import CoefficientLayout, chunk_bounds
+from adamerge.task_vectors import FactoredDelta
 
 CPU_CHUNK = 1 << 16  # columns widened at a time on CPU: K × 64 Ki entries stay in cache
 CUDA_CHUNK = 1 << 24
@@ -95,9 +103,76 @@ def combine_chunks(
     return (flat_base + delta).view(base.shape)
 
 
+def _add_low_rank(start: torch.Tensor, delta: FactoredDelta, rows: slice, coefficients: torch.Tensor) -> torch.Tensor:
+    """``start + B_cat[rows] · diag(λ[owner] · s) · A_cat``: the LoRA experts' part of some rows.
+
+    Args:
+        start: ``(n, cols)``, the base (or base + dense rows) of those rows.
+        delta: the factored task vectors of the tensor.
+        rows: the row range of ``start`` within the tensor.
+        coefficients: ``(K,)``.
+    """
+    dtype = start.dtype
+    lam = coefficients.to(dtype)[delta.rank_owner] * delta.rank_scale.to(dtype)  # (R,) = λ_owner(j) · s_owner(j)
+    left = delta.left[rows].to(dtype) * lam  # (n, R) = B_cat diag(λ s)
+    return torch.addmm(start, left, delta.right.to(dtype))  # (n, cols): one dense result, no per-expert delta
+
+
+def _add_dense_rows(base: torch.Tensor, delta: FactoredDelta, coefficients: torch.Tensor) -> torch.Tensor:
+    """``base + Σ_{dense experts} λ_k τ_k`` (``base`` itself if no expert has a dense row)."""
+    if not delta.num_dense:
+        return base
+    lam = coefficients[delta.dense_index]  # (Kd,) or (Kd, C)
+    if lam.dim() == 1:
+        return combine(base, delta.dense, lam)
+    return combine_chunks(base, delta.dense, lam)
+
+
+def combine_factored(base: torch.Tensor, delta: FactoredDelta, coefficients: torch.Tensor) -> torch.Tensor:
+    """``θ_0 + Σ_k λ_k τ_k`` of a factored tensor as one dense result.
+
+    Args:
+        base: θ_0, shape ``S``.
+        delta: dense rows and LoRA factors of the tensor.
+        coefficients: ``(K,)``.
+
+    Returns:
+        The merged tensor, shape ``S``, differentiable in ``coefficients``.
+    """
+    start = _add_dense_rows(base, delta, coefficients).reshape(delta.rows, delta.cols)  # (rows, cols)
+    if not delta.rank:
+        return start.view(base.shape)
+    return _add_low_rank(start, delta, slice(None), coefficients).view(base.shape)
+
+
+def combine_factored_chunks(base: torch.Tensor, delta: FactoredDelta, coefficients: torch.Tensor) -> torch.Tensor:
+    """A factored tensor split into C contiguous chunks of its flattened entries, each with its own λ.
+
+    Each chunk computes the LoRA product only over the rows it touches (a chunk that starts or
+    stops inside a row computes that row in full and keeps its slice), so the work is one dense
+    result plus at most two rows per chunk.
+
+    Args:
+        base: θ_0, shape ``S`` (P entries).
+        delta: dense rows and LoRA factors of the tensor.
+        coefficients: ``(K, C)``, column ``c`` for chunk ``c``.
+    """
+    start = _add_dense_rows(base, delta, coefficients).reshape(delta.rows, delta.cols)  # (rows, cols)
+    if not delta.rank:
+        return start.view(base.shape)
+    cols = delta.cols
+    pieces = []
+    for c, (a, b) in enumerate(chunk_bounds(base.numel(), coefficients.shape[1])):
+        rows = slice(a // cols, -(-b // cols))  # rows touched by entries [a, b)
+        block = _add_low_rank(start[rows], delta, rows, coefficients[:, c])  # (n, cols)
+        offset = rows.start * cols
+        pieces.append(block.reshape(-1)[a - offset : b - offset])  # (b - a,)
+    return torch.cat(pieces).view(base.shape)
+
+
 def merge_tensors(
     base: Mapping[str, torch.Tensor],
-    task_vectors: Iterable[tuple[str, torch.Tensor]],
+    task_vectors: Iterable[tuple[str, torch.Tensor | FactoredDelta]],
     coefficients: torch.Tensor,
     layout: CoefficientLayout,
     inverse_permutations: Mapping[str, torch.Tensor] | None = None,
@@ -106,7 +181,8 @@ def merge_tensors(
 
     Args:
         base: ``{name: θ_0}`` holding at least the merged names.
-        task_vectors: ``(name, τ (K, *S))`` pairs in layout order.
+        task_vectors: ``(name, τ (K, *S) or FactoredDelta)`` pairs in layout order
+            (:meth:`~adamerge.task_vectors.TaskVectors.parts`).
         coefficients: constrained coefficients ``(K, G)``.
         layout: the compiled granularity.
         inverse_permutations: for randomly partitioned tensors, the permutation undoing their
@@ -119,12 +195,45 @@ def merge_tensors(
     merged = {}
     rows = zip(task_vectors, layout.tensor_groups, layout.tensor_chunks, strict=True)
     for (name, tv), group, chunks in rows:
-        if chunks == 1:
-            merged[name] = combine(base[name], tv, coefficients[:, group])
-        else:
-            lam = coefficients[:, group : group + chunks]  # (K, C)
-            merged[name] = combine_chunks(base[name], tv, lam, inverse_permutations.get(name))
+        merged[name] = merge_tensor(name, base[name], tv, coefficients, group, chunks, inverse_permutations)
     return merged
+
+
+def merge_tensor(
+    name: str,
+    base: torch.Tensor,
+    tv: torch.Tensor | FactoredDelta,
+    coefficients: torch.Tensor,
+    group: int,
+    chunks: int,
+    inverse_permutations: Mapping[str, torch.Tensor],
+) -> torch.Tensor:
+    """Merge one tensor: ``tv`` dense ``(K, *S)`` or factored, its group (and chunks) in ``coefficients (K, G)``."""
+    if isinstance(tv, FactoredDelta):
+        return _merge_factored(name, base, tv, coefficients, group, chunks, inverse_permutations)
+    if chunks == 1:
+        return combine(base, tv, coefficients[:, group])
+    lam = coefficients[:, group : group + chunks]  # (K, C)
+    return combine_chunks(base, tv, lam, inverse_permutations.get(name))
+
+
+def _merge_factored(
+    name: str,
+    base: torch.Tensor,
+    delta: FactoredDelta,
+    coefficients: torch.Tensor,
+    group: int,
+    chunks: int,
+    inverse_permutations: Mapping[str, torch.Tensor],
+) -> torch.Tensor:
+    if chunks == 1:
+        return combine_factored(base, delta, coefficients[:, group])
+    if name in inverse_permutations:
+        raise AdamergeError(
+            f"tensor {name!r} holds LoRA factors: random partitions would need its dense task vectors; "
+            "use contiguous chunks (chunk:N), layer, group or task granularity"
+        )
+    return combine_factored_chunks(base, delta, coefficients[:, group : group + chunks])
 
 
 class PrecomputedGradient(torch.autograd.Function):

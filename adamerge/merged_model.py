@@ -8,9 +8,13 @@ selected by a regex) are never merged; each task runs with its own expert's head
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import functools
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,11 +24,13 @@ from adamerge.coefficients import Coefficients
 from adamerge.errors import AdamergeError
 from adamerge.granularity import Granularity, TensorWise, parse_granularity
 from adamerge.hooks import capture_hidden
-from adamerge.merge import merge_tensors
+from adamerge.merge import merge_tensor, merge_tensors
 from adamerge.model_inputs import Inputs, call_functional, input_batch_size
-from adamerge.task_vectors import TaskVectors
+from adamerge.task_vectors import FactoredDelta, TaskVectors
 
 logger = logging.getLogger(__name__)
+
+USE_TIME_LAYERS = (nn.Linear, nn.Embedding)  # (and transformers' Conv1D): layers whose forward reads their weight
 
 
 class TaskHeads(nn.Module):
@@ -67,7 +73,14 @@ class MergedModel(nn.Module):
         trainable: optional ``(K, G)`` mask of coefficients that learn (others stay at ``init``).
 
     A random-partition granularity (aTLAS) permutes the stored task vectors in place once, so
-    that every partition is a contiguous range; the model owns its ``task_vectors``.
+    that every partition is a contiguous range; the model owns its ``task_vectors``. Tensors
+    stored as LoRA factors (:class:`~adamerge.task_vectors.FactoredDelta`) are merged into one
+    dense result each, never densified per expert; they support every granularity except random
+    partitions (refused: a partition of entries needs the dense task vectors). In :meth:`forward`
+    (without ``merged=``) such a tensor is merged at use time, in a forward pre-hook of the module
+    owning it: autograd then runs its merge backward right after that module's backward, so the
+    gradients of the merged weights never pile up (they would with an up-front merge, whose
+    backward nodes run last).
     """
 
     def __init__(
@@ -86,8 +99,7 @@ class MergedModel(nn.Module):
             raise AdamergeError(f"batchnorm policy {batchnorm!r}: expected one of {', '.join(BATCHNORM_POLICIES)}")
         self.model = model.requires_grad_(False)
         self.task_vectors = task_vectors
-        numels = [tv[0].numel() for _, tv in task_vectors.items()]
-        self.layout = parse_granularity(granularity).compile(task_vectors.names, numels)
+        self.layout = parse_granularity(granularity).compile(task_vectors.names, task_vectors.numels())
         self.coefficients = Coefficients(task_vectors.tasks, self.layout, constraint, init, trainable)
         self.partitions = _PartitionOrder(task_vectors, self.layout)
         self.heads = TaskHeads(heads or {})
@@ -95,7 +107,24 @@ class MergedModel(nn.Module):
             raise AdamergeError(f"heads are given for {list(self.heads.tasks)}, experts are {list(self.tasks)}")
         self.batchnorm = batchnorm
         self._check_names()
+        self._use_time = self._use_time_names()
         self.train(False)
+
+    def _use_time_names(self) -> frozenset[str]:
+        """Factored tensors mergeable at use time: the unshared ``weight`` of a linear or embedding
+        layer (whose own forward is what reads it; tied or otherwise shared weights merge up front)."""
+        aliases: dict[int, int] = {}
+        for _, param in self.model.named_parameters(remove_duplicate=False):
+            aliases[id(param)] = aliases.get(id(param), 0) + 1
+        names = []
+        for name in self.task_vectors.factored_names():
+            owner, _, attr = name.rpartition(".")
+            module = self.model.get_submodule(owner)
+            param = module._parameters.get(attr)
+            use_time_layer = isinstance(module, USE_TIME_LAYERS) or type(module).__name__ == "Conv1D"
+            if use_time_layer and attr == "weight" and param is not None and aliases.get(id(param)) == 1:
+                names.append(name)
+        return frozenset(names)
 
     def _check_names(self) -> None:
         own = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
@@ -122,7 +151,7 @@ class MergedModel(nn.Module):
         """
         lam = self.coefficients() if coefficients is None else coefficients  # (K, G)
         return merge_tensors(
-            self.base_tensors(), self.task_vectors.items(), lam, self.layout, self.partitions.inverse()
+            self.base_tensors(), self.task_vectors.parts(), lam, self.layout, self.partitions.inverse()
         )
 
     def forward(
@@ -139,12 +168,35 @@ class MergedModel(nn.Module):
             task: whose head to use (required when heads exist).
             merged: precomputed :meth:`merged_tensors` (to merge once and run several tasks).
         """
-        tensors = dict(self.merged_tensors() if merged is None else merged)
+        at_use: dict[str, _UseTimeMerge] = {}
+        if merged is None:
+            tensors, at_use = self._merge_split()
+        else:
+            tensors = dict(merged)
         if self.heads.names:
             if task is None:
                 raise AdamergeError(f"this model has task-specific heads: pass task= one of {', '.join(self.tasks)}")
             tensors.update(self.heads.for_task(task))
-        return call_functional(self.model, tensors, inputs)  # logits (a ModelOutput's ``.logits``)
+        with _merge_at_use(self.model, at_use):
+            return call_functional(self.model, tensors, inputs)  # logits (a ModelOutput's ``.logits``)
+
+    def _merge_split(self) -> tuple[dict[str, torch.Tensor], dict[str, _UseTimeMerge]]:
+        """Tensors merged now, and ``{name: merge}`` of the factored ones merged at use time."""
+        lam = self.coefficients()  # (K, G)
+        base = self.base_tensors()
+        frozen = lam.detach()  # what backward re-merges with (see _merge_at_use)
+        inverse = self.partitions.inverse()
+        now, later = {}, {}
+        rows = zip(self.task_vectors.parts(), self.layout.tensor_groups, self.layout.tensor_chunks, strict=True)
+        for (name, tv), group, chunks in rows:
+            if name in self._use_time:
+                later[name] = _UseTimeMerge(
+                    functools.partial(merge_tensor, name, base[name], tv, lam, group, chunks, inverse),
+                    functools.partial(merge_tensor, name, base[name], tv, frozen, group, chunks, inverse),
+                )
+            else:
+                now[name] = merge_tensor(name, base[name], tv, lam, group, chunks, inverse)
+        return now, later
 
     def train(self, mode: bool = True) -> MergedModel:
         """Dropout and the like stay off; under the ``reestimate`` policy BatchNorm layers use batch
@@ -218,6 +270,87 @@ class MergedModel(nn.Module):
         return plain.requires_grad_(True).eval()
 
 
+@contextlib.contextmanager
+def _merge_at_use(model: nn.Module, merges: Mapping[str, _UseTimeMerge]) -> Iterator[None]:
+    """Merge each tensor of ``merges`` right before its module runs, and recompute it in backward.
+
+    A forward pre-hook puts the merged weight in the module and a forward hook puts the module's
+    own parameter back (``functional_call`` restores only the tensors it was given), so a merged
+    weight lives during its module's forward only. Saved-tensor hooks keep autograd from holding the merged weights until backward (a layer saves its weight
+    for its input gradient): they are saved as a recipe and re-merged from the factors when the
+    backward needs them, so only one merged weight at a time is alive in backward, as in the
+    forward.
+    """
+    if not merges:
+        yield
+        return
+    by_owner: dict[str, dict[str, _UseTimeMerge]] = {}
+    for name, merge in merges.items():
+        owner, _, attr = name.rpartition(".")
+        by_owner.setdefault(owner, {})[attr] = merge
+    originals: dict[tuple[str, str], tuple[nn.Module, torch.Tensor]] = {}
+    recipes: dict[int, Callable[[], torch.Tensor]] = {}  # storage address of a live merged weight -> re-merge
+    handles = []
+    for owner, attrs in by_owner.items():
+
+        def put(module: nn.Module, args: Any, owner: str = owner, attrs: dict = attrs) -> None:
+            for attr, merge in attrs.items():
+                originals.setdefault((owner, attr), (module, module._parameters[attr]))
+                merged = merge.forward()  # (*S): θ_0 + Σ_k λ_k τ_k, graph to λ
+                module._parameters[attr] = merged
+                recipes[merged.untyped_storage().data_ptr()] = merge.recompute
+
+        def take(module: nn.Module, args: Any, output: Any, owner: str = owner, attrs: dict = attrs) -> None:
+            for attr in attrs:  # the merged weight lives during its module's forward only
+                recipes.pop(module._parameters[attr].untyped_storage().data_ptr(), None)
+                module._parameters[attr] = originals[(owner, attr)][1]
+
+        submodule = model.get_submodule(owner)
+        handles += [submodule.register_forward_pre_hook(put), submodule.register_forward_hook(take)]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor | _Recipe:
+        dense = tensor.layout == torch.strided and tensor.device.type != "meta"
+        merge = recipes.get(tensor.untyped_storage().data_ptr()) if dense and recipes else None
+        if merge is None:
+            return tensor
+        return _Recipe(merge, tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for (_, attr), (module, original) in originals.items():
+            module._parameters[attr] = original
+
+
+@dataclasses.dataclass(frozen=True)
+class _UseTimeMerge:
+    """How to merge one tensor in forward (graph to λ) and to re-merge it in backward (no graph)."""
+
+    forward: Callable[[], torch.Tensor]
+    recompute: Callable[[], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Recipe:
+    """A saved merged weight (or a view of it), re-merged when backward unpacks it."""
+
+    merge: Callable[[], torch.Tensor]
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+
+def _unpack(saved: torch.Tensor | _Recipe) -> torch.Tensor:
+    if not isinstance(saved, _Recipe):
+        return saved
+    with torch.no_grad():
+        merged = saved.merge()  # same λ (the forward's constrained values), same result
+    return merged.as_strided(saved.size, saved.stride, saved.offset)
+
+
 class _PartitionOrder(nn.Module):
     """Random partitions as contiguous ranges: the task vectors of partitioned tensors are stored
     permuted (done once here, in place); ``inverse()`` gives the permutations restoring the order."""
@@ -227,9 +360,14 @@ class _PartitionOrder(nn.Module):
         self.names: list[str] = []
         if layout.partition_seed is None:
             return
-        for index, ((name, tv), chunks) in enumerate(zip(task_vectors.items(), layout.tensor_chunks, strict=True)):
+        for index, ((name, tv), chunks) in enumerate(zip(task_vectors.parts(), layout.tensor_chunks, strict=True)):
             if chunks == 1:
                 continue
+            if isinstance(tv, FactoredDelta):
+                raise AdamergeError(
+                    f"tensor {name!r} holds LoRA factors: random partitions (partition:N) would need its dense "
+                    "task vectors (K dense copies); use contiguous chunks (chunk:N), layer, group or task granularity"
+                )
             generator = torch.Generator().manual_seed(layout.partition_seed + index)
             permutation = torch.randperm(tv[0].numel(), generator=generator)  # (P,)
             flat = tv.view(tv.shape[0], -1)  # (K, P)

@@ -1,15 +1,28 @@
-"""Task vectors ``τ_k = θ_k − θ_0`` stacked per tensor as frozen, non-persistent buffers.
+"""Task vectors ``τ_k = θ_k − θ_0`` per tensor as frozen, non-persistent buffers.
 
-The store holds, for each merged tensor name, one tensor ``(K, *shape)`` (K experts on dim 0) in a
-storage dtype of the caller's choosing (float32, or bfloat16/float16 to halve the memory and the
-memory traffic of every step). Experts are read one at a time, so building the store never holds
-more than the base, one expert and the K-stacked result.
+Two storage forms, chosen per tensor:
+
+- **dense**: one tensor ``(K, *shape)`` (K experts on dim 0), for tensors every expert changes as a
+  full fine-tune;
+- **factored** (:class:`FactoredDelta`): dense rows for only the experts that have them, plus
+  low-rank factors ``τ_k = s_k · B_k A_k`` for LoRA experts, concatenated along the rank. A LoRA
+  expert's delta is never densified by the merge: memory is O(K·r·(rows + cols)) per tensor.
+
+Both are held in a storage dtype of the caller's choosing (float32, or bfloat16/float16 to halve
+the memory and the memory traffic of every step). Experts are read one at a time, so building the
+store never holds more than the base, one expert and the stored result.
+
+Dense consumers (static merges, TIES/DARE preprocessing, Expert Merging++ importance) read
+:meth:`TaskVectors.items`, which densifies factored tensors one at a time (logged, since it costs
+K dense copies of each tensor); the merge itself reads :meth:`TaskVectors.parts`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -23,27 +36,169 @@ StateDict = Mapping[str, torch.Tensor]
 StateSource = StateDict | Callable[[], StateDict]
 
 
-class TaskVectors(nn.Module):
-    """Stacked task vectors ``{name: (K, *shape)}`` for ``K`` tasks, as non-persistent buffers.
+@dataclass(frozen=True)
+class LowRankFactor:
+    """One LoRA expert's delta of one tensor, in the stored tensor's orientation.
 
-    Non-persistent: the vectors are rebuilt from the expert files, never written into
-    checkpoints. They move with the owning module (``.to(device)``) and never require gradients.
+    ``τ = scale · left @ right`` viewed as the tensor's shape (rows = ``shape[0]``, cols = the
+    product of the remaining dims).
+
+    Attributes:
+        task: index of the expert among the K tasks.
+        left: ``(rows, r)`` (LoRA's ``B`` for ``nn.Linear``).
+        right: ``(r, cols)`` (LoRA's ``A`` for ``nn.Linear``).
+        scale: ``s_k`` (``lora_alpha / r``, or ``lora_alpha / √r`` for rsLoRA).
+    """
+
+    task: int
+    left: torch.Tensor
+    right: torch.Tensor
+    scale: float
+
+
+class FactoredDelta(nn.Module):
+    """Task vectors of one tensor held as dense rows for some experts and LoRA factors for others.
+
+    ``τ_k = dense[i]`` for ``k = dense_index[i]``; ``τ_k = s_k · left[:, R_k] @ right[R_k]`` for a
+    LoRA expert ``k`` whose rank columns are ``R_k = {j : rank_owner[j] = k}``; ``τ_k = 0`` for
+    any other expert. The factors of all LoRA experts are concatenated along the rank (no padding:
+    ``rank_owner`` says which expert each rank column belongs to).
+
+    Args:
+        shape: shape of the tensor.
+        num_tasks: K.
+        dense_tasks: expert indices with a dense row (in ``dense``'s order).
+        dense: ``(len(dense_tasks), *shape)`` or ``None``.
+        factors: low-rank factors of the LoRA experts (each expert at most once).
+        dtype: storage dtype.
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        num_tasks: int,
+        dense_tasks: Sequence[int] = (),
+        dense: torch.Tensor | None = None,
+        factors: Sequence[LowRankFactor] = (),
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.shape = torch.Size(shape)
+        self.num_tasks = num_tasks
+        self.rows = self.shape[0] if self.shape else 1
+        self.cols = math.prod(self.shape[1:])
+        self._check(dense_tasks, dense, factors)
+        if dense is None:
+            dense = torch.empty((0, *self.shape), dtype=dtype)
+        self.register_buffer("dense", dense.detach().to(dtype), persistent=False)  # (Kd, *shape)
+        self.register_buffer("dense_index", torch.tensor(list(dense_tasks), dtype=torch.long), persistent=False)
+        left = [f.left.reshape(self.rows, -1) for f in factors]
+        right = [f.right.reshape(-1, self.cols) for f in factors]
+        owner = [torch.full((f.right.shape[0],), f.task, dtype=torch.long) for f in factors]
+        scale = [torch.full((f.right.shape[0],), float(f.scale)) for f in factors]
+        self.register_buffer("left", _cat(left, 1, (self.rows, 0)).to(dtype), persistent=False)  # (rows, R)
+        self.register_buffer("right", _cat(right, 0, (0, self.cols)).to(dtype), persistent=False)  # (R, cols)
+        self.register_buffer("rank_owner", _cat(owner, 0, (0,)).long(), persistent=False)  # (R,)
+        self.register_buffer("rank_scale", _cat(scale, 0, (0,)).float(), persistent=False)  # (R,)
+
+    def _check(self, dense_tasks: Sequence[int], dense: torch.Tensor | None, factors: Sequence[LowRankFactor]) -> None:
+        tasks = list(dense_tasks) + [f.task for f in factors]
+        if len(set(tasks)) != len(tasks) or any(not 0 <= k < self.num_tasks for k in tasks):
+            raise IncompatibleExpertError(f"expert indices {tasks} must be distinct and in [0, {self.num_tasks})")
+        if (dense is None) != (not dense_tasks) or (dense is not None and dense.shape != (len(dense_tasks), *self.shape)):
+            got = None if dense is None else tuple(dense.shape)
+            raise IncompatibleExpertError(
+                f"dense rows of shape {got} for experts {list(dense_tasks)}, tensor {tuple(self.shape)}"
+            )
+        for f in factors:
+            r = f.right.shape[0]
+            if f.left.numel() != self.rows * r or f.right.numel() != r * self.cols:
+                raise IncompatibleExpertError(
+                    f"LoRA factors {tuple(f.left.shape)} @ {tuple(f.right.shape)} of expert {f.task} "
+                    f"do not give a tensor of shape {tuple(self.shape)}"
+                )
+
+    @property
+    def num_dense(self) -> int:
+        """Experts with a dense row."""
+        return self.dense.shape[0]
+
+    @property
+    def rank(self) -> int:
+        """Total rank R of the concatenated LoRA factors."""
+        return self.right.shape[0]
+
+    @property
+    def low_rank_tasks(self) -> tuple[int, ...]:
+        """Indices of the LoRA experts, in factor order."""
+        return tuple(dict.fromkeys(self.rank_owner.tolist()))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.dense.dtype
+
+    def nbytes(self) -> int:
+        """Bytes held by this tensor's task vectors."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def task_delta(self, task: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense ``τ_task`` of shape ``shape`` (zeros for an expert that does not change the tensor)."""
+        if task in self.dense_index.tolist():
+            return self.dense[self.dense_index.tolist().index(task)].to(dtype)
+        delta = torch.zeros((self.rows, self.cols), dtype=dtype, device=self.dense.device)  # (rows, cols)
+        columns = self.rank_owner == task  # (R,)
+        if bool(columns.any()):
+            left = self.left[:, columns].to(dtype) * self.rank_scale[columns].to(dtype)  # (rows, r_k) = s_k B_k
+            delta.addmm_(left, self.right[columns].to(dtype))  # += s_k B_k A_k
+        return delta.view(self.shape)
+
+    def densify(self) -> torch.Tensor:
+        """All K task vectors as one dense ``(K, *shape)`` tensor in the storage dtype (K dense copies)."""
+        return torch.stack([self.task_delta(k) for k in range(self.num_tasks)]).to(self.dtype)  # (K, *shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"shape={tuple(self.shape)}, dense_tasks={self.dense_index.tolist()}, "
+            f"low_rank_tasks={list(self.low_rank_tasks)}, rank={self.rank}"
+        )
+
+
+def _cat(tensors: Sequence[torch.Tensor], dim: int, empty: tuple[int, ...]) -> torch.Tensor:
+    return torch.cat([t.float() for t in tensors], dim=dim) if tensors else torch.zeros(empty)
+
+
+TaskVector = torch.Tensor | FactoredDelta
+
+
+class TaskVectors(nn.Module):
+    """Task vectors of the merged tensors for ``K`` tasks, as non-persistent buffers.
+
+    Each tensor is stored either dense, ``Tensor(K, *shape)``, or as a :class:`FactoredDelta`
+    (dense rows for some experts, LoRA factors for others). Non-persistent: the vectors are rebuilt
+    from the expert files, never written into checkpoints. They move with the owning module
+    (``.to(device)``) and never require gradients.
 
     Args:
         tasks: the K task (expert) names, in stacking order.
-        vectors: ``{tensor name: Tensor(K, *shape)}`` in model order.
+        vectors: ``{tensor name: Tensor(K, *shape) or FactoredDelta}`` in model order.
     """
 
-    def __init__(self, tasks: Sequence[str], vectors: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, tasks: Sequence[str], vectors: Mapping[str, TaskVector]) -> None:
         super().__init__()
         self.tasks = tuple(tasks)
         self.names = tuple(vectors)
+        self.factored = nn.ModuleDict()
         for index, (name, vector) in enumerate(vectors.items()):
-            if vector.shape[0] != len(self.tasks):
+            stacked = vector.num_tasks if isinstance(vector, FactoredDelta) else vector.shape[0]
+            if stacked != len(self.tasks):
                 raise IncompatibleExpertError(
-                    f"task vector {name!r} stacks {vector.shape[0]} experts, expected {len(self.tasks)}"
+                    f"task vector {name!r} stacks {stacked} experts, expected {len(self.tasks)}"
                 )
-            self.register_buffer(self.buffer_name(index), vector.detach(), persistent=False)
+            if isinstance(vector, FactoredDelta):
+                self.factored[self.buffer_name(index)] = vector
+            else:
+                self.register_buffer(self.buffer_name(index), vector.detach(), persistent=False)
+        self._densify_logged = False
 
     @staticmethod
     def buffer_name(index: int) -> str:
@@ -53,25 +208,90 @@ class TaskVectors(nn.Module):
     def __len__(self) -> int:
         return len(self.names)
 
+    def _part(self, index: int) -> TaskVector:
+        key = self.buffer_name(index)
+        return self.factored[key] if key in self.factored else getattr(self, key)
+
+    def parts(self) -> Iterator[tuple[str, TaskVector]]:
+        """``(name, Tensor(K, *shape) or FactoredDelta)`` pairs in model order, never densified."""
+        for index, name in enumerate(self.names):
+            yield name, self._part(index)
+
     def __getitem__(self, name: str) -> torch.Tensor:
-        return getattr(self, self.buffer_name(self.names.index(name)))
+        """Dense ``(K, *shape)`` task vectors of ``name`` (densified if factored)."""
+        return self._dense(name, self._part(self.names.index(name)))
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name, Tensor(K, *shape))`` pairs in model order."""
-        for index, name in enumerate(self.names):
-            yield name, getattr(self, self.buffer_name(index))
+        """``(name, Tensor(K, *shape))`` pairs in model order, for dense consumers.
+
+        Factored tensors are densified one at a time (K dense copies of that tensor): correct for
+        every dense consumer, but the memory saving of LoRA factors is lost for whoever keeps them.
+        """
+        for name, part in self.parts():
+            yield name, self._dense(name, part)
+
+    def _dense(self, name: str, part: TaskVector) -> torch.Tensor:
+        if not isinstance(part, FactoredDelta):
+            return part
+        if not self._densify_logged:
+            self._densify_logged = True
+            logger.warning(
+                "densifying factored (LoRA) task vectors for a dense consumer, first %r: %.1f MB dense vs %.1f MB stored",
+                name, self.dense_nbytes() / 2**20, self.nbytes() / 2**20,
+            )
+        return part.densify()
+
+    def factored_names(self) -> list[str]:
+        """Names of the tensors stored as :class:`FactoredDelta`, in order."""
+        return [name for name, part in self.parts() if isinstance(part, FactoredDelta)]
+
+    def is_factored(self, name: str) -> bool:
+        """Whether ``name`` is stored as a :class:`FactoredDelta`."""
+        return isinstance(self._part(self.names.index(name)), FactoredDelta)
 
     @property
     def num_tasks(self) -> int:
         return len(self.tasks)
 
+    def shapes(self) -> list[torch.Size]:
+        """Shape of each merged tensor, in order."""
+        return [p.shape if isinstance(p, FactoredDelta) else p.shape[1:] for _, p in self.parts()]
+
+    def numels(self) -> list[int]:
+        """Entries per task of each merged tensor, in order."""
+        return [math.prod(shape) for shape in self.shapes()]
+
     def numel(self) -> int:
         """Entries per task (P): the merged part of the model."""
-        return sum(v[0].numel() for _, v in self.items())
+        return sum(self.numels())
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """Storage dtype (``None`` for an empty store)."""
+        part = next((p for _, p in self.parts()), None)
+        return None if part is None else part.dtype
+
+    def nbytes(self) -> int:
+        """Bytes held by the stored task vectors (dense buffers and factors)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def dense_nbytes(self) -> int:
+        """Bytes a dense ``(K, P)`` store of the same tensors would take (not allocated)."""
+        dtype = self.dtype or torch.float32
+        return self.num_tasks * self.numel() * torch.empty((), dtype=dtype).element_size()
+
+    def task_delta(self, name: str, task: str | int) -> torch.Tensor:
+        """Dense ``τ_task`` of tensor ``name`` (one expert, one tensor)."""
+        k = task if isinstance(task, int) else self.tasks.index(task)
+        part = self._part(self.names.index(name))
+        return part.task_delta(k, part.dtype) if isinstance(part, FactoredDelta) else part[k]
 
     def extra_repr(self) -> str:
-        dtype = next((v.dtype for _, v in self.items()), None)
-        return f"tasks={list(self.tasks)}, tensors={len(self)}, entries_per_task={self.numel():,}, dtype={dtype}"
+        factored = len(self.factored)
+        return (
+            f"tasks={list(self.tasks)}, tensors={len(self)} ({factored} factored), "
+            f"entries_per_task={self.numel():,}, dtype={self.dtype}, stored={self.nbytes() / 2**20:.1f} MB"
+        )
 
     @classmethod
     def from_states(
