@@ -785,7 +785,39 @@ def build_text_demo(
     if set(flavours) - set(FLAVOURS) or not flavours:
         raise DataError(f"unknown flavour(s) in {flavours}; known: {', '.join(FLAVOURS)}")
     root = resolve_cache_dir(cache_dir)
+    if quick and cache_dir is None:  # quick assets never share a folder with the full ones
+        root = root.with_name(root.name + "-quick")
     root.mkdir(parents=True, exist_ok=True)
+    with _exclusive(root):
+        return _build_locked(root, tasks, flavours, settings, data_root, num_threads, force)
+
+
+@contextlib.contextmanager
+def _exclusive(root: Path) -> Iterator[None]:
+    """Hold ``root/.lock`` so that two processes never build into the same cache at once."""
+    import fcntl
+
+    with open(root / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("another process is building %s: waiting for it", root)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_locked(
+    root: Path,
+    tasks: list[str],
+    flavours: list[str],
+    settings: TextDemoSettings,
+    data_root: str | Path | None,
+    num_threads: int | None,
+    force: bool,
+) -> TextDemoAssets:
     manifest = _read_json(root / "manifest.json")
     if manifest.get("format") != FORMAT_VERSION:
         manifest = {"format": FORMAT_VERSION, "tasks": {}, "experts": {}}

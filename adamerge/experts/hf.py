@@ -26,6 +26,7 @@ alone.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Iterator, Mapping
 from functools import partial
@@ -235,6 +236,41 @@ def encoder_to_task_keys(encoder_state: Mapping[str, torch.Tensor], task_keys: s
 # ----------------------------------------------------------------------------- the source
 
 
+def task_model_with_base(base_path: Path, config: Any) -> tuple[nn.Module, str, dict[str, str]]:
+    """The task model (``AutoModelForSequenceClassification`` of ``config``) holding the base's encoder.
+
+    Returns:
+        ``(model, prefix, from_base)``: the model in eval mode, its encoder prefix (``"bert."``), and
+        ``{task-model key: base key}`` of the tensors loaded from the base.
+
+    Raises:
+        IncompatibleExpertError: no base tensor fits the model, or one has another shape.
+    """
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    encoder, not_in_base = load_pretrained(AutoModel, base_path, "--base")
+    encoder_state = {k: v for k, v in encoder.state_dict().items() if k not in not_in_base}
+    del encoder
+    with quiet_transformers():
+        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32).eval()
+    prefix = encoder_prefix(model)
+    task_state = model.state_dict()
+    from_base = encoder_to_task_keys(encoder_state, set(task_state), prefix)
+    if not from_base:
+        raise IncompatibleExpertError(
+            f"--base {base_path}: none of its tensors fits {type(model).__name__} "
+            f"(e.g. base {list(encoder_state)[:2]}, model {list(task_state)[:2]})"
+        )
+    for key, source in from_base.items():
+        if encoder_state[source].shape != task_state[key].shape:
+            raise IncompatibleExpertError(
+                f"--base {base_path}: tensor {source!r} has shape {tuple(encoder_state[source].shape)}, "
+                f"the experts' {type(model).__name__} expects {tuple(task_state[key].shape)}"
+            )
+    model.load_state_dict({key: encoder_state[source] for key, source in from_base.items()}, strict=False)
+    return model, prefix, from_base
+
+
 def load_hf_experts(base: str, experts: Mapping[str, str], options: SourceOptions) -> ExpertSet:
     """The :class:`ExpertSet` of a Hugging Face base and its fine-tuned sequence classifiers.
 
@@ -272,27 +308,8 @@ def load_hf_experts(base: str, experts: Mapping[str, str], options: SourceOption
         else:
             logger.info("expert %s (%s) has no tokenizer of its own: using the base's", task, path)
 
-    encoder, not_in_base = load_pretrained(AutoModel, base_path, "--base")
-    encoder_state = {k: v for k, v in encoder.state_dict().items() if k not in not_in_base}
-    del encoder
-    first = next(iter(configs))
-    with quiet_transformers():
-        model = AutoModelForSequenceClassification.from_config(configs[first], dtype=torch.float32).eval()
-    prefix = encoder_prefix(model)
+    model, prefix, from_base = task_model_with_base(base_path, configs[first])
     task_state = model.state_dict()
-    from_base = encoder_to_task_keys(encoder_state, set(task_state), prefix)
-    if not from_base:
-        raise IncompatibleExpertError(
-            f"--base {base_path}: none of its tensors fits {type(model).__name__} "
-            f"(e.g. base {list(encoder_state)[:2]}, model {list(task_state)[:2]})"
-        )
-    for key, source in from_base.items():
-        if encoder_state[source].shape != task_state[key].shape:
-            raise IncompatibleExpertError(
-                f"--base {base_path}: tensor {source!r} has shape {tuple(encoder_state[source].shape)}, "
-                f"the experts' {type(model).__name__} expects {tuple(task_state[key].shape)}"
-            )
-    model.load_state_dict({key: encoder_state[source] for key, source in from_base.items()}, strict=False)
     head_names = _head_names(list(task_state), set(from_base), options.head_pattern, base_path)
     persistent = set(task_state)
     names = [n for n in merged_tensor_names(model, set(head_names), options.batchnorm) if n in persistent]
@@ -363,15 +380,99 @@ def _head_names(task_keys: list[str], from_base: set[str], head_pattern: str | N
 
 
 def _load_peft_experts(base_path: Path, experts: Mapping[str, str], options: SourceOptions) -> ExpertSet:
-    """Experts given as ``peft:DIR`` adapters over the ``hf:`` base (LoRA as low-rank task vectors).
+    """Experts given as ``peft:DIR`` LoRA adapters over the ``hf:`` base, possibly mixed with
+    ``hf:DIR`` full fine-tunes (see :func:`adamerge.experts.peft.load_lora_experts`).
 
-    The hook for :mod:`adamerge.experts.peft`; until it is wired, a clear refusal.
+    The adapters are read with peft's own API and kept low-rank (never K dense deltas); each
+    adapter's ``modules_to_save`` (the sequence-classification head) is its task's head. The task
+    model is the base's ``AutoModelForSequenceClassification`` (a full fine-tune's config if one is
+    given); each task's number of labels comes from its own head.
     """
-    adapters = sorted(task for task, ref in experts.items() if str(ref).startswith(PEFT_PREFIX))
-    raise AdamergeError(
-        f"peft adapters: experts {adapters} are given as peft:DIR, which this version cannot merge yet "
-        f"(over base {base_path}); pass full fine-tunes as NAME=hf:DIR"
+    from transformers import AutoModelForSequenceClassification
+
+    from adamerge.experts.peft import expert_state_dict, load_lora_experts
+    from adamerge.merged_model import assign_tensor
+
+    base_config = read_config(base_path, "--base")
+    tokenizer = load_tokenizer(base_path, "--base")
+    adapters = {t: _peft_dir(str(ref), t) for t, ref in experts.items() if str(ref).startswith(PEFT_PREFIX)}
+    dense_paths = {t: hf_dir(str(ref), f"expert {t!r}") for t, ref in experts.items() if t not in adapters}
+    dense_configs = {}
+    for task, path in dense_paths.items():
+        dense_configs[task] = read_config(path, f"expert {task!r}")
+        check_architecture(dense_configs[task], base_config, task, path)
+        if has_tokenizer(path):
+            check_vocabulary(load_tokenizer(path, f"expert {task!r}"), tokenizer, task, path)
+    model_config = next(iter(dense_configs.values()), None) or copy.deepcopy(base_config)
+    model, prefix, from_base = task_model_with_base(base_path, model_config)
+    task_keys = list(model.state_dict())
+    head_names = _head_names(task_keys, set(from_base), options.head_pattern, base_path) if dense_paths else []
+    if options.head_pattern and not dense_paths:
+        head_names = select_heads(task_keys, options.head_pattern)
+
+    def dense_reader(task: str) -> dict[str, torch.Tensor]:
+        expert, _ = load_pretrained(AutoModelForSequenceClassification, dense_paths[task], f"expert {task!r}")
+        return expert.state_dict()
+
+    task_vectors, heads = load_lora_experts(
+        model,
+        adapters,
+        {task: partial(dense_reader, task) for task in dense_paths},
+        tasks=list(experts),
+        head_names=head_names,
+        dtype=options.dtype,
+        base_name=str(base_path),
     )
+    configs = {task: dense_configs.get(task) or _config_for_head(base_config, model, heads.get(task, {})) for task in experts}
+    logger.info("task vectors: %s; heads: %s", task_vectors.extra_repr(), sorted(next(iter(heads.values()), {})))
+
+    def expert_model(task: str) -> nn.Module:
+        if task in dense_paths:
+            return load_pretrained(AutoModelForSequenceClassification, dense_paths[task], f"expert {task!r}")[0]
+        alone = copy.deepcopy(model)
+        for name, tensor in expert_state_dict(model, task_vectors, heads, task).items():
+            assign_tensor(alone, name, tensor)
+        alone.config.num_labels = configs[task].num_labels
+        return alone.eval()
+
+    sources = {
+        "base": f"{HF_PREFIX}{base_path.resolve()}",
+        "experts": {t: f"{PEFT_PREFIX}{p.resolve()}" for t, p in adapters.items()}
+        | {t: f"{HF_PREFIX}{p.resolve()}" for t, p in dense_paths.items()},
+        "head_pattern": options.head_pattern,
+    }
+    return ExpertSet(
+        model,
+        task_vectors,
+        heads,
+        sources,
+        modality="text",
+        expert_model=expert_model,
+        export=partial(export_hf, base_path=base_path, configs=configs, tokenizer=tokenizer, prefix=prefix),
+        tokenizer=tokenizer,
+        num_classes={task: int(config.num_labels) for task, config in configs.items()},
+    )
+
+
+def _peft_dir(reference: str, task: str) -> Path:
+    path = Path(reference[len(PEFT_PREFIX) :]).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise CheckpointError(f"expert {task!r}: {path} is not a peft adapter folder (no adapter_config.json)")
+    return path
+
+
+def _config_for_head(base_config: Any, model: nn.Module, head: Mapping[str, torch.Tensor]) -> Any:
+    """The base config with the number of labels of ``head`` (the tensor shaped like the model's
+    ``(num_labels, ...)`` classifier output)."""
+    config = copy.deepcopy(base_config)
+    labels = int(model.config.num_labels)
+    state = model.state_dict()
+    for name, tensor in head.items():
+        if state[name].ndim == tensor.ndim and state[name].shape[0] == labels and tensor.ndim >= 1:
+            config.num_labels = int(tensor.shape[0])
+            break
+    config.architectures = [type(model).__name__]
+    return config
 
 
 # ----------------------------------------------------------------------------- export
