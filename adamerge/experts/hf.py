@@ -294,7 +294,7 @@ def load_hf_experts(base: str, experts: Mapping[str, str], options: SourceOption
     base_path = hf_dir(base, "--base")
     if any(str(ref).startswith(PEFT_PREFIX) for ref in experts.values()):
         return _load_peft_experts(base_path, experts, options)
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     base_config = read_config(base_path, "--base")
     tokenizer = load_tokenizer(base_path, "--base")
@@ -308,6 +308,7 @@ def load_hf_experts(base: str, experts: Mapping[str, str], options: SourceOption
         else:
             logger.info("expert %s (%s) has no tokenizer of its own: using the base's", task, path)
 
+    first = next(iter(configs))
     model, prefix, from_base = task_model_with_base(base_path, configs[first])
     task_state = model.state_dict()
     head_names = _head_names(list(task_state), set(from_base), options.head_pattern, base_path)
