@@ -348,7 +348,7 @@ def _refine_in_chunks(
     budget = settings.chunk_budget or 2 * len(importance)
     chunks = chunk_budget(importance, budget, settings.chunk_kappa)
     granularity = ChunkWise({n: max(1, m) for n, m in chunks.items()})
-    layout = granularity.compile(first.layout.tensor_names, [tv[0].numel() for _, tv in first.task_vectors.items()])
+    layout = granularity.compile(first.layout.tensor_names, first.task_vectors.numels())
     init = torch.cat(
         [stage_one[:, [i]].expand(-1, c) for i, c in enumerate(layout.tensor_chunks)], dim=1
     )  # (K, G2): every chunk starts at its tensor's stage-one value
