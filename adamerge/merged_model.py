@@ -110,6 +110,11 @@ class MergedModel(nn.Module):
         self._use_time = self._use_time_names()
         self.train(False)
 
+    @property
+    def merges_at_use(self) -> bool:
+        """Whether some (factored, LoRA) tensors are merged right before their layer runs."""
+        return bool(self._use_time)
+
     def _use_time_names(self) -> frozenset[str]:
         """Factored tensors mergeable at use time: the unshared ``weight`` of a linear or embedding
         layer (whose own forward is what reads it; tied or otherwise shared weights merge up front)."""

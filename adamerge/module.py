@@ -85,6 +85,8 @@ class MergingModule(L.LightningModule):
 
     # -- training ----------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        if self.merged.merges_at_use:
+            return self._low_rank_training_step(batch)
         merged = self.merged.merged_tensors()  # θ(λ), graph to λ
         leaves = {name: t.detach().requires_grad_() for name, t in merged.items()}  # θ'
         total = torch.zeros((), device=self.device)
@@ -107,7 +109,36 @@ class MergingModule(L.LightningModule):
         self._log_training("train/loss", loss.detach(), prog_bar=True, batch_size=1)
         return loss
 
-    def _outputs(self, batch: TaskBatch, task: str, tensors: Mapping[str, torch.Tensor]) -> ModelOutputs:
+    def _low_rank_training_step(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The step for models with factored (LoRA) task vectors: no dense θ(λ) for the whole model.
+
+        Each task's forward merges every adapted weight right before its layer runs (and its
+        backward re-merges it), so only one layer's dense weight and weight gradient are alive at a
+        time; the task's backward goes straight to λ (``autograd.grad``), and the summed gradient is
+        handed to λ by the returned loss, as in the dense step. Peak memory is the base model plus
+        one task's activations, below a dense model's forward+backward (which keeps every weight
+        gradient); the price is one low-rank merge per task instead of one per step.
+        """
+        raw = self.merged.coefficients.raw
+        grad = torch.zeros_like(raw)
+        total = torch.zeros((), device=self.device)
+        for task, item in batch.items():
+            task_batch = as_task_batch(item)
+            task_loss = self.objective(task, self._outputs(task_batch, task, None), task_batch)
+            (task_grad,) = torch.autograd.grad(task_loss, [raw], allow_unused=True)
+            if task_grad is not None:
+                grad += task_grad
+            total += task_loss.detach()
+            self._log_training(f"train/loss/{task}", task_loss.detach(), batch_size=task_batch.size)
+        loss = PrecomputedGradient.apply(total, (grad,), raw)  # backward: hands Σ_task ∂L_task/∂λ to λ
+        regularizer = self.objective.regularization(self.merged.coefficients())
+        if regularizer is not None:
+            self._log_training("train/regularizer", regularizer.detach(), batch_size=1)
+            loss = loss + regularizer
+        self._log_training("train/loss", loss.detach(), prog_bar=True, batch_size=1)
+        return loss
+
+    def _outputs(self, batch: TaskBatch, task: str, tensors: Mapping[str, torch.Tensor] | None) -> ModelOutputs:
         if not self.objective.hidden_modules:
             return ModelOutputs(self.merged(batch.inputs, task, merged=tensors))
         with self.merged.capture(self.objective.hidden_modules) as hidden:
