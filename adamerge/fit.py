@@ -5,8 +5,10 @@
 the output folder atomically:
 
 - ``coefficients.json`` / ``coefficients.tsv``: learned λ per task and group;
-- ``merged.pt`` + ``heads/<task>.pt``: the merged model for the base architecture's
-  ``load_state_dict`` (no adamerge needed);
+- the merged model in the expert source's own format, loadable without adamerge: ``merged.pt`` +
+  ``heads/<task>.pt`` (plain state dicts for the architecture's ``load_state_dict``),
+  ``open_clip_model.safetensors`` + ``heads/<task>.pt`` (open_clip), or ``model/`` +
+  ``tasks/<task>/`` (transformers ``from_pretrained`` folders);
 - ``metrics.json``: per-task accuracy of each expert alone, the initial merge (task arithmetic at
   the initial λ) and the learned merge, plus timings;
 - ``config.yaml``: the resolved settings; ``checkpoints/last.ckpt``: λ and optimiser state
