@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -88,6 +89,8 @@ def main() -> None:
             if row != "adamerging (layer-wise)":
                 argv += ["--eval-experts", "false"]
         measured = run(argv)
+        if row == "adamerging (layer-wise)":  # learned λ per task and tensor, for benchmarks/plots.py's heatmap
+            shutil.copyfile(output / "coefficients.json", args.out.with_name(f"{args.out.stem}_coefficients_adamerging.json"))
         metrics = json.loads((output / "metrics.json").read_text())
         accuracy = metrics["accuracy"]
         if "expert (alone)" in accuracy:
