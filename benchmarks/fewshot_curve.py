@@ -16,7 +16,8 @@ each run used are recorded in the JSON.
 
 Steps: 100 per run at batch 16 per task: aTLAS over-samples its shots to at least 10 batches an
 epoch and trains ~10 epochs, i.e. >= 100 steps; at 16 shots (160 images a task) 100 steps of 16 are
-exactly 10 epochs.
+exactly 10 epochs. ``--init`` / ``--lr`` override aTLAS's λ = 0 start and lr 1e-1 (e.g. ``--init 0.3
+--lr 0.01``: start at task arithmetic, as the benchmark's ``atlas tta`` row does, with smaller steps).
 
     python benchmarks/fewshot_curve.py --out benchmarks/results/vision_fewshot.json
     python benchmarks/fewshot_curve.py --quick --out /tmp/fewshot-quick.json   # a minute or two
@@ -37,12 +38,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plots import make_plots  # noqa: E402
+from plots import load_fewshot, plot_fewshot  # noqa: E402
 from vision_methods import run  # noqa: E402
 
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
 QUICK_SHOTS = (1, 4)
-INITIAL = "pretrained (λ=0)"  # fit's label of the initial merge of aTLAS (init 0)
 REFERENCE_ROWS = ("atlas tta (layer-wise)", "adamerging (layer-wise)", "task-arithmetic")
 
 
@@ -148,6 +148,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default 100, quick 10)")
     parser.add_argument("--batch-size", type=int, default=16, help="labelled images per task per step (default 16)")
     parser.add_argument("--granularity", default="layer", help="λ layout (default layer: aTLAS's --blockwise)")
+    parser.add_argument("--init", type=float, default=None, help="initial λ (default: aTLAS's 0, the pretrained model)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: aTLAS few-shot's 1e-1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shot draws and of each fit (default 0)")
     parser.add_argument("--reference", type=Path, default=Path(__file__).resolve().parent / "results" / "vision.json",
                         help="results JSON whose rows are drawn as references (if its experts are these)")
@@ -191,12 +193,15 @@ def main() -> None:
             "--seed", str(args.seed), "--output", str(output), "--progress-bar", "false",
             "--eval-experts", "true" if position == 0 else "false",
         ]  # fmt: skip
+        for option in ("init", "lr"):
+            if getattr(args, option) is not None:
+                argv += [f"--{option}", str(getattr(args, option))]
         load_before = os.getloadavg()[0]
         measured = run(argv)
         metrics = json.loads((output / "metrics.json").read_text())
         accuracy = metrics["accuracy"]
-        for name in ("expert (alone)", INITIAL):
-            if name in accuracy and name not in fixed:
+        for name in accuracy:  # the experts alone (first run) and the initial merge (λ = init)
+            if name != f"atlas ({args.granularity})" and name not in fixed:
                 fixed[name] = {"per_task": accuracy[name]}
         split, seeds = drawn_shots(pool, tasks, shots, args.seed)
         final = accuracy[f"atlas ({args.granularity})"]
@@ -219,7 +224,7 @@ def write_results(args, assets, fixed: dict, curve: dict, pool_record: dict, bui
     """Write ``<out>.json`` and ``<out>.md`` (and the plot) from the runs done so far."""
     tasks = assets.tasks
     experts = fixed["expert (alone)"]["per_task"]
-    refs = {name: dict(fixed[name]) for name in ("expert (alone)", INITIAL) if name in fixed}
+    refs = {name: dict(entry) for name, entry in fixed.items()}
     refs |= references(args.reference, assets, tasks)
     for entry in [*curve.values(), *refs.values()]:
         entry["average"] = entry["per_task"]["average"]
@@ -230,7 +235,9 @@ def write_results(args, assets, fixed: dict, curve: dict, pool_record: dict, bui
         "tasks": tasks,
         "method": "atlas",
         "granularity": args.granularity,
-        "objective": "cross-entropy on the labelled shots (AdamW lr 1e-1, weight decay 0.1, cosine schedule, init 0)",
+        "objective": "cross-entropy on the labelled shots (AdamW, weight decay 0.1, cosine schedule)",
+        "init": 0.0 if args.init is None else args.init,
+        "lr": 0.1 if args.lr is None else args.lr,
         "steps": steps,
         "batch_size": args.batch_size,
         "seed": args.seed,
@@ -250,16 +257,17 @@ def write_results(args, assets, fixed: dict, curve: dict, pool_record: dict, bui
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
     table = markdown(payload)
     args.out.with_suffix(".md").write_text(f"Command: `{payload['command']}`\n\n{table}\n")
-    name = args.out.stem.removesuffix("_fewshot")
-    for path in make_plots(fewshot=args.out, name=name):
-        sys.stderr.write(f"wrote {path}\n")
+    tasks, curve, refs = load_fewshot(args.out)
+    title = f"aTLAS few-shot (init {payload['init']:g}, lr {payload['lr']:g}), accuracy vs shots per class"
+    sys.stderr.write(f"wrote {plot_fewshot(tasks, curve, args.out.with_suffix('.png'), refs, title)}\n")
     print(table)
 
 
 def markdown(payload: dict) -> str:
     tasks = payload["tasks"]
     lines = [
-        f"aTLAS few-shot ({payload['granularity']}-wise λ, {payload['steps']} steps, batch {payload['batch_size']} "
+        f"aTLAS few-shot ({payload['granularity']}-wise λ, init {payload['init']:g}, lr {payload['lr']:g}, "
+        f"{payload['steps']} steps, batch {payload['batch_size']} "
         f"per task, seed {payload['seed']}); shots drawn from the demo's fine-tuning rows, test = vision.json's. "
         "Wall time and peak RSS are each run's whole `adamerge fit` process (load, evaluation, fit); the 1-minute "
         "load average before and after each run is in the JSON (`load_1min`).",
