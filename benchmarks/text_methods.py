@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Every method on real all-MiniLM-L6-v2 text experts (SST-2, TREC, SUBJ, MPQA, AG News, SMS Spam),
+once with fully fine-tuned experts and once with peft LoRA adapters.
+
+The base, the experts and the calibration / few-shot / test files come from
+:mod:`adamerge.demo.text` (built and cached on first use from ``../shared/data``). Each method runs
+as ``adamerge merge`` (static) or ``adamerge fit`` (learned) in a fresh process, so its wall time
+and peak RSS are its own. Results: ``--out`` JSON (per flavour and method: ``per_task``,
+``average``, ``normalized`` = mean over tasks of merged ÷ expert accuracy, ``wall_s``,
+``peak_rss_mb``; plus the seeds, splits and the assets' manifest) and a Markdown table beside it.
+
+    python benchmarks/text_methods.py --out benchmarks/results/text.json
+    python benchmarks/text_methods.py --quick --out /tmp/text-quick.json      # minutes
+
+The two flavours can run side by side (one core each) and be joined afterwards::
+
+    OMP_NUM_THREADS=1 python benchmarks/text_methods.py --flavours full --out /tmp/text_full.json &
+    OMP_NUM_THREADS=1 python benchmarks/text_methods.py --flavours lora --out /tmp/text_lora.json
+    python benchmarks/text_methods.py --join /tmp/text_full.json /tmp/text_lora.json --out benchmarks/results/text.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from vision_methods import run  # noqa: E402  (one fresh, measured process per method)
+
+STATIC = ["average", "task-arithmetic", "ties", "dare", "breadcrumbs", "consensus", "lines"]
+LEARNED = {
+    # name in the table: (method, granularity, extra options)
+    "adamerging (task-wise)": ("adamerging", "task", []),
+    "adamerging (layer-wise)": ("adamerging", "layer", []),
+    "adamerging++ (layer-wise)": ("adamerging++", "layer", []),
+    "atlas tta (layer-wise)": ("atlas", "layer", ["--init", "0.3", "--pseudo-label-threshold", "0.9"]),
+    "atlas 16-shot (layer-wise)": ("atlas", "layer", ["--shots", "16"]),
+    "expert-merging (layer-wise)": ("expert-merging", "layer", ["--calib-limit", "10"]),
+    "expert-merging++": ("expert-merging++", "layer", ["--calib-limit", "10"]),
+}
+# methods that need dense task vectors (magnitude / sign statistics over every entry, chunks)
+DENSE_ONLY = {"ties", "dare", "breadcrumbs", "consensus", "lines", "adamerging++ (layer-wise)", "expert-merging++"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small demo assets and few steps")
+    parser.add_argument("--flavours", nargs="+", default=["full", "lora"], choices=["full", "lora"])
+    parser.add_argument("--steps", type=int, default=None, help="steps of every learned method (default 100, quick 5)")
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration texts per task per step")
+    parser.add_argument("--methods", nargs="+", default=None, help="subset of table rows to run")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--join", type=Path, nargs="+", default=None, help="join the flavours of these result files")
+    args = parser.parse_args()
+    if args.join:
+        parts = [json.loads(path.read_text()) for path in args.join]
+        payload = parts[0] | {"flavours": {k: v for part in parts for k, v in part["flavours"].items()}}
+        payload["command"] = " && ".join(part["command"] for part in parts)
+        write(payload, args.out)
+        return
+
+    from adamerge.demo.text import build_text_demo
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    started = time.perf_counter()
+    assets = build_text_demo(data_root=args.data_root, cache_dir=args.cache_dir, quick=args.quick)
+    build_s = time.perf_counter() - started
+    steps = args.steps or (5 if args.quick else 100)
+    work = Path(tempfile.mkdtemp(prefix="adamerge-text-"))
+    flavours: dict[str, dict] = {}
+    for flavour in args.flavours:
+        prefix = "hf:" if flavour == "full" else "peft:"
+        common = [
+            "--base", f"hf:{assets.base_dir}",
+            "--experts", *[f"{t}={prefix}{p}" for t, p in assets.experts[flavour].items()],
+            "--eval", str(assets.test_dir),
+            "--max-length", str(assets.max_length),
+        ]
+        results: dict[str, dict] = {}
+        rows = [*STATIC, *LEARNED] if args.methods is None else args.methods
+        for row in rows:
+            if flavour == "lora" and row in DENSE_ONLY:
+                continue
+            output = work / flavour / row.replace(" ", "_").replace("(", "").replace(")", "")
+            if row in STATIC:
+                argv = ["merge", "--method", row, *common, "--calib", str(assets.calib_dir), "--output", str(output)]
+            else:
+                method, granularity, extra = LEARNED[row]
+                calib = assets.fewshot_dir if "--shots" in extra else assets.calib_dir
+                argv = [
+                    "fit", "--method", method, "--granularity", granularity, *common, "--calib", str(calib),
+                    "--steps", str(steps), "--batch-size", str(args.batch_size), "--output", str(output),
+                    "--progress-bar", "false", *extra,
+                ]
+                if row != "adamerging (layer-wise)":
+                    argv += ["--eval-experts", "false"]
+            measured = run(argv)
+            if row == "adamerging (layer-wise)":  # learned λ per task and tensor, for benchmarks/plots.py
+                target = args.out.with_name(f"{args.out.stem}_coefficients_adamerging_{flavour}.json")
+                shutil.copyfile(output / "coefficients.json", target)
+            accuracy = json.loads((output / "metrics.json").read_text())["accuracy"]
+            if "expert (alone)" in accuracy:
+                results["expert (alone)"] = {"per_task": accuracy["expert (alone)"]}
+            if row == "adamerging (layer-wise)":
+                initial = next(k for k in accuracy if k.startswith("task arithmetic"))
+                results["task arithmetic (λ=0.3, fit's init)"] = {"per_task": accuracy[initial]}
+            final = accuracy[row if row in STATIC else f"{LEARNED[row][0]} ({LEARNED[row][1]})"]
+            results[row] = {"per_task": final, "wall_s": measured["wall_s"], "peak_rss_mb": measured["peak_rss_mb"]}
+            sys.stderr.write(f"{flavour:4s} {row:30s} average {100 * final['average']:.1f}  {measured['wall_s']:.0f} s\n")
+        zero_shot = dict(assets.zero_shot_accuracy)
+        results["pretrained (zero-shot prompts)"] = {"per_task": zero_shot | {"average": sum(zero_shot.values()) / len(zero_shot)}}
+        first = ["expert (alone)", "pretrained (zero-shot prompts)", "task arithmetic (λ=0.3, fit's init)"]
+        results = {k: results[k] for k in first if k in results} | {k: v for k, v in results.items() if k not in first}
+        if "expert (alone)" not in results:  # the expert row comes with the layer-wise AdaMerging run
+            per_task = dict(assets.accuracy[flavour])
+            results = {"expert (alone)": {"per_task": per_task | {"average": sum(per_task.values()) / len(per_task)}}} | results
+        experts = results["expert (alone)"]["per_task"]
+        for entry in results.values():
+            per_task = entry["per_task"]
+            entry["average"] = per_task["average"]
+            entry["normalized"] = sum(per_task[t] / experts[t] for t in assets.tasks) / len(assets.tasks)
+        flavours[flavour] = results
+    payload = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "tasks": assets.tasks,
+        "max_length": assets.max_length,
+        "steps": steps,
+        "batch_size": args.batch_size,
+        "assets_manifest": json.loads(Path(assets.manifest).read_text()),
+        "splits": json.loads(Path(assets.splits).read_text()),
+        "build_s": build_s,
+        "flavours": flavours,
+    }
+    write(payload, args.out)
+
+
+def write(payload: dict, out: Path) -> None:
+    """``out`` (JSON) and the Markdown tables beside it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    tables = "\n\n".join(f"### {name}\n\n{markdown(payload['tasks'], rows)}" for name, rows in payload["flavours"].items())
+    out.with_suffix(".md").write_text(f"Command: `{payload['command']}`\n\n{tables}\n")
+    print(tables)
+
+
+def markdown(tasks: list[str], methods: dict[str, dict]) -> str:
+    """A Markdown table: per-task accuracy, average, normalized accuracy, wall time and peak RSS."""
+    lines = ["| method | " + " | ".join(tasks) + " | average | normalized | wall (s) | peak RSS (MB) |"]
+    lines.append("|" + "---|" * (len(tasks) + 5))
+    for name, entry in methods.items():
+        cells = [f"{100 * entry['per_task'][t]:.1f}" for t in tasks]
+        cells += [f"{100 * entry['average']:.1f}", f"{100 * entry['normalized']:.1f}"]
+        cells += [f"{entry['wall_s']:.0f}" if "wall_s" in entry else "-"]
+        cells += [f"{entry['peak_rss_mb']:.0f}" if "peak_rss_mb" in entry else "-"]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
