@@ -77,12 +77,18 @@ def _check_tasks(path: Path, payload: Any, kind: str) -> list[str]:
     return tasks
 
 
-def load_results(path: str | Path) -> tuple[list[str], dict[str, dict[str, float]]]:
-    """Tasks and ``{method: {task or 'average': accuracy}}`` of a ``vision_methods.py`` results JSON."""
+def load_results(path: str | Path, flavour: str | None = None) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """Tasks and ``{method: {task or 'average': accuracy}}`` of a ``vision_methods.py`` results JSON
+    (or of one ``flavour`` of a ``text_methods.py`` JSON, whose methods sit under ``flavours``)."""
     path = Path(path)
     payload = read_json(path)
     tasks = _check_tasks(path, payload, "benchmark results")
     methods = payload.get("methods")
+    if flavour is not None:
+        flavours = payload.get("flavours")
+        if not isinstance(flavours, Mapping) or flavour not in flavours:
+            raise PlotInputError(f"{path}: no flavour {flavour!r} under 'flavours'")
+        methods = flavours[flavour]
     if not isinstance(methods, Mapping) or not methods:
         raise PlotInputError(f"{path}: 'methods' must be a non-empty object {{method: {{per_task: ...}}}}")
     return tasks, {name: _check_entry(path, f"methods[{name!r}]", entry, tasks) for name, entry in methods.items()}
@@ -264,6 +270,7 @@ def make_plots(
     fewshot: str | Path | None = None,
     name: str | None = None,
     out_dir: str | Path | None = None,
+    flavour: str | None = None,
 ) -> list[Path]:
     """Write every figure whose input is there; returns the PNG paths.
 
@@ -275,9 +282,17 @@ def make_plots(
         name: figure prefix (default: the results' stem, else the few-shot JSON's stem without
             ``_fewshot``, else ``coefficients``).
         out_dir: folder of the PNGs (default: the folder of the first input given).
+        flavour: for ``text_methods.py`` results: which flavour (``full``, ``lora``); figures are
+            named ``<name>_<flavour>_*.png`` and the coefficients default to
+            ``<name>_coefficients_adamerging_<flavour>.json``.
     """
     results = Path(results) if results is not None else None
-    if results is not None:
+    if results is not None and flavour is not None:
+        if coefficients is None:
+            candidate = results.with_name(f"{results.stem}_coefficients_adamerging_{flavour}.json")
+            coefficients = candidate if candidate.is_file() else None
+        name = name or f"{results.stem}_{flavour}"
+    if results is not None and flavour is None:
         coefficients = coefficients if coefficients is not None else default_coefficients(results)
         if fewshot is None and results.with_name(f"{results.stem}_fewshot.json").is_file():
             fewshot = results.with_name(f"{results.stem}_fewshot.json")
@@ -292,7 +307,7 @@ def make_plots(
     written = []
     table: dict[str, dict[str, float]] = {}
     if results is not None:
-        tasks, table = load_results(results)
+        tasks, table = load_results(results, flavour)
         written.append(plot_accuracy(tasks, table, folder / f"{name}_accuracy.png", f"{name}: accuracy per task"))
     if coefficients is not None:
         rows, columns, values = load_coefficients(coefficients)
@@ -314,9 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fewshot", type=Path, help="fewshot_curve.py's JSON (default: <name>_fewshot.json beside the results)")
     parser.add_argument("--name", help="figure prefix (default: the results' file stem)")
     parser.add_argument("--out-dir", type=Path, help="folder of the PNGs (default: beside the inputs)")
+    parser.add_argument("--flavour", help="text_methods.py results: the flavour to plot (full, lora)")
     args = parser.parse_args(argv)
     try:
-        written = make_plots(args.results, args.coefficients, args.fewshot, args.name, args.out_dir)
+        written = make_plots(args.results, args.coefficients, args.fewshot, args.name, args.out_dir, args.flavour)
     except PlotInputError as error:
         parser.exit(2, f"error: {error}\n")
     for path in written:
