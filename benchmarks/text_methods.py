@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from vision_methods import run  # noqa: E402  (one fresh, measured process per method)
+from vision_methods import results_table, run  # noqa: E402  (one fresh, measured process per method)
 
 STATIC = ["average", "task-arithmetic", "ties", "dare", "breadcrumbs", "consensus", "lines"]
 LEARNED = {
@@ -147,22 +147,9 @@ def write(payload: dict, out: Path) -> None:
     """``out`` (JSON) and the Markdown tables beside it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n")
-    tables = "\n\n".join(f"### {name}\n\n{markdown(payload['tasks'], rows)}" for name, rows in payload["flavours"].items())
+    tables = "\n\n".join(f"### {name}\n\n{results_table(payload['tasks'], rows)}" for name, rows in payload["flavours"].items())
     out.with_suffix(".md").write_text(f"Command: `{payload['command']}`\n\n{tables}\n")
     print(tables)
-
-
-def markdown(tasks: list[str], methods: dict[str, dict]) -> str:
-    """A Markdown table: per-task accuracy, average, normalized accuracy, wall time and peak RSS."""
-    lines = ["| method | " + " | ".join(tasks) + " | average | normalized | wall (s) | peak RSS (MB) |"]
-    lines.append("|" + "---|" * (len(tasks) + 5))
-    for name, entry in methods.items():
-        cells = [f"{100 * entry['per_task'][t]:.1f}" for t in tasks]
-        cells += [f"{100 * entry['average']:.1f}", f"{100 * entry['normalized']:.1f}"]
-        cells += [f"{entry['wall_s']:.0f}" if "wall_s" in entry else "-"]
-        cells += [f"{entry['peak_rss_mb']:.0f}" if "peak_rss_mb" in entry else "-"]
-        lines.append("| " + " | ".join([name, *cells]) + " |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

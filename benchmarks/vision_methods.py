@@ -127,10 +127,15 @@ def main() -> None:
 
 
 def markdown(payload: dict) -> str:
-    tasks = payload["tasks"]
+    """The Markdown table of a results payload (``tasks``, ``methods``)."""
+    return results_table(payload["tasks"], payload["methods"])
+
+
+def results_table(tasks: list[str], methods: dict[str, dict]) -> str:
+    """A Markdown table: per-task accuracy, average, normalized accuracy, wall time and peak RSS."""
     lines = ["| method | " + " | ".join(tasks) + " | average | normalized | wall (s) | peak RSS (MB) |"]
     lines.append("|" + "---|" * (len(tasks) + 5))
-    for name, entry in payload["methods"].items():
+    for name, entry in methods.items():
         cells = [f"{100 * entry['per_task'][t]:.1f}" for t in tasks]
         cells += [f"{100 * entry['average']:.1f}", f"{100 * entry['normalized']:.1f}"]
         cells += [f"{entry['wall_s']:.0f}" if "wall_s" in entry else "-"]
