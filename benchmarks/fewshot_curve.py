@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plots import load_fewshot, plot_fewshot  # noqa: E402
-from vision_methods import run  # noqa: E402
+from vision_methods import results_table, run  # noqa: E402
 
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
 QUICK_SHOTS = (1, 4)
@@ -272,17 +272,10 @@ def markdown(payload: dict) -> str:
         "Wall time and peak RSS are each run's whole `adamerge fit` process (load, evaluation, fit); the 1-minute "
         "load average before and after each run is in the JSON (`load_1min`).",
         "",
-        "| shots per class | " + " | ".join(tasks) + " | average | normalized | wall (s) | peak RSS (MB) |",
-        "|" + "---|" * (len(tasks) + 5),
     ]
-    rows = [(f"{shots}", entry) for shots, entry in payload["shots"].items()]
-    rows += [(name, entry) for name, entry in payload["references"].items()]
-    for name, entry in rows:
-        cells = [f"{100 * entry['per_task'][t]:.1f}" for t in tasks]
-        cells += [f"{100 * entry['average']:.1f}", f"{100 * entry['normalized']:.1f}"]
-        cells += [f"{entry['wall_s']:.0f}" if "wall_s" in entry else "-"]
-        cells += [f"{entry['peak_rss_mb']:.0f}" if "peak_rss_mb" in entry else "-"]
-        lines.append("| " + " | ".join([name, *cells]) + " |")
+    rows = {f"{shots}": entry for shots, entry in payload["shots"].items()} | dict(payload["references"])
+    table = results_table(tasks, rows).splitlines()
+    lines += ["| shots per class " + table[0].removeprefix("| method "), *table[1:]]
     return "\n".join(lines)
 
 

@@ -33,17 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from vision_methods import results_table, run  # noqa: E402  (one fresh, measured process per method)
 
-STATIC = ["average", "task-arithmetic", "ties", "dare", "breadcrumbs", "consensus", "lines"]
-LEARNED = {
-    # name in the table: (method, granularity, extra options)
-    "adamerging (task-wise)": ("adamerging", "task", []),
-    "adamerging (layer-wise)": ("adamerging", "layer", []),
-    "adamerging++ (layer-wise)": ("adamerging++", "layer", []),
-    "atlas tta (layer-wise)": ("atlas", "layer", ["--init", "0.3", "--pseudo-label-threshold", "0.9"]),
-    "atlas 16-shot (layer-wise)": ("atlas", "layer", ["--shots", "16"]),
-    "expert-merging (layer-wise)": ("expert-merging", "layer", ["--calib-limit", "10"]),
-    "expert-merging++": ("expert-merging++", "layer", ["--calib-limit", "10"]),
-}
+from vision_methods import LEARNED as VISION_LEARNED  # noqa: E402
+from vision_methods import STATIC  # noqa: E402
+
+# the vision benchmark's rows plus aTLAS few-shot on the labelled 16-per-class pool
+LEARNED = dict(VISION_LEARNED)
+LEARNED["atlas 16-shot (layer-wise)"] = ("atlas", "layer", ["--shots", "16"])
 # methods that need dense task vectors (magnitude / sign statistics over every entry, chunks)
 DENSE_ONLY = {"ties", "dare", "breadcrumbs", "consensus", "lines", "adamerging++ (layer-wise)", "expert-merging++"}
 
