@@ -190,7 +190,77 @@ def _verify_image(path: Path) -> bool:
         return False
 
 
-class MultiTaskImageDataModule(L.LightningDataModule):
+class MultiTaskDataModule(L.LightningDataModule):
+    """What the image and text DataModules share: seeded loaders with per-rank sharding, the
+    round-robin training loader and the per-task evaluation loaders.
+
+    Subclasses set ``tasks``, ``calibration`` (``{task: dataset}``, filled by ``setup``),
+    ``evaluation``, ``eval_dir``, ``batch_size``, ``eval_batch_size``, ``num_workers``, ``seed``,
+    ``shuffle`` and ``collate`` (``None``: PyTorch's default collation).
+    """
+
+    collate: Callable[[list[Any]], Any] | None = None
+
+    def subset_indices(self, size: int, seed: int) -> list[int]:
+        """``limit_per_task`` seeded indices of ``range(size)`` (all of them without a limit)."""
+        indices = list(range(size))
+        if self.limit_per_task is not None and self.limit_per_task < size:
+            generator = torch.Generator().manual_seed(seed)
+            indices = sorted(torch.randperm(size, generator=generator)[: self.limit_per_task].tolist())
+        return indices
+
+    def _loader(
+        self, dataset: Dataset, batch_size: int, shuffle: bool, seed_offset: int = 0, distributed: bool = False
+    ) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed + seed_offset)
+        sampler = None
+        if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # our own shard per rank, honouring ``shuffle`` (Lightning would always shuffle training data)
+            sampler = DistributedSampler(dataset, shuffle=shuffle, seed=self.seed + seed_offset)
+            shuffle = False
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            generator=generator,
+            collate_fn=self.collate,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def calibration_loaders(self, shuffle: bool | None = None, distributed: bool = False) -> dict[str, DataLoader]:
+        """One loader of calibration batches per task.
+
+        Args:
+            shuffle: shuffle the order (default: the module's ``shuffle``).
+            distributed: shard across DDP ranks (training); off, every rank sees all the data, as
+                BatchNorm re-estimation needs for identical statistics on every rank.
+        """
+        self.setup("fit")
+        shuffle = self.shuffle if shuffle is None else shuffle
+        return {
+            task: self._loader(ds, self.batch_size, shuffle, seed_offset=i, distributed=distributed)
+            for i, (task, ds) in enumerate(self.calibration.items())
+        }
+
+    def train_dataloader(self) -> CombinedLoader:
+        return CombinedLoader(self.calibration_loaders(distributed=True), mode="max_size_cycle")
+
+    def evaluation_loaders(self) -> list[DataLoader]:
+        if self.eval_dir is None:
+            return []
+        self.setup("test")
+        return [self._loader(self.evaluation[t], self.eval_batch_size, shuffle=False) for t in self.tasks]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self.evaluation_loaders()
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.evaluation_loaders()
+
+
+class MultiTaskImageDataModule(MultiTaskDataModule):
     """Unlabeled calibration images per task (training) and optional labelled evaluation images.
 
     Training batches are dictionaries ``{task: images (B, 3, S, S)}``: every step sees one batch of
@@ -272,60 +342,7 @@ class MultiTaskImageDataModule(L.LightningDataModule):
             labelled = LabelledImageFolder(self.calib_dir / task, self.transform)
             return CalibrationView(labelled, few_shot_indices(labelled, self.shots, seed), self.with_index)
         dataset = UnlabeledImageFolder(self.calib_dir / task, self.transform)
-        indices = list(range(len(dataset)))
-        if self.limit_per_task is not None and self.limit_per_task < len(indices):
-            generator = torch.Generator().manual_seed(seed)
-            indices = sorted(torch.randperm(len(indices), generator=generator)[: self.limit_per_task].tolist())
-        return CalibrationView(dataset, indices, self.with_index)
-
-    def _loader(
-        self, dataset: Dataset, batch_size: int, shuffle: bool, seed_offset: int = 0, distributed: bool = False
-    ) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed + seed_offset)
-        sampler = None
-        if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
-            # our own shard per rank, honouring ``shuffle`` (Lightning would always shuffle training data)
-            sampler = DistributedSampler(dataset, shuffle=shuffle, seed=self.seed + seed_offset)
-            shuffle = False
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            generator=generator,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def calibration_loaders(self, shuffle: bool | None = None, distributed: bool = False) -> dict[str, DataLoader]:
-        """One loader of unlabeled calibration images per task.
-
-        Args:
-            shuffle: shuffle the order (default: the module's ``shuffle``).
-            distributed: shard across DDP ranks (training); off, every rank sees all the data, as
-                BatchNorm re-estimation needs for identical statistics on every rank.
-        """
-        self.setup("fit")
-        shuffle = self.shuffle if shuffle is None else shuffle
-        return {
-            task: self._loader(ds, self.batch_size, shuffle, seed_offset=i, distributed=distributed)
-            for i, (task, ds) in enumerate(self.calibration.items())
-        }
-
-    def train_dataloader(self) -> CombinedLoader:
-        return CombinedLoader(self.calibration_loaders(distributed=True), mode="max_size_cycle")
-
-    def evaluation_loaders(self) -> list[DataLoader]:
-        if self.eval_dir is None:
-            return []
-        self.setup("test")
-        return [self._loader(self.evaluation[t], self.eval_batch_size, shuffle=False) for t in self.tasks]
-
-    def val_dataloader(self) -> list[DataLoader]:
-        return self.evaluation_loaders()
-
-    def test_dataloader(self) -> list[DataLoader]:
-        return self.evaluation_loaders()
+        return CalibrationView(dataset, self.subset_indices(len(dataset), seed), self.with_index)
 
     def class_counts(self) -> Mapping[str, int]:
         """Number of classes per task in the evaluation data (empty without ``eval_dir``)."""

@@ -101,7 +101,10 @@ class MergingModule(L.LightningModule):
             raise AdamergeError("no merged tensor received a gradient: does the loss depend on the model?")
         # value: the summed loss; backward: hands ∂L/∂θ' to θ(λ), one gemv per tensor into λ
         grads = tuple(leaves[name].grad for name in used)
-        loss = PrecomputedGradient.apply(total, grads, *(merged[name] for name in used))
+        return self._with_regularizer(PrecomputedGradient.apply(total, grads, *(merged[name] for name in used)))
+
+    def _with_regularizer(self, loss: torch.Tensor) -> torch.Tensor:
+        """The step's loss plus the objective's coefficient regulariser (if any), logged."""
         regularizer = self.objective.regularization(self.merged.coefficients())
         if regularizer is not None:
             self._log_training("train/regularizer", regularizer.detach(), batch_size=1)
@@ -130,13 +133,7 @@ class MergingModule(L.LightningModule):
                 grad += task_grad
             total += task_loss.detach()
             self._log_training(f"train/loss/{task}", task_loss.detach(), batch_size=task_batch.size)
-        loss = PrecomputedGradient.apply(total, (grad,), raw)  # backward: hands Σ_task ∂L_task/∂λ to λ
-        regularizer = self.objective.regularization(self.merged.coefficients())
-        if regularizer is not None:
-            self._log_training("train/regularizer", regularizer.detach(), batch_size=1)
-            loss = loss + regularizer
-        self._log_training("train/loss", loss.detach(), prog_bar=True, batch_size=1)
-        return loss
+        return self._with_regularizer(PrecomputedGradient.apply(total, (grad,), raw))  # hands Σ_task ∂L/∂λ to λ
 
     def _outputs(self, batch: TaskBatch, task: str, tensors: Mapping[str, torch.Tensor] | None) -> ModelOutputs:
         if not self.objective.hidden_modules:

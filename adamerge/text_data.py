@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
+from adamerge.data import MultiTaskDataModule
 from adamerge.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -275,7 +274,7 @@ def few_shot_text_indices(labels: Sequence[int], shots: int, seed: int) -> list[
     return chosen
 
 
-class MultiTaskTextDataModule(L.LightningDataModule):
+class MultiTaskTextDataModule(MultiTaskDataModule):
     """Unlabeled calibration texts per task (training) and optional labelled evaluation texts.
 
     Training batches are dictionaries ``{task: tokenised batch}`` (``{"input_ids": (B, T), ...}``,
@@ -373,61 +372,9 @@ class MultiTaskTextDataModule(L.LightningDataModule):
             labelled = self._tokenized(read_labelled(self.calib_dir, task, self.num_classes.get(task)), task)
             return TextCalibrationView(labelled, few_shot_text_indices(labelled.labels, self.shots, seed), self.with_index)
         dataset = self._tokenized(read_unlabeled(self.calib_dir, task), task)
-        indices = list(range(len(dataset)))
-        if self.limit_per_task is not None and self.limit_per_task < len(indices):
-            generator = torch.Generator().manual_seed(seed)
-            indices = sorted(torch.randperm(len(indices), generator=generator)[: self.limit_per_task].tolist())
+        indices = self.subset_indices(len(dataset), seed)
         logger.info("calibration %s: %d texts", task, len(indices))
         return TextCalibrationView(dataset, indices, self.with_index)
-
-    def _loader(
-        self, dataset: Dataset, batch_size: int, shuffle: bool, seed_offset: int = 0, distributed: bool = False
-    ) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed + seed_offset)
-        sampler = None
-        if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
-            # our own shard per rank, honouring ``shuffle`` (Lightning would always shuffle training data)
-            sampler = DistributedSampler(dataset, shuffle=shuffle, seed=self.seed + seed_offset)
-            shuffle = False
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            generator=generator,
-            collate_fn=self.collate,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def calibration_loaders(self, shuffle: bool | None = None, distributed: bool = False) -> dict[str, DataLoader]:
-        """One loader of calibration batches per task.
-
-        Args:
-            shuffle: shuffle the order (default: the module's ``shuffle``).
-            distributed: shard across DDP ranks (training); off, every rank sees all the data.
-        """
-        self.setup("fit")
-        shuffle = self.shuffle if shuffle is None else shuffle
-        return {
-            task: self._loader(ds, self.batch_size, shuffle, seed_offset=i, distributed=distributed)
-            for i, (task, ds) in enumerate(self.calibration.items())
-        }
-
-    def train_dataloader(self) -> CombinedLoader:
-        return CombinedLoader(self.calibration_loaders(distributed=True), mode="max_size_cycle")
-
-    def evaluation_loaders(self) -> list[DataLoader]:
-        if self.eval_dir is None:
-            return []
-        self.setup("test")
-        return [self._loader(self.evaluation[t], self.eval_batch_size, shuffle=False) for t in self.tasks]
-
-    def val_dataloader(self) -> list[DataLoader]:
-        return self.evaluation_loaders()
-
-    def test_dataloader(self) -> list[DataLoader]:
-        return self.evaluation_loaders()
 
     def class_counts(self) -> Mapping[str, int]:
         """Number of classes per task in the evaluation data (empty without ``eval_dir``)."""

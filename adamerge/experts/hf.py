@@ -236,6 +236,19 @@ def encoder_to_task_keys(encoder_state: Mapping[str, torch.Tensor], task_keys: s
 # ----------------------------------------------------------------------------- the source
 
 
+def read_expert_configs(paths: Mapping[str, Path], base_config: Any, tokenizer: Any) -> dict[str, Any]:
+    """Each expert folder's config, refusing another architecture or tokenizer vocabulary than the base's."""
+    configs = {}
+    for task, path in paths.items():
+        configs[task] = read_config(path, f"expert {task!r}")
+        check_architecture(configs[task], base_config, task, path)
+        if has_tokenizer(path):
+            check_vocabulary(load_tokenizer(path, f"expert {task!r}"), tokenizer, task, path)
+        else:
+            logger.info("expert %s (%s) has no tokenizer of its own: using the base's", task, path)
+    return configs
+
+
 def task_model_with_base(base_path: Path, config: Any) -> tuple[nn.Module, str, dict[str, str]]:
     """The task model (``AutoModelForSequenceClassification`` of ``config``) holding the base's encoder.
 
@@ -299,14 +312,7 @@ def load_hf_experts(base: str, experts: Mapping[str, str], options: SourceOption
     base_config = read_config(base_path, "--base")
     tokenizer = load_tokenizer(base_path, "--base")
     paths = {task: hf_dir(str(ref), f"expert {task!r}") for task, ref in experts.items()}
-    configs = {}
-    for task, path in paths.items():
-        configs[task] = read_config(path, f"expert {task!r}")
-        check_architecture(configs[task], base_config, task, path)
-        if has_tokenizer(path):
-            check_vocabulary(load_tokenizer(path, f"expert {task!r}"), tokenizer, task, path)
-        else:
-            logger.info("expert %s (%s) has no tokenizer of its own: using the base's", task, path)
+    configs = read_expert_configs(paths, base_config, tokenizer)
 
     first = next(iter(configs))
     model, prefix, from_base = task_model_with_base(base_path, configs[first])
@@ -398,12 +404,7 @@ def _load_peft_experts(base_path: Path, experts: Mapping[str, str], options: Sou
     tokenizer = load_tokenizer(base_path, "--base")
     adapters = {t: _peft_dir(str(ref), t) for t, ref in experts.items() if str(ref).startswith(PEFT_PREFIX)}
     dense_paths = {t: hf_dir(str(ref), f"expert {t!r}") for t, ref in experts.items() if t not in adapters}
-    dense_configs = {}
-    for task, path in dense_paths.items():
-        dense_configs[task] = read_config(path, f"expert {task!r}")
-        check_architecture(dense_configs[task], base_config, task, path)
-        if has_tokenizer(path):
-            check_vocabulary(load_tokenizer(path, f"expert {task!r}"), tokenizer, task, path)
+    dense_configs = read_expert_configs(dense_paths, base_config, tokenizer)
     model_config = next(iter(dense_configs.values()), None) or copy.deepcopy(base_config)
     model, prefix, from_base = task_model_with_base(base_path, model_config)
     task_keys = list(model.state_dict())
