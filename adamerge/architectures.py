@@ -4,6 +4,7 @@ Specs:
 
 - ``torchvision:NAME`` — ``torchvision.models.get_model(NAME, weights=None)``;
 - ``open_clip:NAME`` — the image tower (``.visual``) of ``open_clip.create_model(NAME)``;
+- ``timm:NAME`` — ``timm.create_model(NAME, pretrained=False)`` (timm comes with open_clip);
 - ``package.module:factory`` — any importable callable returning an ``nn.Module``.
 
 Keyword arguments for the constructor come separately (``kwargs``), e.g. ``{"num_classes": 10}``.
@@ -24,7 +25,7 @@ def build_architecture(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn
     """Instantiate the architecture named by ``spec`` with random weights.
 
     Args:
-        spec: ``torchvision:NAME``, ``open_clip:NAME`` or ``package.module:factory``.
+        spec: ``torchvision:NAME``, ``open_clip:NAME``, ``timm:NAME`` or ``package.module:factory``.
         kwargs: keyword arguments for the constructor.
 
     Raises:
@@ -35,12 +36,14 @@ def build_architecture(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn
     prefix, sep, name = spec.partition(":")
     if not sep or not prefix or not name:
         raise ArchitectureError(
-            f"architecture {spec!r}: expected 'torchvision:NAME', 'open_clip:NAME' or 'package.module:factory'"
+            f"architecture {spec!r}: expected 'torchvision:NAME', 'open_clip:NAME', 'timm:NAME' or 'package.module:factory'"
         )
     if prefix == "torchvision":
         model = _torchvision(name, kwargs)
     elif prefix == "open_clip":
         model = _open_clip(name, kwargs)
+    elif prefix == "timm":
+        model = _timm(name, kwargs)
     else:
         model = _import_path(prefix, name, kwargs)
     if not isinstance(model, nn.Module):
@@ -70,6 +73,18 @@ def _open_clip(name: str, kwargs: dict[str, Any]) -> nn.Module:
             f"(e.g. {', '.join(sorted(available)[:8])}, ...)"
         )
     return open_clip.create_model(name, pretrained=None, **kwargs).visual
+
+
+def _timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise ArchitectureError(f"architecture 'timm:{name}': timm is not installed (pip install timm)") from None
+    if not timm.is_model(name):
+        raise ArchitectureError(
+            f"architecture 'timm:{name}': timm has no model {name!r} (e.g. {', '.join(timm.list_models()[:8])}, ...)"
+        )
+    return timm.create_model(name, pretrained=False, **kwargs)
 
 
 def _import_path(module_name: str, attribute: str, kwargs: dict[str, Any]) -> nn.Module:
