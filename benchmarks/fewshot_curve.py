@@ -247,7 +247,7 @@ def write_results(args, assets, fixed: dict, curve: dict, pool_record: dict, bui
         "assets_manifest": json.loads(Path(assets.manifest).read_text()),
         "splits": json.loads(Path(assets.splits).read_text()),
         "shot_pool": pool_record,
-        "test": "the demo's eval/<task> folders (its test part), the same as vision.json's",
+        "test": "the demo's eval/<task> folders (its test part)" + ("" if args.quick else ", the same as vision.json's"),
         "build_s": build_s,
         "pool_s": pool_s,
         "shots": curve,
@@ -268,7 +268,7 @@ def markdown(payload: dict) -> str:
     lines = [
         f"aTLAS few-shot ({payload['granularity']}-wise λ, init {payload['init']:g}, lr {payload['lr']:g}, "
         f"{payload['steps']} steps, batch {payload['batch_size']} "
-        f"per task, seed {payload['seed']}); shots drawn from the demo's fine-tuning rows, test = vision.json's. "
+        f"per task, seed {payload['seed']}); shots drawn from the demo's fine-tuning rows, test = {payload['test']}. "
         "Wall time and peak RSS are each run's whole `adamerge fit` process (load, evaluation, fit); the 1-minute "
         "load average before and after each run is in the JSON (`load_1min`).",
         "",
