@@ -138,9 +138,10 @@ class LabelledImageFolder(Dataset):
 
 
 class CalibrationView(Dataset):
-    """The training items of one task: a (seeded) subset of a calibration dataset.
+    """The training items of one task: a (seeded) subset of a calibration dataset (images or
+    tokenised texts).
 
-    Items are the image tensor alone, or a dict ``{"inputs", "labels"?, "index"?}`` where ``index``
+    Items are the input alone, or a dict ``{"inputs", "labels"?, "index"?}`` where ``index``
     is the item's position in this view (to look up cached expert outputs) and ``labels`` come from
     a labelled source (few-shot).
     """
@@ -166,11 +167,20 @@ class CalibrationView(Dataset):
         return out
 
 
-def few_shot_indices(dataset: LabelledImageFolder, shots: int, seed: int) -> list[int]:
-    """``shots`` sample indices per class, drawn with ``seed`` (all of a class if it has fewer)."""
+def few_shot_indices(labels: LabelledImageFolder | Sequence[int], shots: int, seed: int) -> list[int]:
+    """``shots`` sample indices per class, drawn with ``seed`` (all of a class if it has fewer), in
+    dataset order within each class.
+
+    Args:
+        labels: the class index of every sample, or a :class:`LabelledImageFolder`.
+        shots: samples per class.
+        seed: seed of the draw.
+    """
+    if isinstance(labels, LabelledImageFolder):
+        labels = [label for _, label in labels.samples]
     generator = torch.Generator().manual_seed(seed)
     by_class: dict[int, list[int]] = {}
-    for index, (_, label) in enumerate(dataset.samples):
+    for index, label in enumerate(labels):
         by_class.setdefault(label, []).append(index)
     chosen = []
     for label in sorted(by_class):

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from adamerge.data import MultiTaskDataModule
+from adamerge.data import CalibrationView, MultiTaskDataModule, few_shot_indices
 from adamerge.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -231,49 +231,6 @@ class PadCollator:
         return self.pad(items)
 
 
-class TextCalibrationView(Dataset):
-    """The training items of one task: a (seeded) subset of a tokenised dataset.
-
-    Items are the encoding alone, or ``{"inputs": encoding, "labels"?, "index"?}`` where ``index``
-    is the position in this view (to look up cached expert outputs) and ``labels`` come from a
-    labelled source (few-shot).
-    """
-
-    def __init__(self, dataset: TokenizedTexts, indices: Sequence[int], with_index: bool = False) -> None:
-        self.dataset = dataset
-        self.indices = list(indices)
-        self.with_index = with_index
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, position: int) -> Any:
-        item = self.dataset[self.indices[position]]
-        if isinstance(item, tuple):
-            out = {"inputs": item[0], "labels": item[1]}
-        elif self.with_index:
-            out = {"inputs": item}
-        else:
-            return item
-        if self.with_index:
-            out["index"] = position
-        return out
-
-
-def few_shot_text_indices(labels: Sequence[int], shots: int, seed: int) -> list[int]:
-    """``shots`` indices per class drawn with ``seed`` (all of a class with fewer), in file order."""
-    generator = torch.Generator().manual_seed(seed)
-    by_class: dict[int, list[int]] = {}
-    for index, label in enumerate(labels):
-        by_class.setdefault(label, []).append(index)
-    chosen = []
-    for label in sorted(by_class):
-        members = by_class[label]
-        order = torch.randperm(len(members), generator=generator)[:shots]
-        chosen.extend(members[i] for i in sorted(order.tolist()))
-    return chosen
-
-
 class MultiTaskTextDataModule(MultiTaskDataModule):
     """Unlabeled calibration texts per task (training) and optional labelled evaluation texts.
 
@@ -348,7 +305,7 @@ class MultiTaskTextDataModule(MultiTaskDataModule):
         self.collate = PadCollator(pad if pad is not None else 0, getattr(tokenizer, "padding_side", "right"))
         if not self.calib_dir.is_dir():
             raise DataError(f"--calib {self.calib_dir} does not exist (expected one folder of .txt/.jsonl files per task)")
-        self.calibration: dict[str, TextCalibrationView] = {}
+        self.calibration: dict[str, CalibrationView] = {}
         self.evaluation: dict[str, TokenizedTexts] = {}
 
     def _tokenized(self, records: TextRecords, task: str) -> TokenizedTexts:
@@ -366,15 +323,15 @@ class MultiTaskTextDataModule(MultiTaskDataModule):
             for task, dataset in self.evaluation.items():
                 logger.info("evaluation %s: %d labelled texts, %s classes", task, len(dataset), dataset.num_classes)
 
-    def _calibration_view(self, task: str, position: int) -> TextCalibrationView:
+    def _calibration_view(self, task: str, position: int) -> CalibrationView:
         seed = self.seed + 1000 * (position + 1)
         if self.shots is not None:
             labelled = self._tokenized(read_labelled(self.calib_dir, task, self.num_classes.get(task)), task)
-            return TextCalibrationView(labelled, few_shot_text_indices(labelled.labels, self.shots, seed), self.with_index)
+            return CalibrationView(labelled, few_shot_indices(labelled.labels, self.shots, seed), self.with_index)
         dataset = self._tokenized(read_unlabeled(self.calib_dir, task), task)
         indices = self.subset_indices(len(dataset), seed)
         logger.info("calibration %s: %d texts", task, len(indices))
-        return TextCalibrationView(dataset, indices, self.with_index)
+        return CalibrationView(dataset, indices, self.with_index)
 
     def class_counts(self) -> Mapping[str, int]:
         """Number of classes per task in the evaluation data (empty without ``eval_dir``)."""
