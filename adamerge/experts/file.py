@@ -54,22 +54,35 @@ def select_heads(state_names: list[str], head_pattern: str | None) -> list[str]:
 def load_base(model: nn.Module, path: Path) -> dict[str, torch.Tensor]:
     """Load the base weights file into ``model`` (strict), naming any key or shape that differs."""
     state = load_state_dict(path)
-    expected = model.state_dict()
+    check_state_fits(model.state_dict(), state, f"base weights {path}", f"do not fit {type(model).__name__}")
+    model.load_state_dict(state, strict=True)
+    return model.state_dict()
+
+
+def check_state_fits(
+    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str, target: str
+) -> None:
+    """Refuse a state dict whose keys or shapes differ from ``expected``, naming keys and shapes.
+
+    Args:
+        expected: the architecture's own state dict.
+        state: the loaded one.
+        what: the file, as the message names it (``"base weights PATH"``).
+        target: what a key mismatch says of it (``"do not fit ResNet"``).
+    """
     missing = [k for k in expected if k not in state]
     extra = [k for k in state if k not in expected]
     if missing or extra:
         raise CheckpointError(
-            f"base weights {path} do not fit {type(model).__name__}: "
+            f"{what} {target}: "
             f"{len(missing)} missing (e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]})"
         )
     for name, tensor in expected.items():
         if state[name].shape != tensor.shape:
             raise CheckpointError(
-                f"base weights {path}: tensor {name!r} has shape {tuple(state[name].shape)}, "
+                f"{what}: tensor {name!r} has shape {tuple(state[name].shape)}, "
                 f"the architecture expects {tuple(tensor.shape)}"
             )
-    model.load_state_dict(state, strict=True)
-    return model.state_dict()
 
 
 def load_file_experts(

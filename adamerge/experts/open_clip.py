@@ -57,7 +57,7 @@ from torch import nn
 from adamerge.checkpoints import check_finite_tensors, load_state_dict, save_state_dict
 from adamerge.errors import AdamergeError, ArchitectureError, CheckpointError, DataError, IncompatibleExpertError
 from adamerge.experts.base import ExpertSet, SourceOptions
-from adamerge.experts.file import load_file_experts, parse_base_spec
+from adamerge.experts.file import check_state_fits, load_file_experts, parse_base_spec
 from adamerge.export import write_json
 from adamerge.task_vectors import TaskVectors, check_expert_keys
 
@@ -370,17 +370,7 @@ def _load_clip_state(clip: nn.Module, state: StateDict, path: Path) -> None:
             f"task-vectors ImageEncoder saves it; zero-shot heads need the full CLIP: pass the open_clip "
             f"checkpoint (open_clip.create_model(ARCH, pretrained=...).state_dict())"
         )
-    if missing or extra:
-        raise CheckpointError(
-            f"base {path} does not fit open_clip CLIP {type(clip).__name__}: {len(missing)} missing "
-            f"(e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]})"
-        )
-    for name, tensor in expected.items():
-        if state[name].shape != tensor.shape:
-            raise CheckpointError(
-                f"base {path}: tensor {name!r} has shape {tuple(state[name].shape)}, "
-                f"the architecture expects {tuple(tensor.shape)}"
-            )
+    check_state_fits(expected, state, f"base {path}", f"does not fit open_clip CLIP {type(clip).__name__}")
     clip.load_state_dict(state, strict=True)
 
 
