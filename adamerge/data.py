@@ -204,12 +204,39 @@ class MultiTaskDataModule(L.LightningDataModule):
     """What the image and text DataModules share: seeded loaders with per-rank sharding, the
     round-robin training loader and the per-task evaluation loaders.
 
-    Subclasses set ``tasks``, ``calibration`` (``{task: dataset}``, filled by ``setup``),
-    ``evaluation``, ``eval_dir``, ``batch_size``, ``eval_batch_size``, ``num_workers``, ``seed``,
-    ``shuffle`` and ``collate`` (``None``: PyTorch's default collation).
+    Subclasses fill ``calibration`` and ``evaluation`` (``{task: dataset}``) in ``setup`` and may
+    set ``collate`` (``None``: PyTorch's default collation). The arguments are described by the
+    subclasses.
     """
 
     collate: Callable[[list[Any]], Any] | None = None
+
+    def __init__(
+        self,
+        calib_dir: str | Path,
+        tasks: Sequence[str],
+        eval_dir: str | Path | None,
+        batch_size: int,
+        eval_batch_size: int,
+        num_workers: int,
+        seed: int,
+        shuffle: bool,
+        shots: int | None,
+        limit_per_task: int | None,
+        with_index: bool,
+    ) -> None:
+        super().__init__()
+        self.calib_dir = Path(calib_dir)
+        self.eval_dir = Path(eval_dir) if eval_dir is not None else None
+        self.tasks = list(tasks)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.shuffle = shuffle
+        self.shots = shots
+        self.limit_per_task = limit_per_task
+        self.with_index = with_index
 
     def subset_indices(self, size: int, seed: int) -> list[int]:
         """``limit_per_task`` seeded indices of ``range(size)`` (all of them without a limit)."""
@@ -316,18 +343,10 @@ class MultiTaskImageDataModule(MultiTaskDataModule):
         with_index: bool = False,
         transform: Callable[[Image.Image], torch.Tensor] | None = None,
     ) -> None:
-        super().__init__()
-        self.shuffle = shuffle
-        self.shots = shots
-        self.limit_per_task = limit_per_task
-        self.with_index = with_index
-        self.calib_dir = Path(calib_dir)
-        self.eval_dir = Path(eval_dir) if eval_dir is not None else None
-        self.tasks = list(tasks)
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
-        self.seed = seed
+        super().__init__(
+            calib_dir, tasks, eval_dir, batch_size, eval_batch_size, num_workers, seed, shuffle, shots,
+            limit_per_task, with_index,
+        )
         self.transform = transform if transform is not None else build_image_transform(image_size, mean, std)
         if not self.calib_dir.is_dir():
             raise DataError(f"--calib {self.calib_dir} does not exist (expected one folder of images per task)")

@@ -277,26 +277,18 @@ class MultiTaskTextDataModule(MultiTaskDataModule):
         with_index: bool = False,
         num_classes: Mapping[str, int] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            calib_dir, tasks, eval_dir, batch_size, eval_batch_size, num_workers, seed, shuffle, shots,
+            limit_per_task, with_index,
+        )
         if tokenizer is None:
             raise DataError("text data needs a tokenizer (the expert source provides the base's)")
         if max_length < 1:
             raise DataError(f"--max-length {max_length}: expected a positive number of tokens")
         if shots is not None and shots < 1:
             raise DataError(f"--shots {shots}: expected at least 1 example per class")
-        self.calib_dir = Path(calib_dir)
-        self.eval_dir = Path(eval_dir) if eval_dir is not None else None
-        self.tasks = list(tasks)
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
-        self.seed = seed
-        self.shuffle = shuffle
-        self.shots = shots
-        self.limit_per_task = limit_per_task
-        self.with_index = with_index
         self.num_classes = dict(num_classes or {})
         pad = getattr(tokenizer, "pad_token_id", None)
         if pad is None:
