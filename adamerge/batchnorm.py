@@ -7,18 +7,29 @@ calibration data, 0.29 with the pretrained ones). Policies:
 - ``reestimate`` (default): while the coefficients are trained, normalisation layers use the
   statistics of each batch; before evaluation and export the running statistics are reset and
   recomputed (cumulative average) with the current merged weights on the calibration data.
+- ``per-task``: as ``reestimate``, but each task gets its own running statistics, computed on its
+  own calibration data; they become part of the task's head (task-specific tensors, exported with
+  it). Training batches hold one task each, so the training-time batch statistics are per-task
+  too. The classifier heads already make evaluation task-aware; the statistics cost
+  ``2 × channels`` numbers per layer and task. On the vision demo (5 MobileNetV2 experts, task
+  arithmetic at λ = 0.3) normalized accuracy is 85.7 % with per-task statistics against 63.8 %
+  with statistics pooled over all tasks.
 - ``base``: keep the pretrained running statistics (layers always in eval mode).
 - ``merge``: treat float buffers like weights: ``θ_0 + Σ_k λ_k τ_k`` over the experts' statistics.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-BATCHNORM_POLICIES = ("reestimate", "base", "merge")
+from adamerge.errors import DataError
+
+BATCHNORM_POLICIES = ("reestimate", "per-task", "base", "merge")
+REESTIMATING_POLICIES = ("reestimate", "per-task")  # policies that recompute statistics on calibration data
+STATISTIC_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -56,3 +67,48 @@ def reestimate_running_stats(model: nn.Module, run_batches: Callable[[], int]) -
             layer.momentum = momentum
             layer.train(training)
     return seen
+
+
+def running_stat_names(model: nn.Module) -> list[str]:
+    """Names (in ``model.state_dict()`` keys) of every BatchNorm running-statistics buffer."""
+    owners = {id(layer) for layer in batchnorm_layers(model)}
+    names = []
+    for module_name, module in model.named_modules():
+        if id(module) in owners:
+            prefix = f"{module_name}." if module_name else ""
+            names += [prefix + b for b in STATISTIC_BUFFERS if getattr(module, b, None) is not None]
+    return names
+
+
+@torch.no_grad()
+def per_task_running_stats(
+    model: nn.Module, tasks: Sequence[str], run_task_batches: Callable[[str], int]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Running statistics of ``model``'s BatchNorm layers re-estimated on each task's data alone.
+
+    The model's own buffers are restored afterwards; the statistics are returned as copies.
+
+    Args:
+        model: the module whose BatchNorm layers are run (e.g. by functional calls with merged weights).
+        tasks: task names, in order.
+        run_task_batches: runs one task's data through the model and returns the number of samples.
+
+    Returns:
+        ``{task: {buffer name: tensor}}`` (empty dicts when the model has no BatchNorm layer).
+    """
+    names = running_stat_names(model)
+    if not names:
+        return {task: {} for task in tasks}
+    buffers = dict(model.named_buffers())
+    saved = {name: buffers[name].clone() for name in names}
+    statistics = {}
+    try:
+        for task in tasks:
+            seen = reestimate_running_stats(model, lambda task=task: run_task_batches(task))
+            if seen == 0:
+                raise DataError(f"task {task!r} has no calibration data to estimate its BatchNorm statistics on")
+            statistics[task] = {name: buffers[name].detach().clone() for name in names}
+    finally:
+        for name, value in saved.items():
+            buffers[name].copy_(value)
+    return statistics

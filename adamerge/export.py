@@ -97,7 +97,8 @@ def write_merged_model(
     """The merged weights in the base architecture's own state-dict keys.
 
     ``merged.pt`` is a complete state dict (with the base's head tensors); ``heads/<task>.pt``
-    holds each task's head tensors. Plain PyTorch loads them, no adamerge needed::
+    holds each task's head tensors (and, under ``--batchnorm per-task``, its BatchNorm running
+    statistics). Plain PyTorch loads them, no adamerge needed::
 
         model = torchvision.models.mobilenet_v2(num_classes=10)
         model.load_state_dict(torch.load("merged.pt") | torch.load("heads/mnist.pt"))
@@ -111,8 +112,12 @@ def write_merged_model(
 
 def write_merged_model_of(directory: Path, merged: MergedModel, writer: MergedModelWriter | None = None) -> dict[str, str]:
     """Write a :class:`MergedModel` at its current coefficients with ``writer`` (an expert source's
-    own format) or :func:`write_merged_model`."""
-    heads = {task: merged.heads.for_task(task) for task in merged.heads.tasks}
+    own format) or :func:`write_merged_model`; per-task BatchNorm statistics travel with the heads."""
+    was_training = merged.training
+    merged.eval()
+    tasks = merged.tasks if (merged.heads.names or merged.statistics.names) else ()
+    heads = {task: merged.task_tensors(task) for task in tasks}
+    merged.train(was_training)
     return (writer or write_merged_model)(directory, merged.merged_state_dict(), heads)
 
 

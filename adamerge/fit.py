@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from adamerge.batchnorm import REESTIMATING_POLICIES
 from adamerge.data import build_datamodule
 from adamerge.errors import AdamergeError
 from adamerge.evaluation import accuracy, with_average
@@ -83,7 +84,7 @@ class FitSettings:
         granularity: ``task``, ``layer`` or ``group:REGEX``.
         init: initial λ (method default when ``None``).
         constraint: ``clamp``, ``sigmoid`` or ``none`` (method default when ``None``).
-        batchnorm: BatchNorm statistics policy (``reestimate``, ``base``, ``merge``).
+        batchnorm: BatchNorm statistics policy (``reestimate``, ``per-task``, ``base``, ``merge``).
         task_vector_dtype: storage dtype of the task vectors.
         steps: optimisation steps (each sees one batch of every task).
         lr: learning rate (method default when ``None``).
@@ -219,7 +220,7 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
         metrics["steps"] = trainer.global_step
         if settings.eval is not None:
             metrics["accuracy"][f"{settings.method} ({settings.granularity})"] = _test(trainer, module, data)
-        elif merged.batchnorm == "reestimate":
+        elif merged.batchnorm in REESTIMATING_POLICIES:
             trainer.strategy.barrier()
             module.reestimate_batchnorm()  # exported statistics belong to the learned λ
         if trainer.is_global_zero:

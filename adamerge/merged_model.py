@@ -19,7 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from adamerge.batchnorm import BATCHNORM_POLICIES, batchnorm_layers, reestimate_running_stats
+from adamerge.batchnorm import (
+    BATCHNORM_POLICIES,
+    REESTIMATING_POLICIES,
+    batchnorm_layers,
+    per_task_running_stats,
+    reestimate_running_stats,
+)
 from adamerge.coefficients import Coefficients
 from adamerge.errors import AdamergeError
 from adamerge.granularity import Granularity, TensorWise, parse_granularity
@@ -106,6 +112,7 @@ class MergedModel(nn.Module):
         if self.heads.tasks and set(self.heads.tasks) != set(self.tasks):
             raise AdamergeError(f"heads are given for {list(self.heads.tasks)}, experts are {list(self.tasks)}")
         self.batchnorm = batchnorm
+        self.statistics = TaskHeads({})  # per-task BatchNorm statistics (policy ``per-task``), once estimated
         self._check_names()
         self._use_time = self._use_time_names()
         self.train(False)
@@ -178,12 +185,22 @@ class MergedModel(nn.Module):
             tensors, at_use = self._merge_split()
         else:
             tensors = dict(merged)
-        if self.heads.names:
-            if task is None:
-                raise AdamergeError(f"this model has task-specific heads: pass task= one of {', '.join(self.tasks)}")
-            tensors.update(self.heads.for_task(task))
+        tensors.update(self.task_tensors(task))
         with _merge_at_use(self.model, at_use):
             return call_functional(self.model, tensors, inputs)  # logits (a ModelOutput's ``.logits``)
+
+    def task_tensors(self, task: str | None) -> dict[str, torch.Tensor]:
+        """The tensors specific to ``task``: its head and, once estimated and outside training, its
+        BatchNorm statistics (policy ``per-task``; training uses batch statistics, and running
+        statistics passed to a training forward would be updated in place)."""
+        if not self.heads.names and not self.statistics.names:
+            return {}
+        if task is None:
+            raise AdamergeError(f"this model has task-specific tensors: pass task= one of {', '.join(self.tasks)}")
+        tensors = self.heads.for_task(task) if self.heads.names else {}
+        if self.statistics.names and not self.training:
+            tensors |= self.statistics.for_task(task)
+        return tensors
 
     def _merge_split(self) -> tuple[dict[str, torch.Tensor], dict[str, _UseTimeMerge]]:
         """Tensors merged now, and ``{name: merge}`` of the factored ones merged at use time."""
@@ -208,7 +225,7 @@ class MergedModel(nn.Module):
         statistics while training."""
         super().train(mode)
         self.model.eval()
-        if mode and self.batchnorm == "reestimate":
+        if mode and self.batchnorm in REESTIMATING_POLICIES:
             for layer in batchnorm_layers(self.model):
                 layer.train()
         return self
@@ -229,35 +246,49 @@ class MergedModel(nn.Module):
     def reestimate_batchnorm(self, batches: Iterable[tuple[str, Inputs]]) -> int:
         """Recompute the BatchNorm running statistics with the current merged weights.
 
+        Under the ``per-task`` policy each task's statistics are computed on its own batches and
+        kept in :attr:`statistics`; otherwise the model's running statistics are recomputed on all.
+
         Args:
             batches: ``(task, inputs)`` pairs, e.g. the calibration data of every task.
 
         Returns:
             Number of samples seen (0 if the model has no BatchNorm layer).
         """
+        if not batchnorm_layers(self.model):
+            return 0
         merged = self.merged_tensors()
 
-        def run_batches() -> int:
+        def run(pairs: Iterable[tuple[str, Inputs]]) -> int:
             seen = 0
-            for task, inputs in batches:
+            for task, inputs in pairs:
                 tensors = merged | (self.heads.for_task(task) if self.heads.names else {})
                 call_functional(self.model, tensors, inputs)
                 seen += input_batch_size(inputs)
             return seen
 
-        return reestimate_running_stats(self.model, run_batches)
+        if self.batchnorm != "per-task":
+            return reestimate_running_stats(self.model, lambda: run(batches))
+        by_task: dict[str, list[Inputs]] = {task: [] for task in self.tasks}
+        for task, inputs in batches:
+            by_task[task].append(inputs)
+        statistics = per_task_running_stats(
+            self.model, self.tasks, lambda task: run((task, inputs) for inputs in by_task[task])
+        )
+        self.statistics = TaskHeads(statistics)
+        return sum(input_batch_size(inputs) for items in by_task.values() for inputs in items)
 
     @torch.no_grad()
     def merged_state_dict(self, task: str | None = None) -> dict[str, torch.Tensor]:
         """The full state dict of the merged model, in the base architecture's own keys.
 
         Args:
-            task: include this task's head tensors (else the base's head tensors are kept).
+            task: include this task's head tensors and per-task statistics (else the base's are kept).
         """
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         state.update({k: v.detach().clone() for k, v in self.merged_tensors().items()})
-        if task is not None and self.heads.names:
-            state.update({k: v.detach().clone() for k, v in self.heads.for_task(task).items()})
+        if task is not None:
+            state.update({k: v.detach().clone() for k, v in self.task_tensors(task).items()})
         return state
 
     def merge_and_unload(self, task: str | None = None) -> nn.Module:
@@ -266,8 +297,8 @@ class MergedModel(nn.Module):
         Its outputs equal :meth:`forward` for ``task`` (in eval mode). Head tensors of another shape
         than the base's (e.g. 10 classes instead of 1000) replace the base's parameters.
         """
-        if self.heads.names and task is None:
-            raise AdamergeError(f"this model has task-specific heads: pass task= one of {', '.join(self.tasks)}")
+        if (self.heads.names or self.statistics.names) and task is None:
+            raise AdamergeError(f"this model has task-specific tensors: pass task= one of {', '.join(self.tasks)}")
         plain = copy.deepcopy(self.model)
         state = self.merged_state_dict(task)
         for name, tensor in state.items():

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from adamerge.batchnorm import REESTIMATING_POLICIES
 from adamerge.errors import AdamergeError
 from adamerge.merge import PrecomputedGradient
 from adamerge.merged_model import MergedModel
@@ -84,6 +85,13 @@ class MergingModule(L.LightningModule):
         return self.merged.tasks
 
     # -- training ----------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        # Lightning keeps the modes modules were built with; the merged model is built in eval mode
+        # (so evaluation and export before any training are deterministic). Training puts it in
+        # its training mode: dropout stays off, BatchNorm uses batch statistics under the
+        # re-estimating policies (see MergedModel.train).
+        self.merged.train()
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         if self.merged.merges_at_use:
             return self._low_rank_training_step(batch)
@@ -162,7 +170,7 @@ class MergingModule(L.LightningModule):
 
     @torch.no_grad()
     def _prepare_evaluation(self) -> None:
-        if self.merged.batchnorm == "reestimate":
+        if self.merged.batchnorm in REESTIMATING_POLICIES:
             self.reestimate_batchnorm()
         self._eval_merged = self.merged.merged_tensors()
 
@@ -175,7 +183,9 @@ class MergingModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         loaders = getattr(datamodule, "calibration_loaders", None)
         if loaders is None:
-            logger.warning("batchnorm policy 'reestimate' needs a datamodule with calibration_loaders(); skipped")
+            logger.warning(
+                "batchnorm policy %r needs a datamodule with calibration_loaders(); skipped", self.merged.batchnorm
+            )
             return
         batches = (
             (task, move_inputs(as_task_batch(item).inputs, self.device))

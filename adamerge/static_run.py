@@ -17,7 +17,12 @@ from typing import Any
 import lightning as L
 import torch
 
-from adamerge.batchnorm import batchnorm_layers, reestimate_running_stats
+from adamerge.batchnorm import (
+    REESTIMATING_POLICIES,
+    batchnorm_layers,
+    per_task_running_stats,
+    reestimate_running_stats,
+)
 from adamerge.data import build_datamodule
 from adamerge.errors import AdamergeError
 from adamerge.evaluation import accuracy, with_average
@@ -51,7 +56,7 @@ class MergeSettings:
         calib: optional unlabeled folder per task (BatchNorm re-estimation).
         eval: optional ``<task>/<class>/<image>`` folder of labelled data.
         head_pattern: regex of task-specific tensors (never merged).
-        batchnorm: ``reestimate`` (needs ``calib``), ``base`` or ``merge``.
+        batchnorm: ``reestimate`` or ``per-task`` (both need ``calib``), ``base`` or ``merge``.
         batch_size: inputs per batch for BatchNorm re-estimation.
         eval_batch_size: inputs per evaluation batch.
         image_size: square input side (image experts).
@@ -93,8 +98,8 @@ def run_merge(settings: MergeSettings) -> dict[str, Any]:
     experts = load_experts(settings.base, settings.experts, source_options(settings))
     data = None
     if settings.calib is not None or settings.eval is not None:
-        if settings.calib is None and settings.batchnorm == "reestimate" and batchnorm_layers(experts.model):
-            raise AdamergeError("--batchnorm reestimate needs --calib data (or choose --batchnorm base)")
+        if settings.calib is None and settings.batchnorm in REESTIMATING_POLICIES and batchnorm_layers(experts.model):
+            raise AdamergeError(f"--batchnorm {settings.batchnorm} needs --calib data (or choose --batchnorm base)")
         data = build_datamodule(
             experts, settings.calib or settings.eval, eval_dir=settings.eval, batch_size=settings.batch_size,
             eval_batch_size=settings.eval_batch_size, image_size=settings.image_size, max_length=settings.max_length,
@@ -110,26 +115,30 @@ def run_merge(settings: MergeSettings) -> dict[str, Any]:
         tensors = dict(model.named_parameters()) | dict(model.named_buffers())
         for name, change in delta.items():
             tensors[name].add_(change.to(tensors[name].dtype))  # θ = θ_0 + merged delta, in place
-    heads = experts.heads
+    heads = dict(experts.heads)
 
     def forward(task: str):
         return lambda inputs: call_functional(model, heads.get(task, {}), inputs)
 
     model.eval()
-    if settings.batchnorm == "reestimate" and settings.calib is not None and data is not None:
+    if settings.batchnorm in REESTIMATING_POLICIES and settings.calib is not None and data is not None:
         loaders = data.calibration_loaders(shuffle=False)
 
-        def run_batches() -> int:
+        def run_batches(tasks: list[str]) -> int:
             seen = 0
             with torch.no_grad():
-                for task, loader in loaders.items():
-                    for item in loader:
+                for task in tasks:
+                    for item in loaders[task]:
                         inputs = as_task_batch(item).inputs
                         forward(task)(inputs)
                         seen += input_batch_size(inputs)
             return seen
 
-        reestimate_running_stats(model, run_batches)
+        if settings.batchnorm == "per-task":  # each task's statistics join its head
+            statistics = per_task_running_stats(model, list(experts.tasks), lambda task: run_batches([task]))
+            heads = {task: {**heads.get(task, {}), **statistics[task]} for task in experts.tasks}
+        else:
+            reestimate_running_stats(model, lambda: run_batches(list(loaders)))
     metrics: dict[str, Any] = {"tasks": list(experts.tasks), "method": settings.method, "options": options, "accuracy": {}}
     if settings.eval is not None and data is not None:
         loaders = dict(zip(data.tasks, data.evaluation_loaders(), strict=True))

@@ -83,3 +83,22 @@ def test_test_loop_reports_per_task_accuracy_matching_a_manual_count(tiny_setup,
             total += labels.numel()
         assert results[task] == pytest.approx(correct / total)
     assert results["average"] == pytest.approx(sum(results[t] for t in module.tasks) / 2)
+
+
+@pytest.mark.parametrize(("batchnorm", "batch_statistics"), [("reestimate", True), ("per-task", True), ("base", False)])
+@pytest.mark.parametrize("test_first", [False, True])
+def test_training_steps_use_batch_statistics_under_the_reestimating_policies(tiny_setup, tmp_path, batchnorm, batch_statistics, test_first):
+    """Lightning keeps modules in the mode they were built in; BatchNorm must still train (or not) as the policy says."""
+    module, data = build(tiny_setup, batchnorm=batchnorm)
+    if test_first:  # the evaluation loop's eval() / mode restore must not leak into training
+        trainer(tmp_path / "t", 1).test(module, datamodule=data, verbose=False)
+    seen: list[bool] = []
+    layer = module.merged.model[1]
+    handle = layer.register_forward_pre_hook(lambda m, args: seen.append(m.training) if torch.is_grad_enabled() else None)
+    before = layer.running_mean.clone()
+    trainer(tmp_path, 2).fit(module, datamodule=data)
+    handle.remove()
+    assert seen and set(seen) == {batch_statistics}
+    assert not module.merged.model[0].training  # everything else (dropout and the like) stays in eval mode
+    if not batch_statistics:
+        torch.testing.assert_close(layer.running_mean, before)

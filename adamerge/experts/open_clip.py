@@ -564,7 +564,9 @@ def write_open_clip_model(
     Args:
         directory: the output folder.
         state: the merged :class:`ZeroShotClassifier` state dict (``visual.*``, ``head.weight``, ...).
-        task_heads: ``{task: {"head.weight": (C, D)}}``.
+        task_heads: ``{task: {"head.weight": (C, D)}}``, plus the task's ``visual.*`` BatchNorm
+            statistics under ``--batchnorm per-task`` (saved as the payload's ``"state"``, to load
+            over the merged file: ``clip.load_state_dict(merged | payload["state"])``).
         base_rest: the base CLIP's tensors outside ``visual.*`` (text tower, ``logit_scale``, ...).
         config: ``{"model_cfg", "preprocess_cfg"}`` for ``open_clip_config.json``.
         heads: the zero-shot heads (class names and templates).
@@ -585,6 +587,9 @@ def write_open_clip_model(
             "classnames": list(heads[task].classnames),
             "templates": list(heads[task].templates),
         }
+        statistics = {k: v.detach().cpu() for k, v in tensors.items() if k.startswith(TOWER)}
+        if statistics:
+            payload["state"] = statistics
         _atomic_torch_save(payload, Path(directory) / "heads" / f"{task}.pt")
         files[f"head/{task}"] = f"heads/{task}.pt"
     return files
