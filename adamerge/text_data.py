@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from adamerge.data import CalibrationView, MultiTaskDataModule, few_shot_indices
 from adamerge.errors import DataError
@@ -191,6 +191,12 @@ class TokenizedTexts(Dataset):
         return encoding
 
 
+def by_length(dataset: TokenizedTexts) -> Subset:
+    """``dataset`` ordered by token count (stable: equal lengths keep the file order)."""
+    lengths = [len(ids) for ids in dataset.columns["input_ids"]]
+    return Subset(dataset, sorted(range(len(lengths)), key=lengths.__getitem__))
+
+
 class PadCollator:
     """Pads a batch of token lists to its longest example.
 
@@ -324,6 +330,15 @@ class MultiTaskTextDataModule(MultiTaskDataModule):
         indices = self.subset_indices(len(dataset), seed)
         logger.info("calibration %s: %d texts", task, len(indices))
         return CalibrationView(dataset, indices, self.with_index)
+
+    def evaluation_loaders(self) -> list[DataLoader]:
+        """Labelled batches per task, the texts grouped by length: accuracy does not depend on the
+        order, and a batch padded to its longest text then carries little padding (on the text
+        benchmark's six tasks, 2-2.5× fewer tokens than batches in file order)."""
+        if self.eval_dir is None:
+            return []
+        self.setup("test")
+        return [self._loader(by_length(self.evaluation[t]), self.eval_batch_size, shuffle=False) for t in self.tasks]
 
     def class_counts(self) -> Mapping[str, int]:
         """Number of classes per task in the evaluation data (empty without ``eval_dir``)."""

@@ -72,9 +72,28 @@ def test_batches_are_tokenised_truncated_and_padded_per_batch(folders, tokenizer
     assert second["attention_mask"][1].tolist() == [1, 1, 1, 1, 0]
     assert as_task_batch(first).inputs["input_ids"] is first["input_ids"]
     inputs, labels = next(iter(data.evaluation_loaders()[1]))
-    assert inputs["input_ids"].shape == (4, 6) and labels.tolist() == [0, 1, 2, 0]
+    assert inputs["input_ids"].shape == (4, 6) and labels.tolist() == [0, 1, 2, 0]  # equal lengths: file order
     assert dict(data.class_counts()) == {"movies": 2, "news": 3}
     assert data.tasks == ["movies", "news"] and len(data.val_dataloader()) == 2
+
+
+def test_evaluation_batches_group_texts_by_length_and_cover_each_once(tmp_path, tokenizer):
+    lengths = [7, 1, 4, 9, 2, 2, 6, 3, 8, 5, 1]
+    rows = [{"text": sentence(i, n), "label": i % 3} for i, n in enumerate(lengths)]
+    write_jsonl(tmp_path / "eval" / "news.jsonl", rows)
+    (tmp_path / "calib" / "news").mkdir(parents=True)
+    (tmp_path / "calib" / "news" / "a.txt").write_text("the news\n")
+    data = MultiTaskTextDataModule(tmp_path / "calib", ["news"], tokenizer, max_length=64,
+                                   eval_dir=tmp_path / "eval", eval_batch_size=4)  # fmt: skip
+    seen, widths = [], []
+    for inputs, labels in data.evaluation_loaders()[0]:
+        widths.append(inputs["input_ids"].shape[1])
+        seen += [(tuple(ids[mask.bool()].tolist()), int(label)) for ids, mask, label in
+                 zip(inputs["input_ids"], inputs["attention_mask"], labels)]  # fmt: skip
+    expected = [(tuple(tokenizer(r["text"])["input_ids"]), r["label"]) for r in rows]
+    assert sorted(seen) == sorted(expected)  # every text once, with its own label
+    assert widths == sorted(widths) and widths[-1] == max(lengths) + 2  # [CLS] ... [SEP]
+    assert sum(widths[:-1]) < (len(widths) - 1) * widths[-1]  # the short texts share short batches
 
 
 def test_training_loader_is_round_robin_with_cycling(folders, tokenizer):
