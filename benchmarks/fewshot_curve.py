@@ -150,6 +150,8 @@ def main() -> None:
     parser.add_argument("--granularity", default="layer", help="λ layout (default layer: aTLAS's --blockwise)")
     parser.add_argument("--init", type=float, default=None, help="initial λ (default: aTLAS's 0, the pretrained model)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: aTLAS few-shot's 1e-1)")
+    parser.add_argument("--batchnorm", default="per-task", choices=["per-task", "reestimate", "base"],
+                        help="BatchNorm statistics policy (default: per-task, as vision_methods.py)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shot draws and of each fit (default 0)")
     parser.add_argument("--reference", type=Path, default=Path(__file__).resolve().parent / "results" / "vision.json",
                         help="results JSON whose rows are drawn as references (if its experts are these)")
@@ -159,11 +161,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    from adamerge.demo.vision import CACHE_ENV, DEFAULT_CACHE_DIR, build_vision_demo
+    from adamerge.demo.vision import build_vision_demo
 
-    cache_dir = args.cache_dir
-    if args.quick and cache_dir is None and not os.environ.get(CACHE_ENV):
-        cache_dir = DEFAULT_CACHE_DIR.parent / "demo-vision-quick"  # never overwrite the full demo's cache
+    cache_dir = args.cache_dir  # quick assets live in their own folder (build_vision_demo)
     shots_list = sorted(set(args.shots or (QUICK_SHOTS if args.quick else DEFAULT_SHOTS)))
     steps = args.steps or (10 if args.quick else 100)
 
@@ -182,6 +182,7 @@ def main() -> None:
         "--eval", str(assets.eval_dir),
         "--head-pattern", r"^classifier\.",
         "--image-size", str(assets.image_size),
+        "--batchnorm", args.batchnorm,
     ]
     fixed: dict[str, dict] = {}
     curve: dict[str, dict] = {}
@@ -237,6 +238,7 @@ def write_results(args, assets, fixed: dict, curve: dict, pool_record: dict, bui
         "granularity": args.granularity,
         "objective": "cross-entropy on the labelled shots (AdamW, weight decay 0.1, cosine schedule)",
         "init": 0.0 if args.init is None else args.init,
+        "batchnorm": args.batchnorm,
         "lr": 0.1 if args.lr is None else args.lr,
         "steps": steps,
         "batch_size": args.batch_size,

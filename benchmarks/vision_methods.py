@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+PRETRAINED = "pretrained (λ=0, expert heads)"  # the base backbone with each expert's head
 STATIC = ["average", "task-arithmetic", "ties", "dare", "breadcrumbs", "consensus", "lines"]
 LEARNED = {
     # name in the table: (method, granularity, extra options)
@@ -55,6 +56,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small demo assets and few steps")
     parser.add_argument("--steps", type=int, default=None, help="steps of every learned method (default 500 as AdaMerging's code, quick 20)")
     parser.add_argument("--methods", nargs="+", default=None, help="subset of table rows to run")
+    parser.add_argument("--batchnorm", default="per-task", choices=["per-task", "reestimate", "base"],
+                        help="BatchNorm statistics policy of every method (default: per-task)")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--out", type=Path, required=True)
@@ -72,14 +75,16 @@ def main() -> None:
         "--eval", str(assets.eval_dir),
         "--head-pattern", r"^classifier\.",
         "--image-size", str(assets.image_size),
+        "--batchnorm", args.batchnorm,
     ]
     results: dict[str, dict] = {}
     work = Path(tempfile.mkdtemp(prefix="adamerge-vision-"))
-    rows = [*STATIC, *LEARNED] if args.methods is None else args.methods
+    rows = [PRETRAINED, *STATIC, *LEARNED] if args.methods is None else args.methods
     for row in rows:
         output = work / row.replace(" ", "_").replace("(", "").replace(")", "")
-        if row in STATIC:
-            argv = ["merge", "--method", row, *common, "--calib", str(assets.calib_dir), "--output", str(output)]
+        if row in STATIC or row == PRETRAINED:
+            method, options = ("task-arithmetic", ["--options", "{scale: 0.0}"]) if row == PRETRAINED else (row, [])
+            argv = ["merge", "--method", method, *options, *common, "--calib", str(assets.calib_dir), "--output", str(output)]
         else:
             method, granularity, extra = LEARNED[row]
             argv = [
@@ -98,11 +103,11 @@ def main() -> None:
         if row == "adamerging (layer-wise)":
             initial = next(k for k in accuracy if k.startswith("task arithmetic"))
             results["task arithmetic (λ=0.3, fit's init)"] = {"per_task": accuracy[initial]}
-        final = accuracy[row if row in STATIC else f"{LEARNED[row][0]} ({LEARNED[row][1]})"]
+        final = accuracy["task-arithmetic" if row == PRETRAINED else row if row in STATIC else f"{LEARNED[row][0]} ({LEARNED[row][1]})"]
         results[row] = {"per_task": final, "wall_s": measured["wall_s"], "peak_rss_mb": measured["peak_rss_mb"]}
         sys.stderr.write(f"{row:30s} average {100 * final['average']:.1f}  {measured['wall_s']:.0f} s\n")
 
-    first = ["expert (alone)", "task arithmetic (λ=0.3, fit's init)"]
+    first = ["expert (alone)", PRETRAINED, "task arithmetic (λ=0.3, fit's init)"]
     results = {k: results[k] for k in first if k in results} | {k: v for k, v in results.items() if k not in first}
     experts = results["expert (alone)"]["per_task"]
     for entry in results.values():
@@ -114,6 +119,7 @@ def main() -> None:
         "tasks": assets.tasks,
         "image_size": assets.image_size,
         "steps": steps,
+        "batchnorm": args.batchnorm,
         "assets_manifest": json.loads(Path(assets.manifest).read_text()),
         "splits": json.loads(Path(assets.splits).read_text()),
         "build_s": build_s,

@@ -163,3 +163,13 @@ def test_cli_reuses_cache_and_reports_errors(built, tmp_path, caplog):
         assert demo.main(args) == 0
     assert "reusing cached expert" in caplog.text
     assert demo.main(["--cache-dir", str(tmp_path), "--data-root", str(tmp_path), "--no-table"]) == 2
+
+
+def test_quick_assets_never_overwrite_the_full_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAMERGE_CACHE", str(tmp_path / "demo"))
+    quick = build_vision_demo(DATA_ROOT, None, tasks=("usps",), quick=True, max_steps=1, finetune_size=40, calib_size=4, test_size=8)
+    assert quick.root == (tmp_path / "demo-quick").resolve()
+    assert not (tmp_path / "demo").exists()
+    explicit = build_vision_demo(DATA_ROOT, tmp_path / "mine", tasks=("usps",), quick=True, max_steps=1,
+                                 finetune_size=40, calib_size=4, test_size=8)  # fmt: skip
+    assert explicit.root == (tmp_path / "mine").resolve()  # an explicit folder is used as given

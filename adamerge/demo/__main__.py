@@ -40,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             calib=assets.calib_dir,
             eval=assets.eval_dir,
             head_pattern=r"^classifier\.",
+            batchnorm="per-task",  # each task's BatchNorm statistics, as its head (see adamerge.batchnorm)
             method="adamerging",
             granularity="layer",
             steps=args.steps or (30 if args.quick else 500),

@@ -529,7 +529,8 @@ def build_vision_demo(
             when something must be built.
         cache_dir: cache folder (see :func:`resolve_cache_dir`).
         tasks: task names of :data:`adamerge.datasets.VISION_TASKS`.
-        quick: smaller splits, images and training (smoke runs).
+        quick: smaller splits, images and training (smoke runs), cached in ``<cache>-quick`` unless
+            ``cache_dir`` is given.
         image_size: square input side.
         finetune_size: fine-tuning rows per task.
         calib_size: calibration rows per task.
@@ -555,6 +556,8 @@ def build_vision_demo(
     if unknown:
         raise DataError(f"unknown vision task(s) {', '.join(unknown)}; known: {', '.join(VISION_TASKS)}")
     root = resolve_cache_dir(cache_dir)
+    if quick and cache_dir is None:  # quick assets never share a folder with the full ones (as the text demo)
+        root = root.with_name(root.name + "-quick")
     root.mkdir(parents=True, exist_ok=True)
     manifest = _read_json(root / "manifest.json")
     if manifest.get("format") != FORMAT_VERSION:
