@@ -89,7 +89,10 @@ def main() -> None:
                        for flavour, part in zip(("full", "lora"), parts)], phases, threads=1)  # fmt: skip
         subprocess.run([py, "benchmarks/text_methods.py", "--join", *map(str, parts), "--out", str(out / "text.json")],
                        env=python_env(), cwd=REPO, check=True)  # fmt: skip
-        for part in parts:
+        for flavour, part in zip(("full", "lora"), parts):
+            coefficients = part.with_name(f"{part.stem}_coefficients_adamerging_{flavour}.json")
+            if coefficients.is_file():  # the name plots.py looks for beside text.json
+                coefficients.replace(out / f"text_coefficients_adamerging_{flavour}.json")
             for leftover in (part, part.with_suffix(".md")):
                 leftover.unlink(missing_ok=True)
     if "plots" not in args.skip:

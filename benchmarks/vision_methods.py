@@ -54,7 +54,7 @@ def run(argv: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small demo assets and few steps")
-    parser.add_argument("--steps", type=int, default=None, help="steps of every learned method (default 500 as AdaMerging's code, quick 20)")
+    parser.add_argument("--steps", type=int, default=None, help="steps of every learned method (default 100, as the text benchmark and the few-shot curve; quick 20)")
     parser.add_argument("--methods", nargs="+", default=None, help="subset of table rows to run")
     parser.add_argument("--batchnorm", default="per-task", choices=["per-task", "reestimate", "base"],
                         help="BatchNorm statistics policy of every method (default: per-task)")
@@ -68,7 +68,7 @@ def main() -> None:
     started = time.perf_counter()
     assets = build_vision_demo(data_root=args.data_root, cache_dir=args.cache_dir, quick=args.quick)
     build_s = time.perf_counter() - started
-    steps = args.steps or (20 if args.quick else 500)
+    steps = args.steps or (20 if args.quick else 100)
     common = [
         "--base", f"torchvision:mobilenet_v2@{assets.base}",
         "--experts", *[f"{t}={p}" for t, p in assets.experts.items()],
