@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -200,6 +201,7 @@ def main() -> None:
         load_before = os.getloadavg()[0]
         measured = run(argv)
         metrics = json.loads((output / "metrics.json").read_text())
+        shutil.rmtree(output, ignore_errors=True)  # the exported model is not needed (GBs per text run)
         accuracy = metrics["accuracy"]
         for name in accuracy:  # the experts alone (first run) and the initial merge (λ = init)
             if name != f"atlas ({args.granularity})" and name not in fixed:

@@ -102,6 +102,7 @@ def main() -> None:
                 target = args.out.with_name(f"{args.out.stem}_coefficients_adamerging_{flavour}.json")
                 shutil.copyfile(output / "coefficients.json", target)
             accuracy = json.loads((output / "metrics.json").read_text())["accuracy"]
+            shutil.rmtree(output, ignore_errors=True)  # the exported model is not needed (GBs per text run)
             if "expert (alone)" in accuracy:
                 results["expert (alone)"] = {"per_task": accuracy["expert (alone)"]}
             if row == "adamerging (layer-wise)":

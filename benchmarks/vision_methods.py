@@ -102,6 +102,7 @@ def main() -> None:
         if row == "adamerging (layer-wise)":  # learned λ per task and tensor, for benchmarks/plots.py's heatmap
             shutil.copyfile(output / "coefficients.json", args.out.with_name(f"{args.out.stem}_coefficients_adamerging.json"))
         metrics = json.loads((output / "metrics.json").read_text())
+        shutil.rmtree(output, ignore_errors=True)  # the exported model is not needed (GBs per text run)
         accuracy = metrics["accuracy"]
         if "expert (alone)" in accuracy:
             results["expert (alone)"] = {"per_task": accuracy["expert (alone)"]}
