@@ -99,6 +99,7 @@ class FitSettings:
         strategy: Lightning strategy (``auto``, ``ddp``, ...).
         overwrite: replace an existing output folder.
         eval_experts: also evaluate each expert alone on its own task.
+        eval_init: also evaluate the initial merge (λ = init) before training.
         base_kwargs: constructor keyword arguments of the architecture.
         trust_pickles: accept expert files that are pickled modules (they run code when loaded).
         progress_bar: show Lightning's progress bar.
@@ -141,6 +142,7 @@ class FitSettings:
     strategy: str = "auto"
     overwrite: bool = False
     eval_experts: bool = True
+    eval_init: bool = True
     base_kwargs: dict[str, Any] = field(default_factory=dict)
     trust_pickles: bool = False
     progress_bar: bool = True
@@ -210,7 +212,8 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
                 alone = evaluate_experts(experts, data, settings)
                 if alone:
                     metrics["accuracy"]["expert (alone)"] = alone
-            metrics["accuracy"][_initial_label(method)] = _test(trainer, module, data)
+            if settings.eval_init:
+                metrics["accuracy"][_initial_label(method)] = _test(trainer, module, data)
         fit_started = time.perf_counter()
         trainer.fit(module, datamodule=data)
         if method.refine_chunks:

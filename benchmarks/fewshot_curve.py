@@ -2,7 +2,7 @@
 """aTLAS few-shot on the real MobileNetV2 vision experts: accuracy vs labelled shots per class.
 
 For each number of shots per class (1, 2, 4, 8, 16) one fresh ``adamerge fit --method atlas
---shots N`` process (via :func:`vision_methods.run`, so wall time and peak RSS are its own) learns
+--shots N`` process (via :func:`runner.run`, so wall time and peak RSS are its own) learns
 layer-wise coefficients (aTLAS's ``--blockwise`` default; one λ per task and parameter tensor,
 init 0, no constraint) by cross-entropy on the labelled shots (AdamW lr 1e-1, wd 0.1, cosine), and
 is evaluated on the same held-out test folders as ``vision.json``.
@@ -40,7 +40,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plots import load_fewshot, plot_fewshot  # noqa: E402
-from vision_methods import results_table, run  # noqa: E402
+from runner import cpu_slot, run_all  # noqa: E402
+from vision_methods import results_table  # noqa: E402
 
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
 QUICK_SHOTS = (1, 4)
@@ -159,6 +160,8 @@ def main() -> None:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--cache-dir", default=None, help="demo cache (quick default: a separate demo-vision-quick folder)")
     parser.add_argument("--pool", type=Path, default=None, help="folder of the labelled shot pool (reused if complete; default: a temporary one)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="runs side by side (default 1; set OMP_NUM_THREADS=1 for more)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -169,12 +172,14 @@ def main() -> None:
     steps = args.steps or (10 if args.quick else 100)
 
     started = time.perf_counter()
-    assets = build_vision_demo(data_root=args.data_root, cache_dir=cache_dir, quick=args.quick)
+    with cpu_slot():
+        assets = build_vision_demo(data_root=args.data_root, cache_dir=cache_dir, quick=args.quick)
     build_s = time.perf_counter() - started
     work = Path(tempfile.mkdtemp(prefix="adamerge-fewshot-"))
     started = time.perf_counter()
     pool = args.pool or work / "shots"
-    pool_record = build_shot_pool(assets, args.data_root, pool)
+    with cpu_slot():
+        pool_record = build_shot_pool(assets, args.data_root, pool)
     pool_s = time.perf_counter() - started
     tasks = assets.tasks
     common = [
@@ -187,23 +192,27 @@ def main() -> None:
     ]
     fixed: dict[str, dict] = {}
     curve: dict[str, dict] = {}
+    jobs = []
     for position, shots in enumerate(shots_list):
-        output = work / f"atlas_{shots}shot"
+        first = "true" if position == 0 else "false"  # the experts and the initial merge are evaluated once
         argv = [
             "fit", "--method", "atlas", "--shots", str(shots), "--granularity", args.granularity, *common,
             "--calib", str(pool), "--steps", str(steps), "--batch-size", str(args.batch_size),
-            "--seed", str(args.seed), "--output", str(output), "--progress-bar", "false",
-            "--eval-experts", "true" if position == 0 else "false",
+            "--seed", str(args.seed), "--output", str(work / f"atlas_{shots}shot"), "--progress-bar", "false",
+            "--eval-experts", first, "--eval-init", first,
         ]  # fmt: skip
         for option in ("init", "lr"):
             if getattr(args, option) is not None:
                 argv += [f"--{option}", str(getattr(args, option))]
-        load_before = os.getloadavg()[0]
-        measured = run(argv)
+        jobs.append((shots, argv))
+    load_before = os.getloadavg()[0]
+
+    def collect(shots: int, measured: dict) -> None:
+        output = work / f"atlas_{shots}shot"
         metrics = json.loads((output / "metrics.json").read_text())
-        shutil.rmtree(output, ignore_errors=True)  # the exported model is not needed (GBs per text run)
+        shutil.rmtree(output, ignore_errors=True)  # the exported model is not needed
         accuracy = metrics["accuracy"]
-        for name in accuracy:  # the experts alone (first run) and the initial merge (λ = init)
+        for name in accuracy:  # the experts alone and the initial merge (λ = init), from the first run
             if name != f"atlas ({args.granularity})" and name not in fixed:
                 fixed[name] = {"per_task": accuracy[name]}
         split, seeds = drawn_shots(pool, tasks, shots, args.seed)
@@ -214,12 +223,15 @@ def main() -> None:
             "peak_rss_mb": measured["peak_rss_mb"],
             "fit_s": metrics["timing_s"]["fit"],
             "steps": metrics["steps"],
-            "load_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after (shared machine)
+            "load_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # start of the curve, this run's end
             "seeds": {"fit": args.seed, "shot_draw": seeds},
             "split": split,
         }
         sys.stderr.write(f"{shots:3d} shots: average {100 * final['average']:.1f}  {measured['wall_s']:.0f} s\n")
-        write_results(args, assets, fixed, curve, pool_record, build_s, pool_s, steps)  # after every run
+
+    run_all(jobs, args.workers, collect)
+    curve = {str(shots): curve[str(shots)] for shots in shots_list}
+    write_results(args, assets, fixed, curve, pool_record, build_s, pool_s, steps)
 
 
 def write_results(args, assets, fixed: dict, curve: dict, pool_record: dict, build_s: float, pool_s: float,
@@ -246,6 +258,7 @@ def write_results(args, assets, fixed: dict, curve: dict, pool_record: dict, bui
         "batch_size": args.batch_size,
         "seed": args.seed,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "workers": args.workers,
         "load_1min_at_end": round(os.getloadavg()[0], 2),
         "image_size": assets.image_size,
         "assets_manifest": json.loads(Path(assets.manifest).read_text()),
@@ -274,7 +287,7 @@ def markdown(payload: dict) -> str:
         f"{payload['steps']} steps, batch {payload['batch_size']} "
         f"per task, seed {payload['seed']}); shots drawn from the demo's fine-tuning rows, test = {payload['test']}. "
         "Wall time and peak RSS are each run's whole `adamerge fit` process (load, evaluation, fit); the 1-minute "
-        "load average before and after each run is in the JSON (`load_1min`).",
+        "load average at the start of the curve and at each run's end is in the JSON (`load_1min`).",
         "",
     ]
     rows = {f"{shots}": entry for shots, entry in payload["shots"].items()} | dict(payload["references"])

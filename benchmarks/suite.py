@@ -1,60 +1,91 @@
 #!/usr/bin/env python
 """The whole benchmark suite in one command: experts, every method, the few-shot curve, the plots.
 
-Phases (each a fresh process, timed; the experts are built by the first phase that needs them,
-or reused from their caches):
+Two lanes run side by side, and every measured process in them (an expert build, a table row, a
+few-shot run) first takes one of ``--slots`` CPU slots (default: one per core) and runs with one
+thread (``OMP_NUM_THREADS=1``), so the machine runs one single-threaded process per core and no
+core waits while work remains:
 
-1. ``vision``: ``vision_methods.py`` (builds the MobileNetV2 experts, then every method).
-2. ``fewshot``: ``fewshot_curve.py`` (aTLAS few-shot at 1, 2, 4, 8, 16 shots per class).
-3. ``text-experts``: ``python -m adamerge.demo.text`` (the MiniLM experts, both flavours).
-4. ``text``: ``text_methods.py``, the full and LoRA flavours side by side (one core each),
-   then joined.
-5. ``plots``: ``plots.py`` for vision and both text flavours.
+- ``vision`` lane: ``vision_methods.py`` (builds the MobileNetV2 experts, then every method), then
+  ``fewshot_curve.py`` (aTLAS few-shot at 1, 2, 4, 8, 16 shots per class);
+- ``text`` lane: ``python -m adamerge.demo.text`` (the MiniLM experts, both flavours), then
+  ``text_methods.py`` (every method on the full fine-tunes and on the LoRA adapters).
+
+Each script queues its rows on as many workers as there are slots, longest first; rows of the two
+lanes share the slots, so the text rows take both cores once the vision lane is done. Then
+``plots.py`` draws the figures.
 
     python benchmarks/suite.py                          # results in benchmarks/results/
     python benchmarks/suite.py --quick --out-dir /tmp/suite-quick
     python benchmarks/suite.py --cache-root /tmp/fresh  # experts built from scratch, timed
 
-Writes ``suite.json`` / ``suite.md`` (wall time of each phase, the machine's load, the total)
-beside the results.
+Writes ``suite.json`` / ``suite.md`` (wall time of each step and lane, the machine's load, the
+total) beside the results.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from runner import SLOTS_ENV, cpu_slot, make_slots  # noqa: E402
 
 
-def python_env(threads: int | None = None) -> dict[str, str]:
+def python_env(threads: int | None = None, slots: Path | None = None) -> dict[str, str]:
     env = os.environ.copy()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.setdefault("HF_HUB_OFFLINE", "1")
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
+    if slots is not None:
+        env[SLOTS_ENV] = str(slots)
     return env
 
 
-def timed(name: str, commands: list[list[str]], phases: dict, threads: int | None = None) -> None:
-    """Run ``commands`` side by side (one process each), record their wall time under ``name``."""
-    sys.stderr.write(f"[suite] {name}: {' & '.join(' '.join(c[1:3]) for c in commands)}\n")
+def timed(name: str, command: list[str], steps: dict, env: dict[str, str], slot: bool = False) -> None:
+    """Run ``command`` (inside a CPU slot if ``slot``), record its wall time under ``name``."""
+    sys.stderr.write(f"[suite] {name}: {' '.join(command[1:3])}\n")
     load = os.getloadavg()[0]
     started = time.perf_counter()
-    processes = [subprocess.Popen(command, env=python_env(threads), cwd=REPO) for command in commands]
-    codes = [process.wait() for process in processes]
+    with contextlib.ExitStack() as stack:
+        if slot:
+            stack.enter_context(cpu_slot())
+        code = subprocess.run(command, env=env, cwd=REPO).returncode
     wall = time.perf_counter() - started
-    phases[name] = {"wall_s": round(wall, 1), "load_before": round(load, 2), "commands": [" ".join(c) for c in commands]}
+    steps[name] = {"wall_s": round(wall, 1), "load_before": round(load, 2), "command": " ".join(command)}
     sys.stderr.write(f"[suite] {name}: {wall:.0f} s\n")
-    if any(codes):
-        raise SystemExit(f"[suite] {name} failed (exit codes {codes})")
+    if code:
+        raise SystemExit(f"[suite] {name} failed (exit code {code})")
+
+
+def run_lanes(lanes: dict[str, list[tuple[str, list[str], bool]]], steps: dict, env: dict[str, str]) -> dict[str, float]:
+    """Run each lane's steps in order, the lanes side by side; returns each lane's wall time."""
+    walls: dict[str, float] = {}
+
+    def lane(name: str) -> None:
+        started = time.perf_counter()
+        for step, command, slot in lanes[name]:
+            timed(step, command, steps, env, slot)
+        walls[name] = round(time.perf_counter() - started, 1)
+
+    with ThreadPoolExecutor(max_workers=max(1, len(lanes))) as pool:
+        for future in [pool.submit(lane, name) for name in lanes]:
+            future.result()  # the first failure exits (the other lane finishes its current step)
+    return walls
 
 
 def main() -> None:
@@ -63,6 +94,8 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=HERE / "results", help="results folder (default benchmarks/results)")
     parser.add_argument("--cache-root", type=Path, default=None,
                         help="build the experts in <cache-root>/demo-vision and demo-text (default: the usual caches)")
+    parser.add_argument("--slots", type=int, default=os.cpu_count() or 1,
+                        help="single-threaded processes at once (default: one per core)")
     parser.add_argument("--skip", nargs="+", default=[], choices=["vision", "fewshot", "text-experts", "text", "plots"])
     args = parser.parse_args()
     out = args.out_dir.resolve()
@@ -74,45 +107,52 @@ def main() -> None:
         suffix = "-quick" if args.quick else ""
         vision_cache = ["--cache-dir", str(args.cache_root / f"demo-vision{suffix}")]
         text_cache = ["--cache-dir", str(args.cache_root / f"demo-text{suffix}")]
-    phases: dict[str, dict] = {}
-    started = time.perf_counter()
+    slots = make_slots(Path(tempfile.mkdtemp(prefix="adamerge-slots-")), args.slots)
+    env = python_env(threads=1, slots=slots)
+    os.environ[SLOTS_ENV] = str(slots)  # this process's own slot-holding steps (the text build)
+    workers = ["--workers", str(args.slots)]
+    lanes: dict[str, list[tuple[str, list[str], bool]]] = {"vision": [], "text": []}
     if "vision" not in args.skip:
-        timed("vision", [[py, "benchmarks/vision_methods.py", *quick, *vision_cache, "--out", str(out / "vision.json")]], phases)
+        lanes["vision"].append(("vision", [py, "benchmarks/vision_methods.py", *quick, *vision_cache, *workers,
+                                           "--out", str(out / "vision.json")], False))  # fmt: skip
     if "fewshot" not in args.skip:
-        timed("fewshot", [[py, "benchmarks/fewshot_curve.py", *quick, *vision_cache, "--reference", str(out / "vision.json"),
-                           "--out", str(out / "vision_fewshot.json")]], phases)  # fmt: skip
+        lanes["vision"].append(("fewshot", [py, "benchmarks/fewshot_curve.py", *quick, *vision_cache, *workers,
+                                            "--reference", str(out / "vision.json"),
+                                            "--out", str(out / "vision_fewshot.json")], False))  # fmt: skip
     if "text-experts" not in args.skip:
-        timed("text-experts", [[py, "-m", "adamerge.demo.text", *quick, *text_cache]], phases)
+        lanes["text"].append(("text-experts", [py, "-m", "adamerge.demo.text", *quick, *text_cache, "--threads", "1"], True))
     if "text" not in args.skip:
-        parts = [out / f".text_{flavour}.json" for flavour in ("full", "lora")]
-        timed("text", [[py, "benchmarks/text_methods.py", *quick, *text_cache, "--flavours", flavour, "--out", str(part)]
-                       for flavour, part in zip(("full", "lora"), parts)], phases, threads=1)  # fmt: skip
-        subprocess.run([py, "benchmarks/text_methods.py", "--join", *map(str, parts), "--out", str(out / "text.json")],
-                       env=python_env(), cwd=REPO, check=True)  # fmt: skip
-        for flavour, part in zip(("full", "lora"), parts):
-            coefficients = part.with_name(f"{part.stem}_coefficients_adamerging_{flavour}.json")
-            if coefficients.is_file():  # the name plots.py looks for beside text.json
-                coefficients.replace(out / f"text_coefficients_adamerging_{flavour}.json")
-            for leftover in (part, part.with_suffix(".md")):
-                leftover.unlink(missing_ok=True)
+        lanes["text"].append(("text", [py, "benchmarks/text_methods.py", *quick, *text_cache, *workers,
+                                       "--out", str(out / "text.json")], False))  # fmt: skip
+    steps: dict[str, dict] = {}
+    started = time.perf_counter()
+    lane_walls = run_lanes({name: lane for name, lane in lanes.items() if lane}, steps, env)
     if "plots" not in args.skip:
-        timed("plots", [[py, "benchmarks/plots.py", str(out / "vision.json")]], phases)
+        timed("plots", [py, "benchmarks/plots.py", str(out / "vision.json")], steps, env)
         for flavour in ("full", "lora"):
-            timed(f"plots-text-{flavour}", [[py, "benchmarks/plots.py", str(out / "text.json"), "--flavour", flavour,
-                                             "--name", f"text_{flavour}"]], phases)  # fmt: skip
+            timed(f"plots-text-{flavour}", [py, "benchmarks/plots.py", str(out / "text.json"), "--flavour", flavour,
+                                            "--name", f"text_{flavour}"], steps, env)  # fmt: skip
+    shutil.rmtree(slots, ignore_errors=True)
     total = time.perf_counter() - started
     payload = {
         "command": " ".join([Path(py).name, *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "phases": phases,
+        "slots": args.slots,
+        "lanes": {name: {"steps": [step for step, _, _ in lanes[name]], "wall_s": wall} for name, wall in lane_walls.items()},
+        "phases": steps,
         "total_s": round(total, 1),
     }
     name = "suite_quick" if args.quick else "suite"
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    lines = [f"Command: `{payload['command']}` on {payload['machine']['cpus']} CPUs", "",
-             "| phase | wall (s) | load before |", "|---|---|---|"]  # fmt: skip
-    lines += [f"| {k} | {v['wall_s']:.0f} | {v['load_before']:.2f} |" for k, v in phases.items()]
-    lines.append(f"| **total** | **{total:.0f}** ({total / 60:.1f} min) | |")
+    lines = [f"Command: `{payload['command']}` on {payload['machine']['cpus']} CPUs, {args.slots} single-threaded "
+             "processes at a time; the lanes run side by side", "",
+             "| lane | step | wall (s) | load before |", "|---|---|---|---|"]  # fmt: skip
+    for lane_name, lane in lanes.items():
+        lines += [f"| {lane_name} | {step} | {steps[step]['wall_s']:.0f} | {steps[step]['load_before']:.2f} |" for step, _, _ in lane]
+        if lane_name in lane_walls:
+            lines.append(f"| {lane_name} | *lane total* | {lane_walls[lane_name]:.0f} | |")
+    lines += [f"| - | {k} | {v['wall_s']:.0f} | {v['load_before']:.2f} |" for k, v in steps.items() if k.startswith("plots")]
+    lines.append(f"| **total** | | **{total:.0f}** ({total / 60:.1f} min) | |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -12,10 +12,16 @@ and peak RSS are its own. Results: ``--out`` JSON (per flavour and method: ``per
     python benchmarks/text_methods.py --out benchmarks/results/text.json
     python benchmarks/text_methods.py --quick --out /tmp/text-quick.json      # minutes
 
-The two flavours can run side by side (one core each) and be joined afterwards::
+Rows of both flavours can run side by side, one single-threaded process per core::
 
-    OMP_NUM_THREADS=1 python benchmarks/text_methods.py --flavours full --out /tmp/text_full.json &
-    OMP_NUM_THREADS=1 python benchmarks/text_methods.py --flavours lora --out /tmp/text_lora.json
+    OMP_NUM_THREADS=1 python benchmarks/text_methods.py --workers 2 --out benchmarks/results/text.json
+
+The experts' own accuracies come from the build's manifest (measured on the same test rows); the
+initial merge (task arithmetic at λ = 0.3) is evaluated once, by the layer-wise AdaMerging row.
+Flavours run separately can be joined::
+
+    python benchmarks/text_methods.py --flavours full --out /tmp/text_full.json
+    python benchmarks/text_methods.py --flavours lora --out /tmp/text_lora.json
     python benchmarks/text_methods.py --join /tmp/text_full.json /tmp/text_lora.json --out benchmarks/results/text.json
 """
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -31,10 +38,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from vision_methods import results_table, run  # noqa: E402  (one fresh, measured process per method)
-
+from runner import cpu_slot, run_all  # noqa: E402  (one fresh, measured process per row)
 from vision_methods import LEARNED as VISION_LEARNED  # noqa: E402
-from vision_methods import STATIC  # noqa: E402
+from vision_methods import REFERENCE_FIT, STATIC, results_table  # noqa: E402
 
 # the vision benchmark's rows plus aTLAS few-shot on the labelled 16-per-class pool
 LEARNED = dict(VISION_LEARNED)
@@ -53,6 +59,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None, help="subset of table rows to run")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="rows run side by side, over both flavours (default 1; set OMP_NUM_THREADS=1 for more)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--join", type=Path, nargs="+", default=None, help="join the flavours of these result files")
     args = parser.parse_args()
@@ -68,11 +76,13 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    assets = build_text_demo(data_root=args.data_root, cache_dir=args.cache_dir, quick=args.quick)
+    with cpu_slot():
+        assets = build_text_demo(data_root=args.data_root, cache_dir=args.cache_dir, quick=args.quick)
     build_s = time.perf_counter() - started
     steps = args.steps or (5 if args.quick else 100)
     work = Path(tempfile.mkdtemp(prefix="adamerge-text-"))
-    flavours: dict[str, dict] = {}
+    rows = [*STATIC, *LEARNED] if args.methods is None else args.methods
+    jobs = []
     for flavour in args.flavours:
         prefix = "hf:" if flavour == "full" else "peft:"
         common = [
@@ -81,8 +91,6 @@ def main() -> None:
             "--eval", str(assets.test_dir),
             "--max-length", str(assets.max_length),
         ]
-        results: dict[str, dict] = {}
-        rows = [*STATIC, *LEARNED] if args.methods is None else args.methods
         for row in rows:
             output = work / flavour / row.replace(" ", "_").replace("(", "").replace(")", "")
             if row in STATIC:
@@ -95,29 +103,44 @@ def main() -> None:
                     "--steps", str(steps), "--batch-size", str(args.batch_size), "--output", str(output),
                     "--progress-bar", "false", *extra,
                 ]
-                if row != "adamerging (layer-wise)":
-                    argv += ["--eval-experts", "false"]
-            measured = run(argv)
-            if row == "adamerging (layer-wise)":  # learned λ per task and tensor, for benchmarks/plots.py
-                target = args.out.with_name(f"{args.out.stem}_coefficients_adamerging_{flavour}.json")
-                shutil.copyfile(output / "coefficients.json", target)
-            accuracy = json.loads((output / "metrics.json").read_text())["accuracy"]
-            shutil.rmtree(output, ignore_errors=True)  # the exported model is not needed (GBs per text run)
-            if "expert (alone)" in accuracy:
-                results["expert (alone)"] = {"per_task": accuracy["expert (alone)"]}
-            if row == "adamerging (layer-wise)":
-                initial = next(k for k in accuracy if k.startswith("task arithmetic"))
-                results["task arithmetic (λ=0.3, fit's init)"] = {"per_task": accuracy[initial]}
-            final = accuracy[row if row in STATIC else f"{LEARNED[row][0]} ({LEARNED[row][1]})"]
-            results[row] = {"per_task": final, "wall_s": measured["wall_s"], "peak_rss_mb": measured["peak_rss_mb"]}
-            if flavour == "lora" and row in DENSE_ONLY:
-                results[row]["densified"] = True  # ran on the adapters' dense B·A
-            sys.stderr.write(f"{flavour:4s} {row:30s} average {100 * final['average']:.1f}  {measured['wall_s']:.0f} s\n")
+                argv += ["--eval-experts", "false"]  # the build measured each expert on these test rows
+                if row != REFERENCE_FIT:  # the initial merge (λ = 0.3) is evaluated once, by this row
+                    argv += ["--eval-init", "false"]
+            jobs.append(((flavour, row, output), argv))
+    jobs.sort(key=lambda job: job[0][1] in STATIC)  # the long fits first, then the merges
+    measured_rows: dict[str, dict[str, dict]] = {flavour: {} for flavour in args.flavours}
+
+    def collect(key: tuple[str, str, Path], measured: dict) -> None:
+        flavour, row, output = key
+        results = measured_rows[flavour]
+        if row == REFERENCE_FIT:  # learned λ per task and tensor, for benchmarks/plots.py
+            target = args.out.with_name(f"{args.out.stem}_coefficients_adamerging_{flavour}.json")
+            shutil.copyfile(output / "coefficients.json", target)
+        accuracy = json.loads((output / "metrics.json").read_text())["accuracy"]
+        shutil.rmtree(output, ignore_errors=True)  # the exported model is not needed (GBs per text run)
+        if "expert (alone)" in accuracy:
+            results["expert (alone)"] = {"per_task": accuracy["expert (alone)"]}
+        if row == REFERENCE_FIT:
+            initial = next(k for k in accuracy if k.startswith("task arithmetic"))
+            results["task arithmetic (λ=0.3, fit's init)"] = {"per_task": accuracy[initial]}
+        final = accuracy[row if row in STATIC else f"{LEARNED[row][0]} ({LEARNED[row][1]})"]
+        results[row] = {"per_task": final, "wall_s": measured["wall_s"], "peak_rss_mb": measured["peak_rss_mb"]}
+        if flavour == "lora" and row in DENSE_ONLY:
+            results[row]["densified"] = True  # ran on the adapters' dense B·A
+        sys.stderr.write(f"{flavour:4s} {row:30s} average {100 * final['average']:.1f}  {measured['wall_s']:.0f} s\n")
+
+    started = time.perf_counter()
+    run_all(jobs, args.workers, collect)
+    rows_s = time.perf_counter() - started
+    flavours: dict[str, dict] = {}
+    for flavour in args.flavours:
+        results = measured_rows[flavour]
+        results = {row: results[row] for row in rows} | {k: v for k, v in results.items() if k not in rows}
         zero_shot = dict(assets.zero_shot_accuracy)
         results["pretrained (zero-shot prompts)"] = {"per_task": zero_shot | {"average": sum(zero_shot.values()) / len(zero_shot)}}
         first = ["expert (alone)", "pretrained (zero-shot prompts)", "task arithmetic (λ=0.3, fit's init)"]
         results = {k: results[k] for k in first if k in results} | {k: v for k, v in results.items() if k not in first}
-        if "expert (alone)" not in results:  # the expert row comes with the layer-wise AdaMerging run
+        if "expert (alone)" not in results:  # each expert's accuracy on the test rows, from the build's manifest
             per_task = dict(assets.accuracy[flavour])
             results = {"expert (alone)": {"per_task": per_task | {"average": sum(per_task.values()) / len(per_task)}}} | results
         experts = results["expert (alone)"]["per_task"]
@@ -135,6 +158,9 @@ def main() -> None:
         "assets_manifest": json.loads(Path(assets.manifest).read_text()),
         "splits": json.loads(Path(assets.splits).read_text()),
         "build_s": build_s,
+        "rows_s": rows_s,
+        "workers": args.workers,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "flavours": flavours,
     }
     write(payload, args.out)

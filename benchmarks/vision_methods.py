@@ -7,6 +7,10 @@ on first use from ``../shared/data``). Each method runs as ``adamerge merge`` (s
 
     python benchmarks/vision_methods.py --out benchmarks/results/vision.json
     python benchmarks/vision_methods.py --quick --out /tmp/vision-quick.json   # minutes
+    OMP_NUM_THREADS=1 python benchmarks/vision_methods.py --workers 2 --out ...  # one process per core
+
+The experts alone and the initial merge (task arithmetic at λ = 0.3) are evaluated once, by the
+layer-wise AdaMerging row; the other learned rows evaluate their learned merge only.
 """
 
 from __future__ import annotations
@@ -15,11 +19,14 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from runner import cpu_slot, run_all  # noqa: E402  (one fresh, measured process per row)
 
 PRETRAINED = "pretrained (λ=0, expert heads)"  # the base backbone with each expert's head
 STATIC = ["average", "task-arithmetic", "ties", "dare", "breadcrumbs", "consensus", "lines"]
@@ -32,28 +39,7 @@ LEARNED = {
     "expert-merging (layer-wise)": ("expert-merging", "layer", ["--calib-limit", "10"]),
     "expert-merging++": ("expert-merging++", "layer", ["--calib-limit", "10"]),
 }
-# Peak RSS of this process image: VmHWM (Linux). ru_maxrss is not: Linux carries it over fork and
-# exec, so every child reported its parent's peak (1590 MB for every row after an in-process build).
-MEASURE = """
-import json, resource, sys, time
-from adamerge.cli import main
-start = time.perf_counter()
-code = main(sys.argv[1:])
-try:
-    hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-except (OSError, StopIteration):
-    hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print("MEASURE " + json.dumps({"code": code, "wall_s": time.perf_counter() - start, "peak_rss_mb": hwm / 1024}))
-"""
-
-
-def run(argv: list[str]) -> dict:
-    done = subprocess.run([sys.executable, "-c", MEASURE, *argv], capture_output=True, text=True, env=os.environ.copy())
-    lines = [line for line in done.stdout.splitlines() if line.startswith("MEASURE ")]
-    if done.returncode or not lines or json.loads(lines[-1][8:])["code"] != 0:
-        sys.stderr.write(done.stdout[-2000:] + done.stderr[-4000:])
-        raise SystemExit(f"failed: adamerge {' '.join(argv[:4])} ...")
-    return json.loads(lines[-1][8:])
+REFERENCE_FIT = "adamerging (layer-wise)"  # also evaluates the experts alone and its λ = 0.3 start
 
 
 def main() -> None:
@@ -65,13 +51,17 @@ def main() -> None:
                         help="BatchNorm statistics policy of every method (default: per-task)")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="rows run side by side (default 1; set OMP_NUM_THREADS=1 for more)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     from adamerge.demo.vision import build_vision_demo
 
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    assets = build_vision_demo(data_root=args.data_root, cache_dir=args.cache_dir, quick=args.quick)
+    with cpu_slot():
+        assets = build_vision_demo(data_root=args.data_root, cache_dir=args.cache_dir, quick=args.quick)
     build_s = time.perf_counter() - started
     steps = args.steps or (20 if args.quick else 100)
     common = [
@@ -82,36 +72,46 @@ def main() -> None:
         "--image-size", str(assets.image_size),
         "--batchnorm", args.batchnorm,
     ]
-    results: dict[str, dict] = {}
     work = Path(tempfile.mkdtemp(prefix="adamerge-vision-"))
     rows = [PRETRAINED, *STATIC, *LEARNED] if args.methods is None else args.methods
+    outputs = {row: work / row.replace(" ", "_").replace("(", "").replace(")", "") for row in rows}
+    jobs = []
     for row in rows:
-        output = work / row.replace(" ", "_").replace("(", "").replace(")", "")
         if row in STATIC or row == PRETRAINED:
             method, options = ("task-arithmetic", ["--options", "{scale: 0.0}"]) if row == PRETRAINED else (row, [])
-            argv = ["merge", "--method", method, *options, *common, "--calib", str(assets.calib_dir), "--output", str(output)]
+            argv = ["merge", "--method", method, *options, *common, "--calib", str(assets.calib_dir), "--output", str(outputs[row])]
         else:
             method, granularity, extra = LEARNED[row]
             argv = [
                 "fit", "--method", method, "--granularity", granularity, *common, "--calib", str(assets.calib_dir),
-                "--steps", str(steps), "--output", str(output), "--progress-bar", "false", *extra,
+                "--steps", str(steps), "--output", str(outputs[row]), "--progress-bar", "false", *extra,
             ]
-            if row != "adamerging (layer-wise)":
-                argv += ["--eval-experts", "false"]
-        measured = run(argv)
-        if row == "adamerging (layer-wise)":  # learned λ per task and tensor, for benchmarks/plots.py's heatmap
+            if row != REFERENCE_FIT:  # the experts and the initial merge are evaluated once, by this row
+                argv += ["--eval-experts", "false", "--eval-init", "false"]
+        jobs.append((row, argv))
+    jobs.sort(key=lambda job: job[0] in STATIC or job[0] == PRETRAINED)  # the long fits first, then the merges
+    results: dict[str, dict] = {}
+
+    def collect(row: str, measured: dict) -> None:
+        output = outputs[row]
+        if row == REFERENCE_FIT:  # learned λ per task and tensor, for benchmarks/plots.py's heatmap
             shutil.copyfile(output / "coefficients.json", args.out.with_name(f"{args.out.stem}_coefficients_adamerging.json"))
         metrics = json.loads((output / "metrics.json").read_text())
         shutil.rmtree(output, ignore_errors=True)  # the exported model is not needed (GBs per text run)
         accuracy = metrics["accuracy"]
         if "expert (alone)" in accuracy:
             results["expert (alone)"] = {"per_task": accuracy["expert (alone)"]}
-        if row == "adamerging (layer-wise)":
+        if row == REFERENCE_FIT:
             initial = next(k for k in accuracy if k.startswith("task arithmetic"))
             results["task arithmetic (λ=0.3, fit's init)"] = {"per_task": accuracy[initial]}
         final = accuracy["task-arithmetic" if row == PRETRAINED else row if row in STATIC else f"{LEARNED[row][0]} ({LEARNED[row][1]})"]
         results[row] = {"per_task": final, "wall_s": measured["wall_s"], "peak_rss_mb": measured["peak_rss_mb"]}
         sys.stderr.write(f"{row:30s} average {100 * final['average']:.1f}  {measured['wall_s']:.0f} s\n")
+
+    started = time.perf_counter()
+    run_all(jobs, args.workers, collect)
+    rows_s = time.perf_counter() - started
+    results = {row: results[row] for row in rows} | {k: v for k, v in results.items() if k not in rows}
 
     first = ["expert (alone)", PRETRAINED, "task arithmetic (λ=0.3, fit's init)"]
     results = {k: results[k] for k in first if k in results} | {k: v for k, v in results.items() if k not in first}
@@ -129,6 +129,9 @@ def main() -> None:
         "assets_manifest": json.loads(Path(assets.manifest).read_text()),
         "splits": json.loads(Path(assets.splits).read_text()),
         "build_s": build_s,
+        "rows_s": rows_s,
+        "workers": args.workers,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "methods": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -290,6 +290,22 @@ def test_second_call_reuses_everything_without_data(built, monkeypatch, tmp_path
 
 
 @needs_base
+def test_experts_trained_in_worker_processes_equal_the_serial_build(built, tmp_path):
+    parallel = demo.build_text_demo(DATA_ROOT, tmp_path, tasks=TASKS, num_threads=1, workers=2, **TINY)
+    serial = json.loads(built.manifest.read_text())["experts"]
+    manifest = json.loads(parallel.manifest.read_text())["experts"]
+    for flavour in ("full", "lora"):
+        for task in TASKS:  # same weights (sha256) and accuracy, whichever process trained them
+            weights = [name for name in serial[flavour][task]["files"] if name.endswith(".safetensors")]
+            assert weights and all(manifest[flavour][task]["files"][w] == serial[flavour][task]["files"][w] for w in weights)
+            keys = ("accuracy", "steps", "trainable_parameters")  # configs name their own cache's base path
+            assert {k: manifest[flavour][task][k] for k in keys} == {k: serial[flavour][task][k] for k in keys}
+    assert [p.name for p in tmp_path.rglob(".*")] == [".lock"]
+    with pytest.raises(DataError, match="workers=0"):
+        demo.build_text_demo(DATA_ROOT, tmp_path, tasks=TASKS, workers=0, **TINY)
+
+
+@needs_base
 def test_changed_lora_settings_rebuild_only_the_lora_expert(built, monkeypatch):
     calls = []
     original = demo.train_and_save_expert

@@ -79,12 +79,14 @@ import importlib.metadata
 import json
 import logging
 import math
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -148,6 +150,9 @@ class TextDemoSettings:
         test_fraction: test share of the seeded split of single-file tasks (reader).
         epochs: passes over the fine-tuning rows.
         batch_size: fine-tuning batch size.
+        micro_batch: rows per forward/backward inside a batch: the batch is sorted by length and
+            cut into micro-batches, each padded to its own longest row, with their gradients
+            summed to the batch mean (the same gradient as one padded batch, far fewer pad tokens).
         full_lr: peak AdamW learning rate of full fine-tuning.
         lora_lr: peak AdamW learning rate of LoRA (and its classifier).
         lora_rank: LoRA rank r.
@@ -166,6 +171,7 @@ class TextDemoSettings:
     test_fraction: float = 0.2
     epochs: int = 2
     batch_size: int = 32
+    micro_batch: int = 8
     full_lr: float = 1e-4
     lora_lr: float = 2e-3
     lora_rank: int = 8
@@ -181,7 +187,9 @@ QUICK_TEXT_SETTINGS = TextDemoSettings(
 )
 
 _DATA_FIELDS = ("calib_size", "test_size", "fewshot_per_class", "test_fraction", "seed")
-_TRAIN_FIELDS = ("max_length", "finetune_size", "epochs", "batch_size", "weight_decay", "warmup_fraction", "max_steps")
+_TRAIN_FIELDS = (
+    "max_length", "finetune_size", "epochs", "batch_size", "micro_batch", "weight_decay", "warmup_fraction", "max_steps"
+)  # fmt: skip
 _FLAVOUR_FIELDS = {"full": ("full_lr",), "lora": ("lora_lr", "lora_rank", "lora_alpha")}
 
 
@@ -547,15 +555,20 @@ def finetune(
     warmup = max(1, round(settings.warmup_fraction * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total, warmup))
     generator = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([len(row) for row in ids])  # (N,)
     model.train()
     step = 0
     while step < total:
         order = torch.randperm(len(ids), generator=generator)  # (N,)
         for batch in order.split(settings.batch_size):
-            inputs = collate([ids[i] for i in batch.tolist()], pad_id)
-            loss = F.cross_entropy(model(**inputs).logits, labels[batch])  # logits (B, C)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = torch.zeros(())
+            for micro in length_sorted_chunks(batch, lengths, settings.micro_batch):
+                inputs = collate([ids[i] for i in micro.tolist()], pad_id)  # (b, T_micro)
+                logits = model(**inputs).logits  # (b, C)
+                part = F.cross_entropy(logits, labels[micro], reduction="sum") / len(batch)
+                part.backward()  # Σ over micro-batches: ∂(batch-mean loss)/∂θ
+                loss += part.detach()
             optimizer.step()
             scheduler.step()
             step += 1
@@ -563,6 +576,14 @@ def finetune(
                 break
         logger.debug("step %d/%d: loss %.4f", step, total, loss.item())
     return step
+
+
+def length_sorted_chunks(batch: torch.Tensor, lengths: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
+    """``batch`` (B,) row indices sorted by ``lengths`` (stable) and cut into chunks of ``size``."""
+    if size < 1:
+        raise DataError(f"micro_batch={size}: expected at least 1")
+    order = torch.argsort(lengths[batch], stable=True)  # (B,)
+    return batch[order].split(size)
 
 
 @torch.no_grad()
@@ -653,6 +674,42 @@ def train_and_save_expert(
     }
 
 
+def _train_experts(
+    todo: Sequence[tuple[str, str, dict]],
+    source: Callable[[str], tuple[TextTask, dict[str, np.ndarray]]],
+    settings: TextDemoSettings,
+    root: Path,
+    num_threads: int | None,
+    workers: int,
+) -> Iterator[tuple[str, str, dict, dict]]:
+    """Train the ``(task, flavour, fingerprint)`` experts; yields ``(task, flavour, fingerprint, entry)``.
+
+    With ``workers > 1`` they train in a pool of fresh (spawned) processes, each expert as soon as a
+    process is free, and are yielded as they finish; the caller writes the manifest.
+    """
+    if workers == 1 or len(todo) <= 1:
+        for name, flavour, fingerprint in todo:
+            task, parts = source(name)
+            yield name, flavour, fingerprint, train_and_save_expert(task, parts, flavour, settings, root)
+        return
+    context = multiprocessing.get_context("spawn")
+    threads = num_threads or 1
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_setup, initargs=(threads,)) as pool:
+        futures = {
+            pool.submit(train_and_save_expert, *source(name), flavour, settings, root): (name, flavour, fingerprint)
+            for name, flavour, fingerprint in todo
+        }
+        for future in as_completed(futures):
+            name, flavour, fingerprint = futures[future]
+            yield name, flavour, fingerprint, future.result()
+
+
+def _worker_setup(num_threads: int) -> None:
+    """A training process: its thread count, and log lines in the parent's format."""
+    torch.set_num_threads(num_threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+
 # --------------------------------------------------------------------------- cache
 
 
@@ -735,6 +792,7 @@ def build_text_demo(
     seed: int = 0,
     num_threads: int | None = None,
     force: bool = False,
+    workers: int = 1,
 ) -> TextDemoAssets:
     """Build (or reuse from the cache) the text demo's base, experts and data files.
 
@@ -762,6 +820,9 @@ def build_text_demo(
         seed: master seed.
         num_threads: ``torch.set_num_threads`` during the build (restored after); ``None`` keeps it.
         force: rebuild every requested task and expert even if the cache is valid.
+        workers: experts trained side by side, each in its own process with ``num_threads``
+            threads (1 when ``None``); 1 trains them in this process. An expert's files do not
+            depend on the number of workers, only on its thread count.
 
     Returns:
         The paths of the assets.
@@ -784,12 +845,14 @@ def build_text_demo(
         raise DataError(f"unknown text task(s) {', '.join(unknown)}; known: {', '.join(TEXT_TASKS)}")
     if set(flavours) - set(FLAVOURS) or not flavours:
         raise DataError(f"unknown flavour(s) in {flavours}; known: {', '.join(FLAVOURS)}")
+    if workers < 1:
+        raise DataError(f"workers={workers}: expected at least 1")
     root = resolve_cache_dir(cache_dir)
     if quick and cache_dir is None:  # quick assets never share a folder with the full ones
         root = root.with_name(root.name + "-quick")
     root.mkdir(parents=True, exist_ok=True)
     with _exclusive(root):
-        return _build_locked(root, tasks, flavours, settings, data_root, num_threads, force)
+        return _build_locked(root, tasks, flavours, settings, data_root, num_threads, force, workers)
 
 
 @contextlib.contextmanager
@@ -817,6 +880,7 @@ def _build_locked(
     data_root: str | Path | None,
     num_threads: int | None,
     force: bool,
+    workers: int,
 ) -> TextDemoAssets:
     manifest = _read_json(root / "manifest.json")
     if manifest.get("format") != FORMAT_VERSION:
@@ -837,6 +901,7 @@ def _build_locked(
             sources[name] = (task, demo_parts(task, settings))
         return sources[name]
 
+    todo: list[tuple[str, str, dict]] = []  # (task, flavour, fingerprint) of the experts to train
     with torch_threads(num_threads):
         base_sha256 = _prepare_base(root, manifest)
         for name in tasks:
@@ -869,10 +934,10 @@ def _build_locked(
                 if not force and _expert_is_valid(root, f"{flavour}/{name}", current, expert_fp):
                     logger.info("%s/%s: reusing cached expert (accuracy %.4f)", flavour, name, current["accuracy"])
                     continue
-                task, task_parts = source(name)
-                expert = train_and_save_expert(task, task_parts, flavour, settings, root)
-                manifest["experts"][flavour][name] = {"fingerprint": expert_fp, **expert}
-                save()
+                todo.append((name, flavour, expert_fp))
+        for name, flavour, expert_fp, expert in _train_experts(todo, source, settings, root, num_threads, workers):
+            manifest["experts"][flavour][name] = {"fingerprint": expert_fp, **expert}
+            save()
     save()
     return TextDemoAssets(
         root=root,
@@ -924,6 +989,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="master seed (default: 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads during the build")
     parser.add_argument("--force", action="store_true", help="rebuild even when the cache is valid")
+    parser.add_argument("--workers", type=int, default=1, help="experts trained side by side, one process each")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
 
@@ -940,7 +1006,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             calib_size=args.calib_size, test_size=args.test_size, fewshot_per_class=args.fewshot_per_class,
             epochs=args.epochs, batch_size=args.batch_size, full_lr=args.full_lr, lora_lr=args.lora_lr,
             lora_rank=args.lora_rank, max_steps=args.max_steps, seed=args.seed, num_threads=args.threads,
-            force=args.force,
+            force=args.force, workers=args.workers,
         )  # fmt: skip
     except (DataError, CheckpointError) as error:
         logger.error("%s", error)

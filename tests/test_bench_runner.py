@@ -1,0 +1,120 @@
+"""benchmarks/runner.py: measured processes side by side, CPU slots shared across processes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import HEAD, REPO
+
+
+def _load_runner():
+    spec = importlib.util.spec_from_file_location("benchmark_runner", REPO / "benchmarks" / "runner.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+runner = _load_runner()
+
+
+def _fit(setup, output: Path, *extra: str) -> list[str]:
+    return [
+        "fit", "--base", f"tests.tiny:tiny_convnet@{setup.base}", "--experts", *setup.expert_args(),
+        "--calib", str(setup.calib), "--eval", str(setup.eval), "--head-pattern", HEAD, "--output", str(output),
+        "--steps", "2", "--image-size", "12", "--batch-size", "4", "--progress-bar", "false", *extra,
+    ]  # fmt: skip
+
+
+def _overlap(intervals: list[tuple[float, float]]) -> int:
+    """Most intervals open at one instant."""
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    most = current = 0
+    for _, step in events:
+        current += step
+        most = max(most, current)
+    return most
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_cpu_slots_bound_the_processes_running_at_once(tmp_path, slots):
+    folder = runner.make_slots(tmp_path / "slots", slots)
+    log = tmp_path / "log"
+    log.mkdir()
+    child = textwrap.dedent(
+        f"""
+        import importlib.util, sys, time
+        spec = importlib.util.spec_from_file_location("r", {str(REPO / "benchmarks" / "runner.py")!r})
+        r = importlib.util.module_from_spec(spec); spec.loader.exec_module(r)
+        with r.cpu_slot(poll_s=0.01):
+            start = time.time(); time.sleep(0.3); end = time.time()
+        open({str(log)!r} + "/" + sys.argv[1], "w").write(f"{{start}} {{end}}")
+        """
+    )
+    env = os.environ | {runner.SLOTS_ENV: str(folder)}
+    processes = [subprocess.Popen([sys.executable, "-c", child, str(i)], env=env) for i in range(4)]
+    assert [p.wait(timeout=60) for p in processes] == [0, 0, 0, 0]
+    intervals = [tuple(map(float, (log / str(i)).read_text().split())) for i in range(4)]
+    assert _overlap(intervals) == slots
+
+
+def test_no_slots_folder_means_no_waiting(monkeypatch):
+    monkeypatch.delenv(runner.SLOTS_ENV, raising=False)
+    with runner.cpu_slot():
+        pass
+
+
+def test_empty_slots_folder_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv(runner.SLOTS_ENV, str(tmp_path))
+    with pytest.raises(SystemExit, match="no slot-"):
+        with runner.cpu_slot():
+            pass
+
+
+def test_run_all_measures_every_fit_and_reports_each_once(tiny_setup, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv(runner.SLOTS_ENV, str(runner.make_slots(tmp_path / "slots", 2)))
+    jobs = [
+        ("reference", _fit(tiny_setup, tmp_path / "a")),
+        ("lean", _fit(tiny_setup, tmp_path / "b", "--eval-experts", "false", "--eval-init", "false")),
+    ]
+    done: dict[str, dict] = {}
+
+    def collect(key: str, measured: dict) -> None:
+        assert key not in done
+        done[key] = measured
+
+    runner.run_all(jobs, workers=2, on_done=collect)
+    assert set(done) == {"reference", "lean"}
+    for measured in done.values():
+        assert measured["code"] == 0 and measured["wall_s"] > 0 and measured["peak_rss_mb"] > 50
+    reference = json.loads((tmp_path / "a" / "metrics.json").read_text())["accuracy"]
+    lean = json.loads((tmp_path / "b" / "metrics.json").read_text())["accuracy"]
+    assert set(reference) == {"expert (alone)", "task arithmetic (λ=0.3)", "adamerging (layer)"}
+    assert set(lean) == {"adamerging (layer)"}  # --eval-init false: only the learned merge is evaluated
+    assert lean["adamerging (layer)"] == reference["adamerging (layer)"]  # same seed, same fit
+
+
+def test_run_all_exits_on_a_failing_row_without_reporting_it(tiny_setup, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    bad = _fit(tiny_setup, tmp_path / "bad")
+    bad[bad.index("--calib") + 1] = str(tmp_path / "missing")
+    done: list[str] = []
+    with pytest.raises(SystemExit, match="failed: adamerge fit"):
+        runner.run_all([("bad", bad)], workers=1, on_done=lambda key, _: done.append(key))
+    assert done == []
+    assert "missing" in capsys.readouterr().err  # the child's own error names the folder
+    assert not (tmp_path / "bad").exists()
+
+
+def test_run_all_refuses_zero_workers():
+    with pytest.raises(SystemExit, match="--workers 0"):
+        runner.run_all([], workers=0, on_done=lambda *_: None)
