@@ -80,6 +80,9 @@ def _fit_parser() -> ArgumentParser:
     parser.add_argument("--chunk-kappa", type=float, default=1.0, help="expert-merging++: importance sharpness κ")
     parser.add_argument("--eval-experts", type=bool, default=True, help="also evaluate each expert alone")
     parser.add_argument("--eval-init", type=bool, default=True, help="also evaluate the initial merge (λ = init)")
+    parser.add_argument(
+        "--group-by-length", type=bool, default=False, help="text: training batches of texts of similar length"
+    )
     parser.add_argument("--progress-bar", type=bool, default=True)
     return parser
 

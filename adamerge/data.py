@@ -409,6 +409,8 @@ def build_datamodule(
         )
     if experts.modality != "image":
         raise DataError(f"expert source produced modality {experts.modality!r}: expected 'image' or 'text'")
+    if options.pop("group_by_length", False):
+        raise DataError("--group-by-length groups texts by token count: these experts take images")
     return MultiTaskImageDataModule(
         calib_dir, experts.tasks, image_size=image_size, transform=experts.image_transform, **options
     )

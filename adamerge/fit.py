@@ -100,6 +100,8 @@ class FitSettings:
         overwrite: replace an existing output folder.
         eval_experts: also evaluate each expert alone on its own task.
         eval_init: also evaluate the initial merge (λ = init) before training.
+        group_by_length: text experts: training batches of texts of similar length (far fewer
+            pad tokens per step; see :class:`adamerge.text_data.LengthGroupedBatches`).
         base_kwargs: constructor keyword arguments of the architecture.
         trust_pickles: accept expert files that are pickled modules (they run code when loaded).
         progress_bar: show Lightning's progress bar.
@@ -143,6 +145,7 @@ class FitSettings:
     overwrite: bool = False
     eval_experts: bool = True
     eval_init: bool = True
+    group_by_length: bool = False
     base_kwargs: dict[str, Any] = field(default_factory=dict)
     trust_pickles: bool = False
     progress_bar: bool = True
@@ -184,6 +187,7 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
         shots=settings.shots,
         limit_per_task=settings.calib_limit,
         with_index=method.objective == "expert-alignment",
+        **({"group_by_length": True} if settings.group_by_length else {}),
     )
     data.setup("fit")  # fail on bad calibration / evaluation folders before any training
     merged = MergedModel(

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from adamerge.data import CalibrationView, MultiTaskDataModule, few_shot_indices
 from adamerge.errors import DataError
@@ -197,6 +198,48 @@ def by_length(dataset: TokenizedTexts) -> Subset:
     return Subset(dataset, sorted(range(len(lengths)), key=lengths.__getitem__))
 
 
+class LengthGroupedBatches(Sampler[list[int]]):
+    """Shuffled batches of texts of similar length (Hugging Face's ``group_by_length``).
+
+    Every epoch shuffles the indices (seeded), cuts them into mega-batches of ``megabatch``
+    batches, sorts each mega-batch by length, cuts it into batches and shuffles the batch order.
+    A batch padded to its longest text then carries little padding, so a step costs fewer tokens;
+    each text is still seen once per epoch, and a batch's texts are still a random draw within
+    their length range.
+
+    Args:
+        lengths: token count of every item.
+        batch_size: items per batch.
+        generator: the seeded generator of the shuffles.
+        megabatch: batches per sorted mega-batch.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, generator: torch.Generator, megabatch: int = 50) -> None:
+        if batch_size < 1 or megabatch < 1:
+            raise DataError(f"length-grouped batches: batch size {batch_size} and mega-batch {megabatch} must be >= 1")
+        self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)  # (N,)
+        self.batch_size = batch_size
+        self.generator = generator
+        self.megabatch = megabatch
+
+    def _batches(self) -> list[torch.Tensor]:
+        order = torch.randperm(len(self.lengths), generator=self.generator)  # (N,)
+        batches: list[torch.Tensor] = []
+        for mega in order.split(self.batch_size * self.megabatch):
+            ranked = mega[torch.argsort(self.lengths[mega], descending=True, stable=True)]
+            batches.extend(ranked.split(self.batch_size))
+        return [batches[i] for i in torch.randperm(len(batches), generator=self.generator).tolist()]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self._batches():
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        mega = self.batch_size * self.megabatch
+        full, rest = divmod(len(self.lengths), mega)
+        return full * self.megabatch + math.ceil(rest / self.batch_size)
+
+
 class PadCollator:
     """Pads a batch of token lists to its longest example.
 
@@ -264,6 +307,9 @@ class MultiTaskTextDataModule(MultiTaskDataModule):
         with_index: training items carry their index in the task's calibration view.
         num_classes: optional ``{task: C}``: labels must lie in ``0..C-1`` (e.g. the experts' head
             sizes); without it, the largest label seen + 1.
+        group_by_length: shuffled training batches of texts of similar length
+            (:class:`LengthGroupedBatches`) instead of uniformly shuffled ones: far fewer pad
+            tokens per step. Single-process training only.
     """
 
     def __init__(
@@ -282,6 +328,7 @@ class MultiTaskTextDataModule(MultiTaskDataModule):
         limit_per_task: int | None = None,
         with_index: bool = False,
         num_classes: Mapping[str, int] | None = None,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__(
             calib_dir, tasks, eval_dir, batch_size, eval_batch_size, num_workers, seed, shuffle, shots,
@@ -296,6 +343,7 @@ class MultiTaskTextDataModule(MultiTaskDataModule):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.num_classes = dict(num_classes or {})
+        self.group_by_length = group_by_length
         pad = getattr(tokenizer, "pad_token_id", None)
         if pad is None:
             pad = getattr(tokenizer, "eos_token_id", None)
@@ -330,6 +378,28 @@ class MultiTaskTextDataModule(MultiTaskDataModule):
         indices = self.subset_indices(len(dataset), seed)
         logger.info("calibration %s: %d texts", task, len(indices))
         return CalibrationView(dataset, indices, self.with_index)
+
+    def calibration_loaders(self, shuffle: bool | None = None, distributed: bool = False) -> dict[str, DataLoader]:
+        """One loader of calibration batches per task; length-grouped when shuffled training
+        batches are asked for and ``group_by_length`` is on (see the base class for the args)."""
+        shuffle = self.shuffle if shuffle is None else shuffle
+        if not (self.group_by_length and shuffle):
+            return super().calibration_loaders(shuffle, distributed)
+        if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+            raise DataError("--group-by-length supports single-process training only (no DDP shards)")
+        self.setup("fit")
+        loaders = {}
+        for position, (task, view) in enumerate(self.calibration.items()):
+            lengths = [len(view.dataset.columns["input_ids"][i]) for i in view.indices]
+            generator = torch.Generator().manual_seed(self.seed + position)
+            loaders[task] = DataLoader(
+                view,
+                batch_sampler=LengthGroupedBatches(lengths, self.batch_size, generator),
+                num_workers=self.num_workers,
+                collate_fn=self.collate,
+                persistent_workers=self.num_workers > 0,
+            )
+        return loaders
 
     def evaluation_loaders(self) -> list[DataLoader]:
         """Labelled batches per task, the texts grouped by length: accuracy does not depend on the

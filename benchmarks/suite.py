@@ -1,19 +1,20 @@
 #!/usr/bin/env python
 """The whole benchmark suite in one command: experts, every method, the few-shot curve, the plots.
 
-Two lanes run side by side, and every measured process in them (an expert build, a table row, a
-few-shot run) first takes one of ``--slots`` CPU slots (default: one per core) and runs with one
-thread (``OMP_NUM_THREADS=1``), so the machine runs one single-threaded process per core and no
-core waits while work remains:
+Every measured process (an expert, a table row, a few-shot run) runs with one thread
+(``OMP_NUM_THREADS=1``) and first takes one of ``--slots`` CPU slots (default: one per core), so
+the machine runs one single-threaded process per core and no core waits while work remains:
 
-- ``vision`` lane: ``vision_methods.py`` (builds the MobileNetV2 experts, then every method), then
-  ``fewshot_curve.py`` (aTLAS few-shot at 1, 2, 4, 8, 16 shots per class);
-- ``text`` lane: ``python -m adamerge.demo.text`` (the MiniLM experts, both flavours), then
-  ``text_methods.py`` (every method on the full fine-tunes and on the LoRA adapters).
-
-Each script queues its rows on as many workers as there are slots, longest first; rows of the two
-lanes share the slots, so the text rows take both cores once the vision lane is done. Then
-``plots.py`` draws the figures.
+1. ``text-experts``: ``python -m adamerge.demo.text --workers SLOTS`` trains the 12 MiniLM experts
+   (both flavours), one process per core;
+2. two lanes side by side, their rows sharing the slots:
+   - ``vision`` lane: ``vision_methods.py`` (builds the MobileNetV2 experts, then every method),
+     then ``fewshot_curve.py`` (aTLAS few-shot at 1, 2, 4, 8, 16 shots per class);
+   - ``text`` lane: ``text_methods.py`` (every method on the full fine-tunes and on the LoRA
+     adapters).
+   Each script queues its rows on as many workers as there are slots, longest first, so the text
+   rows take both cores once the vision lane is done;
+3. ``plots.py`` draws the figures.
 
     python benchmarks/suite.py                          # results in benchmarks/results/
     python benchmarks/suite.py --quick --out-dir /tmp/suite-quick
@@ -26,7 +27,6 @@ total) beside the results.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from runner import SLOTS_ENV, cpu_slot, make_slots  # noqa: E402
+from runner import SLOTS_ENV, make_slots  # noqa: E402
 
 
 def python_env(threads: int | None = None, slots: Path | None = None) -> dict[str, str]:
@@ -56,15 +56,12 @@ def python_env(threads: int | None = None, slots: Path | None = None) -> dict[st
     return env
 
 
-def timed(name: str, command: list[str], steps: dict, env: dict[str, str], slot: bool = False) -> None:
-    """Run ``command`` (inside a CPU slot if ``slot``), record its wall time under ``name``."""
+def timed(name: str, command: list[str], steps: dict, env: dict[str, str]) -> None:
+    """Run ``command``, record its wall time under ``name``."""
     sys.stderr.write(f"[suite] {name}: {' '.join(command[1:3])}\n")
     load = os.getloadavg()[0]
     started = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        if slot:
-            stack.enter_context(cpu_slot())
-        code = subprocess.run(command, env=env, cwd=REPO).returncode
+    code = subprocess.run(command, env=env, cwd=REPO).returncode
     wall = time.perf_counter() - started
     steps[name] = {"wall_s": round(wall, 1), "load_before": round(load, 2), "command": " ".join(command)}
     sys.stderr.write(f"[suite] {name}: {wall:.0f} s\n")
@@ -72,14 +69,14 @@ def timed(name: str, command: list[str], steps: dict, env: dict[str, str], slot:
         raise SystemExit(f"[suite] {name} failed (exit code {code})")
 
 
-def run_lanes(lanes: dict[str, list[tuple[str, list[str], bool]]], steps: dict, env: dict[str, str]) -> dict[str, float]:
+def run_lanes(lanes: dict[str, list[tuple[str, list[str]]]], steps: dict, env: dict[str, str]) -> dict[str, float]:
     """Run each lane's steps in order, the lanes side by side; returns each lane's wall time."""
     walls: dict[str, float] = {}
 
     def lane(name: str) -> None:
         started = time.perf_counter()
-        for step, command, slot in lanes[name]:
-            timed(step, command, steps, env, slot)
+        for step, command in lanes[name]:
+            timed(step, command, steps, env)
         walls[name] = round(time.perf_counter() - started, 1)
 
     with ThreadPoolExecutor(max_workers=max(1, len(lanes))) as pool:
@@ -109,24 +106,24 @@ def main() -> None:
         text_cache = ["--cache-dir", str(args.cache_root / f"demo-text{suffix}")]
     slots = make_slots(Path(tempfile.mkdtemp(prefix="adamerge-slots-")), args.slots)
     env = python_env(threads=1, slots=slots)
-    os.environ[SLOTS_ENV] = str(slots)  # this process's own slot-holding steps (the text build)
     workers = ["--workers", str(args.slots)]
-    lanes: dict[str, list[tuple[str, list[str], bool]]] = {"vision": [], "text": []}
+    steps: dict[str, dict] = {}
+    started = time.perf_counter()
+    if "text-experts" not in args.skip:  # alone on the machine: one training process per slot
+        timed("text-experts", [py, "-m", "adamerge.demo.text", *quick, *text_cache, "--threads", "1", *workers], steps, env)
+    lanes: dict[str, list[tuple[str, list[str]]]] = {"vision": [], "text": []}
     if "vision" not in args.skip:
         lanes["vision"].append(("vision", [py, "benchmarks/vision_methods.py", *quick, *vision_cache, *workers,
-                                           "--out", str(out / "vision.json")], False))  # fmt: skip
+                                           "--out", str(out / "vision.json")]))  # fmt: skip
     if "fewshot" not in args.skip:
         lanes["vision"].append(("fewshot", [py, "benchmarks/fewshot_curve.py", *quick, *vision_cache, *workers,
                                             "--reference", str(out / "vision.json"),
-                                            "--out", str(out / "vision_fewshot.json")], False))  # fmt: skip
-    if "text-experts" not in args.skip:
-        lanes["text"].append(("text-experts", [py, "-m", "adamerge.demo.text", *quick, *text_cache, "--threads", "1"], True))
+                                            "--out", str(out / "vision_fewshot.json")]))  # fmt: skip
     if "text" not in args.skip:
         lanes["text"].append(("text", [py, "benchmarks/text_methods.py", *quick, *text_cache, *workers,
-                                       "--out", str(out / "text.json")], False))  # fmt: skip
-    steps: dict[str, dict] = {}
-    started = time.perf_counter()
-    lane_walls = run_lanes({name: lane for name, lane in lanes.items() if lane}, steps, env)
+                                       "--out", str(out / "text.json")]))  # fmt: skip
+    lanes = {name: lane for name, lane in lanes.items() if lane}
+    lane_walls = run_lanes(lanes, steps, env)
     if "plots" not in args.skip:
         timed("plots", [py, "benchmarks/plots.py", str(out / "vision.json")], steps, env)
         for flavour in ("full", "lora"):
@@ -138,19 +135,20 @@ def main() -> None:
         "command": " ".join([Path(py).name, *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "slots": args.slots,
-        "lanes": {name: {"steps": [step for step, _, _ in lanes[name]], "wall_s": wall} for name, wall in lane_walls.items()},
+        "lanes": {name: {"steps": [step for step, _ in lanes[name]], "wall_s": wall} for name, wall in lane_walls.items()},
         "phases": steps,
         "total_s": round(total, 1),
     }
     name = "suite_quick" if args.quick else "suite"
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    lines = [f"Command: `{payload['command']}` on {payload['machine']['cpus']} CPUs, {args.slots} single-threaded "
-             "processes at a time; the lanes run side by side", "",
+    lines = [f"Command: `{payload['command']}` on {payload['machine']['cpus']} CPUs, at most {args.slots} "
+             "single-threaded processes at a time; the vision and text lanes run side by side", "",
              "| lane | step | wall (s) | load before |", "|---|---|---|---|"]  # fmt: skip
+    if "text-experts" in steps:
+        lines.append(f"| - | text-experts | {steps['text-experts']['wall_s']:.0f} | {steps['text-experts']['load_before']:.2f} |")
     for lane_name, lane in lanes.items():
-        lines += [f"| {lane_name} | {step} | {steps[step]['wall_s']:.0f} | {steps[step]['load_before']:.2f} |" for step, _, _ in lane]
-        if lane_name in lane_walls:
-            lines.append(f"| {lane_name} | *lane total* | {lane_walls[lane_name]:.0f} | |")
+        lines += [f"| {lane_name} | {step} | {steps[step]['wall_s']:.0f} | {steps[step]['load_before']:.2f} |" for step, _ in lane]
+        lines.append(f"| {lane_name} | *lane total* | {lane_walls[lane_name]:.0f} | |")
     lines += [f"| - | {k} | {v['wall_s']:.0f} | {v['load_before']:.2f} |" for k, v in steps.items() if k.startswith("plots")]
     lines.append(f"| **total** | | **{total:.0f}** ({total / 60:.1f} min) | |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")

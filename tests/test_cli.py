@@ -132,6 +132,20 @@ def test_output_exists_is_refused_unless_overwrite(tiny_setup, tmp_path, caplog)
     assert not (output / "keep.txt").exists() and (output / "merged.pt").exists()
 
 
+def test_group_by_length_on_image_experts_is_refused(tiny_setup, tmp_path, caplog):
+    output = tmp_path / "never"
+    message = run_fails(fit_args(tiny_setup, output, "--group-by-length", "true"), caplog)
+    assert "--group-by-length" in message and "images" in message
+    assert not output.exists()
+
+
+def test_eval_init_false_evaluates_the_learned_merge_only(tiny_setup, tmp_path):
+    output = tmp_path / "lean"
+    assert main(fit_args(tiny_setup, output, "--eval", str(tiny_setup.eval), "--eval-init", "false")) == 0
+    accuracy = json.loads((output / "metrics.json").read_text())["accuracy"]
+    assert set(accuracy) == {"expert (alone)", "adamerging (layer)"}
+
+
 def expert_with(tmp_path: Path, setup, edit) -> Path:
     state = torch.load(setup.experts["beta"], weights_only=True)
     edit(state)

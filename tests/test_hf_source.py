@@ -305,12 +305,13 @@ def test_real_minilm_base(tmp_path):
     ],
     ids=["expert-merging", "atlas-few-shot"],
 )
-def test_fit_text_methods_needing_indices_or_labels(hf, tmp_path, method):
+@pytest.mark.parametrize("group_by_length", ["false", "true"])
+def test_fit_text_methods_needing_indices_or_labels(hf, tmp_path, method, group_by_length):
     calib = hf.eval if "--shots" in method else hf.calib
     output = tmp_path / "out"
     code = main(["fit", "--base", f"hf:{hf.base}", "--experts", *hf.expert_args(), "--calib", str(calib),
                  "--steps", "2", "--batch-size", "4", "--output", str(output), "--accelerator", "cpu",
-                 "--progress-bar", "false", *method])
+                 "--progress-bar", "false", "--group-by-length", group_by_length, *method])
     assert code == 0
     assert json.loads((output / "metrics.json").read_text())["steps"] == 2
     assert (output / "tasks" / "topic" / "model.safetensors").is_file()

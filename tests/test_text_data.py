@@ -11,7 +11,7 @@ import torch
 
 from adamerge.errors import DataError
 from adamerge.objectives import as_task_batch
-from adamerge.text_data import MultiTaskTextDataModule, PadCollator, read_labelled, read_unlabeled
+from adamerge.text_data import LengthGroupedBatches, MultiTaskTextDataModule, PadCollator, read_labelled, read_unlabeled
 
 WORDS = "the a cat dog is good bad movie film great not very plot actor sport game news world".split()
 
@@ -106,6 +106,50 @@ def test_training_loader_is_round_robin_with_cycling(folders, tokenizer):
     twin = MultiTaskTextDataModule(calib, ["movies", "news"], tokenizer, batch_size=2, seed=3)
     again = [batch for batch, _, _ in twin.train_dataloader()]
     assert all(torch.equal(a["news"]["input_ids"], b["news"]["input_ids"]) for a, b in zip(steps, again))
+
+
+@pytest.mark.parametrize("n, batch_size, megabatch", [(500, 8, 50), (37, 4, 3), (5, 8, 50), (64, 1, 2)])
+def test_length_grouped_batches_cover_each_item_once_and_pad_less(n, batch_size, megabatch):
+    lengths = torch.randint(3, 64, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    sampler = LengthGroupedBatches(lengths, batch_size, torch.Generator().manual_seed(0), megabatch)
+    first, second = list(sampler), list(sampler)
+    for epoch in (first, second):
+        assert sorted(i for batch in epoch for i in batch) == list(range(n)) and len(epoch) == len(sampler)
+        assert all(1 <= len(batch) <= batch_size for batch in epoch)
+        # within a mega-batch the items are ranked by length: every batch is a contiguous length range
+        assert all(lengths[a] >= lengths[b] for batch in epoch for a, b in zip(batch, batch[1:]))
+    assert first != second or n <= batch_size  # reshuffled every epoch
+    again = list(LengthGroupedBatches(lengths, batch_size, torch.Generator().manual_seed(0), megabatch))
+    assert again == first  # seeded
+    if batch_size > 1 and n >= 4 * batch_size:  # pad tokens: far fewer than uniformly shuffled batches
+        uniform = torch.randperm(n, generator=torch.Generator().manual_seed(1)).split(batch_size)
+        padded = lambda batches: sum(len(b) * max(lengths[i] for i in b) for b in batches)  # noqa: E731
+        assert padded(first) < 0.85 * padded([b.tolist() for b in uniform])
+
+
+def test_length_grouped_batches_refuse_bad_sizes():
+    with pytest.raises(DataError, match="batch size 0"):
+        LengthGroupedBatches([3, 4], 0, torch.Generator())
+
+
+def test_training_loader_groups_by_length_when_asked(tmp_path, tokenizer):
+    calib = tmp_path / "calib"
+    (calib / "news").mkdir(parents=True)
+    texts = [sentence(i, 1 + (7 * i) % 23) for i in range(60)]
+    (calib / "news" / "t.txt").write_text("\n".join(texts))
+    plain = MultiTaskTextDataModule(calib, ["news"], tokenizer, batch_size=6, seed=2, max_length=32)
+    grouped = MultiTaskTextDataModule(calib, ["news"], tokenizer, batch_size=6, seed=2, max_length=32, group_by_length=True)
+
+    def epoch(data):
+        return [batch["news"] for batch, _, _ in data.train_dataloader()]
+
+    plain_batches, grouped_batches = epoch(plain), epoch(grouped)
+    seen = lambda batches: sorted(tuple(ids[m.bool()].tolist()) for b in batches for ids, m in zip(b["input_ids"], b["attention_mask"]))  # noqa: E731
+    assert seen(grouped_batches) == seen(plain_batches)  # the same texts, each once per epoch
+    tokens = lambda batches: sum(b["input_ids"].numel() for b in batches)  # noqa: E731
+    assert tokens(grouped_batches) < 0.8 * tokens(plain_batches)
+    unshuffled = grouped.calibration_loaders(shuffle=False)["news"]  # BatchNorm re-estimation order: the file's
+    assert [len(b["input_ids"]) for b in unshuffled] == [6] * 10
 
 
 def test_few_shot_and_indices(folders, tokenizer):
