@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TypeVar
 
@@ -100,19 +100,22 @@ def run(argv: list[str]) -> dict:
 
 
 def run_all(
-    jobs: Sequence[tuple[Key, list[str]]], workers: int, on_done: Callable[[Key, dict], None]
+    jobs: Sequence[tuple[Key, list[str]]],
+    workers: int,
+    on_done: Callable[[Key, dict], None],
+    runner: Callable[[list[str]], dict] = run,
 ) -> None:
-    """Run every ``(key, argv)`` with :func:`run` on ``workers`` threads, in the given order.
+    """Run every ``(key, argv)`` with ``runner`` (:func:`run`) on ``workers`` threads, in the given order.
 
-    ``on_done(key, measured)`` is called in this thread as each job finishes. The first failure
-    cancels the jobs not yet started, waits for those running, and exits.
+    ``on_done(key, measured)`` is called in this thread as soon as each job finishes. The first
+    failure cancels the jobs not yet started, waits for those running, and exits.
     """
     if workers < 1:
         raise SystemExit(f"--workers {workers}: expected at least 1")
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = {pool.submit(run, argv): key for key, argv in jobs}
+        pending = {pool.submit(runner, argv): key for key, argv in jobs}
         while pending:
-            finished, _ = wait(pending, return_when=FIRST_EXCEPTION)
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
                 key = pending.pop(future)
                 if future.exception() is not None:

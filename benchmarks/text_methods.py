@@ -16,7 +16,9 @@ Rows of both flavours can run side by side, one single-threaded process per core
 
     OMP_NUM_THREADS=1 python benchmarks/text_methods.py --workers 2 --out benchmarks/results/text.json
 
-The experts' own accuracies come from the build's manifest (measured on the same test rows); the
+Learned rows train on length-grouped batches (``adamerge fit --group-by-length true``: each
+step's texts per task are a random draw of similar length, so a step pads far less). The experts'
+own accuracies come from the build's manifest (measured on the same test rows); the
 initial merge (task arithmetic at λ = 0.3) is evaluated once, by the layer-wise AdaMerging row.
 Flavours run separately can be joined::
 
@@ -101,7 +103,7 @@ def main() -> None:
                 argv = [
                     "fit", "--method", method, "--granularity", granularity, *common, "--calib", str(calib),
                     "--steps", str(steps), "--batch-size", str(args.batch_size), "--output", str(output),
-                    "--progress-bar", "false", *extra,
+                    "--progress-bar", "false", "--group-by-length", "true", *extra,
                 ]
                 argv += ["--eval-experts", "false"]  # the build measured each expert on these test rows
                 if row != REFERENCE_FIT:  # the initial merge (λ = 0.3) is evaluated once, by this row

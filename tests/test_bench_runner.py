@@ -23,7 +23,7 @@ def _load_runner():
     return module
 
 
-runner = _load_runner()
+runner_module = _load_runner()
 
 
 def _fit(setup, output: Path, *extra: str) -> list[str]:
@@ -46,7 +46,7 @@ def _overlap(intervals: list[tuple[float, float]]) -> int:
 
 @pytest.mark.parametrize("slots", [1, 2])
 def test_cpu_slots_bound_the_processes_running_at_once(tmp_path, slots):
-    folder = runner.make_slots(tmp_path / "slots", slots)
+    folder = runner_module.make_slots(tmp_path / "slots", slots)
     log = tmp_path / "log"
     log.mkdir()
     child = textwrap.dedent(
@@ -59,7 +59,7 @@ def test_cpu_slots_bound_the_processes_running_at_once(tmp_path, slots):
         open({str(log)!r} + "/" + sys.argv[1], "w").write(f"{{start}} {{end}}")
         """
     )
-    env = os.environ | {runner.SLOTS_ENV: str(folder)}
+    env = os.environ | {runner_module.SLOTS_ENV: str(folder)}
     processes = [subprocess.Popen([sys.executable, "-c", child, str(i)], env=env) for i in range(4)]
     assert [p.wait(timeout=60) for p in processes] == [0, 0, 0, 0]
     intervals = [tuple(map(float, (log / str(i)).read_text().split())) for i in range(4)]
@@ -67,21 +67,21 @@ def test_cpu_slots_bound_the_processes_running_at_once(tmp_path, slots):
 
 
 def test_no_slots_folder_means_no_waiting(monkeypatch):
-    monkeypatch.delenv(runner.SLOTS_ENV, raising=False)
-    with runner.cpu_slot():
+    monkeypatch.delenv(runner_module.SLOTS_ENV, raising=False)
+    with runner_module.cpu_slot():
         pass
 
 
 def test_empty_slots_folder_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setenv(runner.SLOTS_ENV, str(tmp_path))
+    monkeypatch.setenv(runner_module.SLOTS_ENV, str(tmp_path))
     with pytest.raises(SystemExit, match="no slot-"):
-        with runner.cpu_slot():
+        with runner_module.cpu_slot():
             pass
 
 
 def test_run_all_measures_every_fit_and_reports_each_once(tiny_setup, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.setenv(runner.SLOTS_ENV, str(runner.make_slots(tmp_path / "slots", 2)))
+    monkeypatch.setenv(runner_module.SLOTS_ENV, str(runner_module.make_slots(tmp_path / "slots", 2)))
     jobs = [
         ("reference", _fit(tiny_setup, tmp_path / "a")),
         ("lean", _fit(tiny_setup, tmp_path / "b", "--eval-experts", "false", "--eval-init", "false")),
@@ -92,7 +92,7 @@ def test_run_all_measures_every_fit_and_reports_each_once(tiny_setup, tmp_path, 
         assert key not in done
         done[key] = measured
 
-    runner.run_all(jobs, workers=2, on_done=collect)
+    runner_module.run_all(jobs, workers=2, on_done=collect)
     assert set(done) == {"reference", "lean"}
     for measured in done.values():
         assert measured["code"] == 0 and measured["wall_s"] > 0 and measured["peak_rss_mb"] > 50
@@ -109,12 +109,34 @@ def test_run_all_exits_on_a_failing_row_without_reporting_it(tiny_setup, tmp_pat
     bad[bad.index("--calib") + 1] = str(tmp_path / "missing")
     done: list[str] = []
     with pytest.raises(SystemExit, match="failed: adamerge fit"):
-        runner.run_all([("bad", bad)], workers=1, on_done=lambda key, _: done.append(key))
+        runner_module.run_all([("bad", bad)], workers=1, on_done=lambda key, _: done.append(key))
     assert done == []
     assert "missing" in capsys.readouterr().err  # the child's own error names the folder
     assert not (tmp_path / "bad").exists()
 
 
+def test_run_all_reports_each_job_as_soon_as_it_is_done():
+    import threading
+    import time
+
+    release = threading.Event()
+    reported: list[str] = []
+
+    def runner(argv: list[str]) -> dict:
+        if argv == ["slow"]:
+            assert release.wait(timeout=30), "the fast job was not reported while the slow one ran"
+        return {"argv": argv}
+
+    def on_done(key: str, measured: dict) -> None:
+        reported.append(key)
+        if key == "fast":
+            release.set()  # the slow job may end only once the fast one has been handed back
+
+    started = time.perf_counter()
+    runner_module.run_all([("slow", ["slow"]), ("fast", ["fast"])], 2, on_done, runner=runner)
+    assert reported == ["fast", "slow"] and time.perf_counter() - started < 30
+
+
 def test_run_all_refuses_zero_workers():
     with pytest.raises(SystemExit, match="--workers 0"):
-        runner.run_all([], workers=0, on_done=lambda *_: None)
+        runner_module.run_all([], workers=0, on_done=lambda *_: None)
