@@ -19,11 +19,12 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
 
 SLOTS_ENV = "ADAMERGE_BENCH_SLOTS"
 Key = TypeVar("Key")
@@ -48,7 +49,7 @@ def make_slots(folder: Path, count: int) -> Path:
     if count < 1:
         raise SystemExit(f"--slots {count}: expected at least 1")
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob("slot-*"):
+    for stale in [*folder.glob("slot-*"), *folder.glob("queue/*")]:
         stale.unlink()
     for index in range(count):
         (folder / f"slot-{index}").touch()
@@ -57,7 +58,11 @@ def make_slots(folder: Path, count: int) -> Path:
 
 @contextlib.contextmanager
 def cpu_slot(poll_s: float = 0.2) -> Iterator[None]:
-    """Hold one of the CPU slots of ``$ADAMERGE_BENCH_SLOTS`` for the duration (no-op when unset)."""
+    """Hold one of the CPU slots of ``$ADAMERGE_BENCH_SLOTS`` for the duration (no-op when unset).
+
+    Waiters are served first come, first served (a ticket file each in ``queue/``): a script whose
+    row just ended cannot take the freed slot ahead of another script's row that was waiting.
+    """
     folder = os.environ.get(SLOTS_ENV)
     if not folder:
         yield
@@ -65,24 +70,53 @@ def cpu_slot(poll_s: float = 0.2) -> Iterator[None]:
     paths = sorted(Path(folder).glob("slot-*"))
     if not paths:
         raise SystemExit(f"${SLOTS_ENV}={folder}: no slot-* files there")
+    queue = Path(folder) / "queue"
+    queue.mkdir(exist_ok=True)
+    ticket = queue / f"{time.time_ns():020d}-{os.getpid()}-{threading.get_ident()}"
+    ticket.touch()
     handle = None
-    while handle is None:
-        for path in paths:
-            candidate = open(path, "w")  # noqa: SIM115  (held until the slot is released)
-            try:
-                fcntl.flock(candidate, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                candidate.close()
-                continue
-            handle = candidate
-            break
-        else:
-            time.sleep(poll_s)
+    try:
+        while handle is None:
+            if _first_in_line(queue, ticket):
+                handle = _try_any_slot(paths)
+            if handle is None:
+                time.sleep(poll_s)
+    finally:
+        ticket.unlink(missing_ok=True)
     try:
         yield
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+
+
+def _first_in_line(queue: Path, ticket: Path) -> bool:
+    """Whether ``ticket`` is the oldest ticket of a live process (dead waiters' tickets are dropped)."""
+    for other in sorted(queue.iterdir()):
+        if other == ticket:
+            return True
+        try:
+            os.kill(int(other.name.split("-")[1]), 0)
+        except ProcessLookupError:
+            other.unlink(missing_ok=True)  # its process ended without cleaning up
+            continue
+        except (ValueError, IndexError, PermissionError):
+            pass
+        return False
+    return False
+
+
+def _try_any_slot(paths: Sequence[Path]) -> IO | None:
+    """An open, exclusively locked slot file, or ``None`` if every slot is taken."""
+    for path in paths:
+        candidate = open(path, "w")  # noqa: SIM115  (held until the slot is released)
+        try:
+            fcntl.flock(candidate, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            candidate.close()
+            continue
+        return candidate
+    return None
 
 
 def run(argv: list[str]) -> dict:

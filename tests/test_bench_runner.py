@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,18 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HEAD, REPO
+from tests.conftest import HEAD, REPO, load_benchmark
 
-
-def _load_runner():
-    spec = importlib.util.spec_from_file_location("benchmark_runner", REPO / "benchmarks" / "runner.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-runner_module = _load_runner()
+runner_module = load_benchmark("runner")
 
 
 def _fit(setup, output: Path, *extra: str) -> list[str]:
@@ -64,6 +54,35 @@ def test_cpu_slots_bound_the_processes_running_at_once(tmp_path, slots):
     assert [p.wait(timeout=60) for p in processes] == [0, 0, 0, 0]
     intervals = [tuple(map(float, (log / str(i)).read_text().split())) for i in range(4)]
     assert _overlap(intervals) == slots
+
+
+def test_a_waiting_process_is_served_before_a_holder_that_asks_again(tmp_path):
+    folder = runner_module.make_slots(tmp_path / "slots", 1)
+    log = tmp_path / "log"
+    log.mkdir()
+    child = textwrap.dedent(
+        f"""
+        import importlib.util, sys, time
+        spec = importlib.util.spec_from_file_location("r", {str(REPO / "benchmarks" / "runner.py")!r})
+        r = importlib.util.module_from_spec(spec); spec.loader.exec_module(r)
+        name, rounds, delay = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+        time.sleep(delay)
+        for i in range(rounds):  # a worker thread's loop: the next row asks for a slot at once
+            with r.cpu_slot(poll_s=0.02):
+                start = time.time(); time.sleep(0.4); end = time.time()
+            open({str(log)!r} + f"/{{name}}-{{i}}", "w").write(f"{{start}} {{end}}")
+        """
+    )
+    env = os.environ | {runner_module.SLOTS_ENV: str(folder)}
+    greedy = subprocess.Popen([sys.executable, "-c", child, "greedy", "3", "0"], env=env)
+    waiter = subprocess.Popen([sys.executable, "-c", child, "waiter", "1", "0.6"], env=env)
+    assert greedy.wait(timeout=60) == 0 and waiter.wait(timeout=60) == 0
+    spans = {p.name: tuple(map(float, p.read_text().split())) for p in log.iterdir()}
+    order = sorted(spans, key=lambda name: spans[name][0])
+    assert _overlap(list(spans.values())) == 1
+    # the waiter queued while greedy-0 or greedy-1 held the slot: it runs next, not after greedy-2
+    assert order.index("waiter-0") < order.index("greedy-2"), order
+    assert not list((folder / "queue").iterdir())  # every ticket removed
 
 
 def test_no_slots_folder_means_no_waiting(monkeypatch):

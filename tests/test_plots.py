@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import load_benchmark
 
 pytest.importorskip("matplotlib")
 
 TASKS = ["mnist", "cifar10", "usps"]
 
-
-def _load_plots():
-    spec = importlib.util.spec_from_file_location("benchmark_plots", REPO / "benchmarks" / "plots.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-plots = _load_plots()
+plots = load_benchmark("plots")
 
 
 def _entry(base: float) -> dict:
