@@ -152,7 +152,8 @@ class TextDemoSettings:
         batch_size: fine-tuning batch size.
         micro_batch: rows per forward/backward inside a batch: the batch is sorted by length and
             cut into micro-batches, each padded to its own longest row, with their gradients
-            summed to the batch mean (the same gradient as one padded batch, far fewer pad tokens).
+            summed to the batch mean: the gradient of one padded batch (up to float rounding and
+            the dropout draws) at far fewer pad tokens.
         full_lr: peak AdamW learning rate of full fine-tuning.
         lora_lr: peak AdamW learning rate of LoRA (and its classifier).
         lora_rank: LoRA rank r.
