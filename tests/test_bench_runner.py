@@ -34,16 +34,23 @@ def _overlap(intervals: list[tuple[float, float]]) -> int:
     return most
 
 
+# a child process that loads benchmarks/runner.py as ``r`` (the tests' children take real slots)
+CHILD_PREAMBLE = textwrap.dedent(
+    f"""
+    import importlib.util, sys, time
+    spec = importlib.util.spec_from_file_location("r", {str(REPO / "benchmarks" / "runner.py")!r})
+    r = importlib.util.module_from_spec(spec); spec.loader.exec_module(r)
+    """
+)
+
+
 @pytest.mark.parametrize("slots", [1, 2])
 def test_cpu_slots_bound_the_processes_running_at_once(tmp_path, slots):
     folder = runner_module.make_slots(tmp_path / "slots", slots)
     log = tmp_path / "log"
     log.mkdir()
-    child = textwrap.dedent(
+    child = CHILD_PREAMBLE + textwrap.dedent(
         f"""
-        import importlib.util, sys, time
-        spec = importlib.util.spec_from_file_location("r", {str(REPO / "benchmarks" / "runner.py")!r})
-        r = importlib.util.module_from_spec(spec); spec.loader.exec_module(r)
         with r.cpu_slot(poll_s=0.01):
             start = time.time(); time.sleep(0.3); end = time.time()
         open({str(log)!r} + "/" + sys.argv[1], "w").write(f"{{start}} {{end}}")
@@ -60,11 +67,8 @@ def test_a_waiting_process_is_served_before_a_holder_that_asks_again(tmp_path):
     folder = runner_module.make_slots(tmp_path / "slots", 1)
     log = tmp_path / "log"
     log.mkdir()
-    child = textwrap.dedent(
+    child = CHILD_PREAMBLE + textwrap.dedent(
         f"""
-        import importlib.util, sys, time
-        spec = importlib.util.spec_from_file_location("r", {str(REPO / "benchmarks" / "runner.py")!r})
-        r = importlib.util.module_from_spec(spec); spec.loader.exec_module(r)
         name, rounds, delay = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
         time.sleep(delay)
         for i in range(rounds):  # a worker thread's loop: the next row asks for a slot at once
