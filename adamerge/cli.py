@@ -68,7 +68,7 @@ def _fit_parser() -> ArgumentParser:
     parser.add_argument("--devices", type=int | str, default="auto")
     parser.add_argument("--strategy", type=str, default="auto")
     parser.add_argument("--shots", type=int | None, default=None, help="atlas few-shot: labelled images per class")
-    parser.add_argument("--calib-limit", type=int | None, default=None, help="calibration inputs per task (subset)")
+    parser.add_argument("--calib-limit", type=int | None, default=None, help="calibration inputs per task the objective trains on (seeded subset; BatchNorm statistics use them all)")
     parser.add_argument("--pseudo-label-threshold", type=float, default=0.99, help="atlas test-time adaptation")
     parser.add_argument(
         "--align-modules", type=list[str], default=["<head input>"], help="expert-merging: hidden states aligned"

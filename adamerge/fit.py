@@ -107,8 +107,8 @@ class FitSettings:
         progress_bar: show Lightning's progress bar.
         shots: few-shot aTLAS: read ``calib`` as ``<task>/<class>/<image>`` and use this many
             labelled images per class (seeded).
-        calib_limit: use this many calibration inputs per task (seeded subset; Expert Merging
-            needs only 5-10).
+        calib_limit: train on this many calibration inputs per task (seeded subset; Expert
+            Merging needs only 5-10). BatchNorm statistics are still re-estimated on all of them.
         pseudo_label_threshold: aTLAS test-time adaptation confidence threshold.
         align_modules: Expert Merging: hidden states aligned (sub-module names, or
             ``"<head input>"`` for the features entering the head).

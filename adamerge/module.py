@@ -40,6 +40,17 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 COEFFICIENT_PREFIX = "merged.coefficients."
 
 
+def statistics_loaders_of(datamodule: Any) -> dict[str, Any] | None:
+    """``{task: loader}`` of unlabeled inputs for BatchNorm re-estimation: the datamodule's
+    ``statistics_loaders()``, else its unshuffled ``calibration_loaders()`` (a user's own
+    datamodule), else ``None``."""
+    if hasattr(datamodule, "statistics_loaders"):
+        return datamodule.statistics_loaders()
+    if hasattr(datamodule, "calibration_loaders"):
+        return datamodule.calibration_loaders(shuffle=False)
+    return None
+
+
 def adam(lr: float = 1e-3) -> OptimizerFactory:
     """AdaMerging's optimiser: Adam, lr 1e-3, betas (0.9, 0.999)."""
     return functools.partial(torch.optim.Adam, lr=lr, betas=(0.9, 0.999))
@@ -181,16 +192,15 @@ class MergingModule(L.LightningModule):
         if self._bn_estimated_for is not None and torch.equal(self._bn_estimated_for, current):
             return
         datamodule = getattr(self.trainer, "datamodule", None)
-        loaders = getattr(datamodule, "calibration_loaders", None)
+        loaders = statistics_loaders_of(datamodule)
         if loaders is None:
             logger.warning(
-                "batchnorm policy %r needs a datamodule with calibration_loaders(); skipped", self.merged.batchnorm
+                "batchnorm policy %r needs a datamodule with statistics_loaders() or calibration_loaders(); skipped",
+                self.merged.batchnorm,
             )
             return
         batches = (
-            (task, move_inputs(as_task_batch(item).inputs, self.device))
-            for task, loader in loaders(shuffle=False).items()
-            for item in loader
+            (task, move_inputs(as_task_batch(item).inputs, self.device)) for task, loader in loaders.items() for item in loader
         )
         seen = self.merged.reestimate_batchnorm(batches)
         self._bn_estimated_for = current.clone()

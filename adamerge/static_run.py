@@ -122,7 +122,7 @@ def run_merge(settings: MergeSettings) -> dict[str, Any]:
 
     model.eval()
     if settings.batchnorm in REESTIMATING_POLICIES and settings.calib is not None and data is not None:
-        loaders = data.calibration_loaders(shuffle=False)
+        loaders = data.statistics_loaders()
 
         def run_batches(tasks: list[str]) -> int:
             seen = 0

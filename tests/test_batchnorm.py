@@ -160,3 +160,33 @@ def accuracy_on_folder(model: nn.Module, folder) -> float:
                 correct += int(prediction == label)
                 total += 1
     return correct / total
+
+
+def calibration_images(folder) -> torch.Tensor:
+    """Every image of an unlabeled ``folder``, in file order, with adamerge's transform (12 px)."""
+    from PIL import Image
+
+    from adamerge.data import build_image_transform
+
+    transform = build_image_transform(12)
+    return torch.stack([transform(Image.open(p).convert("RGB")) for p in sorted(folder.iterdir())])  # (N, 3, 12, 12)
+
+
+@pytest.mark.parametrize("method", ["adamerging", "expert-merging"])
+@pytest.mark.parametrize("limit", [None, 3])
+def test_statistics_use_every_calibration_image_whatever_the_objective_trains_on(tiny_setup, tmp_path, method, limit):
+    """``--calib-limit`` subsets what the objective trains on; the exported per-task statistics are
+    still those of all the task's calibration images (statistics of 3 images are noise)."""
+    output = tmp_path / "run"
+    extra = ["--calib-limit", str(limit)] if limit is not None else []
+    assert main(fit_args(tiny_setup, output, "--method", method, "--batchnorm", "per-task", *extra)) == 0
+    merged_file = torch.load(output / "merged.pt", weights_only=True)
+    for task, classes in (("alpha", 3), ("beta", 4)):
+        head = torch.load(output / "heads" / f"{task}.pt", weights_only=True)
+        model = tiny_convnet(num_classes=classes)
+        model.load_state_dict(merged_file | head)
+        images = calibration_images(tiny_setup.calib / task)
+        assert len(images) == 12 and head["1.num_batches_tracked"].item() == 3  # 12 images in batches of 4
+        expected = naive_statistics(model, images, chunks=3)
+        for name in ("1.running_mean", "1.running_var", "4.running_mean", "4.running_var"):
+            torch.testing.assert_close(head[name], expected[name], rtol=1e-4, atol=1e-5)
