@@ -36,8 +36,11 @@ LEARNED = {
     "adamerging (layer-wise)": ("adamerging", "layer", []),
     "adamerging++ (layer-wise)": ("adamerging++", "layer", []),
     "atlas tta (layer-wise)": ("atlas", "layer", ["--init", "0.3", "--pseudo-label-threshold", "0.9"]),
-    "expert-merging (layer-wise)": ("expert-merging", "layer", ["--calib-limit", "10"]),
-    "expert-merging++": ("expert-merging++", "layer", ["--calib-limit", "10"]),
+    # Expert Merging starts from the task-arithmetic merge it refines (λ = 0.3, as the table's
+    # task-arithmetic row; the paper's 0.1 is its own 8-task value) and aligns to the experts on all
+    # the calibration inputs every other row sees (with the paper's 10 per task: 86.3 % vision, 94.8 % LoRA)
+    "expert-merging (layer-wise)": ("expert-merging", "layer", ["--init", "0.3"]),
+    "expert-merging++": ("expert-merging++", "layer", ["--init", "0.3"]),
 }
 REFERENCE_FIT = "adamerging (layer-wise)"  # also evaluates the experts alone and its λ = 0.3 start
 
