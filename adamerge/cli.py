@@ -27,6 +27,10 @@ def _common_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--trust-pickles", type=bool, default=False, help="accept expert files that are pickled modules")
     parser.add_argument("--eval", type=Path | None, default=None, help="folder <task>/<class>/<file> of labelled data")
     parser.add_argument("--head-pattern", type=str | None, default=None, help="regex of task-specific tensors")
+    parser.add_argument(
+        "--task-specific", type=str | None, default=None,
+        help="merged tensors each task keeps from its own expert: batchnorm (every BatchNorm layer's weight and bias), norm, or a regex",
+    )
     parser.add_argument("--batchnorm", type=str, default="reestimate", choices=list(BATCHNORM_POLICIES))
     parser.add_argument("--image-size", type=int, default=224, help="square input side (image experts)")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per example (text experts)")

@@ -115,7 +115,7 @@ def write_merged_model_of(directory: Path, merged: MergedModel, writer: MergedMo
     own format) or :func:`write_merged_model`; per-task BatchNorm statistics travel with the heads."""
     was_training = merged.training
     merged.eval()
-    tasks = merged.tasks if (merged.heads.names or merged.statistics.names) else ()
+    tasks = merged.tasks if (merged.heads.names or merged.kept.names or merged.statistics.names) else ()
     heads = {task: merged.task_tensors(task) for task in tasks}
     merged.train(was_training)
     return (writer or write_merged_model)(directory, merged.merged_state_dict(), heads)

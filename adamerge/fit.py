@@ -35,6 +35,7 @@ from adamerge.data import build_datamodule
 from adamerge.errors import AdamergeError
 from adamerge.evaluation import accuracy, with_average
 from adamerge.experts import ExpertSet, SourceOptions, load_experts
+from adamerge.experts.task_specific import keep_task_specific
 from adamerge.export import (
     atomic_output_dir,
     check_output_dir,
@@ -80,6 +81,8 @@ class FitSettings:
         output: folder to write (refused if it exists, unless ``overwrite``).
         eval: optional ``<task>/<class>/<image>`` folder of labelled data.
         head_pattern: regex of task-specific tensors (never merged).
+        task_specific: merged tensors each task keeps from its own expert (``batchnorm``,
+            ``norm`` or a regex; see :mod:`adamerge.experts.task_specific`).
         method: learned-coefficient method (``adamerging``).
         granularity: ``task``, ``layer`` or ``group:REGEX``.
         init: initial λ (method default when ``None``).
@@ -125,6 +128,7 @@ class FitSettings:
     output: Path
     eval: Path | None = None
     head_pattern: str | None = None
+    task_specific: str | None = None
     method: str = "adamerging"
     granularity: str = "layer"
     init: float | None = None
@@ -173,6 +177,7 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
     L.seed_everything(settings.seed, verbose=False)
 
     experts = load_experts(settings.base, settings.experts, source_options(settings, DTYPES[settings.task_vector_dtype]))
+    experts = keep_task_specific(experts, settings.task_specific)
     task_vectors = preprocess_task_vectors(experts.task_vectors, method.preprocess)
     data = build_datamodule(
         experts,
@@ -198,6 +203,7 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
         init=method.init,
         heads=experts.heads,
         batchnorm=settings.batchnorm,
+        task_specific=experts.task_specific,
     )
     targets = ExpertTargets(experts, data, merged) if method.objective == "expert-alignment" else None
     module = _module(method, merged, settings, experts.sources, targets)
@@ -375,6 +381,7 @@ def _refine_in_chunks(
         heads={t: first.heads.for_task(t) for t in first.heads.tasks},
         batchnorm=first.batchnorm,
         trainable=trainable,
+        task_specific={t: first.kept.for_task(t) for t in first.kept.tasks},
     )
     logger.info(
         "expert-merging++: %d of %d tensors refined into %d chunks (budget %d, kappa %g)",

@@ -99,6 +99,7 @@ class MergedModel(nn.Module):
         heads: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
         batchnorm: str = "reestimate",
         trainable: torch.Tensor | None = None,
+        task_specific: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     ) -> None:
         super().__init__()
         if batchnorm not in BATCHNORM_POLICIES:
@@ -111,6 +112,9 @@ class MergedModel(nn.Module):
         self.heads = TaskHeads(heads or {})
         if self.heads.tasks and set(self.heads.tasks) != set(self.tasks):
             raise AdamergeError(f"heads are given for {list(self.heads.tasks)}, experts are {list(self.tasks)}")
+        self.kept = TaskHeads(task_specific or {})  # merged tensors each task keeps from its expert
+        if self.kept.tasks and set(self.kept.tasks) != set(self.tasks):
+            raise AdamergeError(f"task-specific tensors are given for {list(self.kept.tasks)}, experts are {list(self.tasks)}")
         self.batchnorm = batchnorm
         self.statistics = TaskHeads({})  # per-task BatchNorm statistics (policy ``per-task``), once estimated
         self._check_names()
@@ -140,10 +144,10 @@ class MergedModel(nn.Module):
 
     def _check_names(self) -> None:
         own = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
-        for name in (*self.task_vectors.names, *self.heads.names):
+        for name in (*self.task_vectors.names, *self.heads.names, *self.kept.names):
             if name not in own:
                 raise AdamergeError(f"tensor {name!r} is not a parameter or buffer of {type(self.model).__name__}")
-        clash = set(self.task_vectors.names) & set(self.heads.names)
+        clash = set(self.task_vectors.names) & (set(self.heads.names) | set(self.kept.names))
         if clash:
             raise AdamergeError(f"tensors {sorted(clash)[:3]} are both merged and task-specific")
 
@@ -190,17 +194,23 @@ class MergedModel(nn.Module):
             return call_functional(self.model, tensors, inputs)  # logits (a ModelOutput's ``.logits``)
 
     def task_tensors(self, task: str | None) -> dict[str, torch.Tensor]:
-        """The tensors specific to ``task``: its head and, once estimated and outside training, its
-        BatchNorm statistics (policy ``per-task``; training uses batch statistics, and running
-        statistics passed to a training forward would be updated in place)."""
-        if not self.heads.names and not self.statistics.names:
+        """The tensors specific to ``task``: its head, the tensors it keeps from its expert
+        (``task_specific``) and, once estimated and outside training, its BatchNorm statistics
+        (policy ``per-task``; training uses batch statistics, and running statistics passed to a
+        training forward would be updated in place)."""
+        if not self.heads.names and not self.kept.names and not self.statistics.names:
             return {}
         if task is None:
             raise AdamergeError(f"this model has task-specific tensors: pass task= one of {', '.join(self.tasks)}")
-        tensors = self.heads.for_task(task) if self.heads.names else {}
+        tensors = self.own_tensors(task)
         if self.statistics.names and not self.training:
             tensors |= self.statistics.for_task(task)
         return tensors
+
+    def own_tensors(self, task: str | None) -> dict[str, torch.Tensor]:
+        """``task``'s head and the tensors it keeps from its expert (no statistics)."""
+        heads = self.heads.for_task(task) if self.heads.names else {}
+        return heads | (self.kept.for_task(task) if self.kept.names else {})
 
     def _merge_split(self) -> tuple[dict[str, torch.Tensor], dict[str, _UseTimeMerge]]:
         """Tensors merged now, and ``{name: merge}`` of the factored ones merged at use time."""
@@ -262,7 +272,7 @@ class MergedModel(nn.Module):
         def run(pairs: Iterable[tuple[str, Inputs]]) -> int:
             seen = 0
             for task, inputs in pairs:
-                tensors = merged | (self.heads.for_task(task) if self.heads.names else {})
+                tensors = merged | self.own_tensors(task)  # statistics of the model each task runs
                 call_functional(self.model, tensors, inputs)
                 seen += input_batch_size(inputs)
             return seen
@@ -297,7 +307,7 @@ class MergedModel(nn.Module):
         Its outputs equal :meth:`forward` for ``task`` (in eval mode). Head tensors of another shape
         than the base's (e.g. 10 classes instead of 1000) replace the base's parameters.
         """
-        if (self.heads.names or self.statistics.names) and task is None:
+        if (self.heads.names or self.kept.names or self.statistics.names) and task is None:
             raise AdamergeError(f"this model has task-specific tensors: pass task= one of {', '.join(self.tasks)}")
         plain = copy.deepcopy(self.model)
         state = self.merged_state_dict(task)

@@ -27,6 +27,7 @@ from adamerge.data import build_datamodule
 from adamerge.errors import AdamergeError
 from adamerge.evaluation import accuracy, with_average
 from adamerge.experts import load_experts
+from adamerge.experts.task_specific import keep_task_specific, with_task_specific
 from adamerge.export import (
     atomic_output_dir,
     check_output_dir,
@@ -56,6 +57,8 @@ class MergeSettings:
         calib: optional unlabeled folder per task (BatchNorm re-estimation).
         eval: optional ``<task>/<class>/<image>`` folder of labelled data.
         head_pattern: regex of task-specific tensors (never merged).
+        task_specific: merged tensors each task keeps from its own expert (``batchnorm``,
+            ``norm`` or a regex; see :mod:`adamerge.experts.task_specific`).
         batchnorm: ``reestimate`` or ``per-task`` (both need ``calib``), ``base`` or ``merge``.
         batch_size: inputs per batch for BatchNorm re-estimation.
         eval_batch_size: inputs per evaluation batch.
@@ -75,6 +78,7 @@ class MergeSettings:
     calib: Path | None = None
     eval: Path | None = None
     head_pattern: str | None = None
+    task_specific: str | None = None
     batchnorm: str = "reestimate"
     batch_size: int = 64
     eval_batch_size: int = 128
@@ -95,7 +99,7 @@ def run_merge(settings: MergeSettings) -> dict[str, Any]:
     L.seed_everything(settings.seed, verbose=False)
     from adamerge.fit import source_options
 
-    experts = load_experts(settings.base, settings.experts, source_options(settings))
+    experts = keep_task_specific(load_experts(settings.base, settings.experts, source_options(settings)), settings.task_specific)
     data = None
     if settings.calib is not None or settings.eval is not None:
         if settings.calib is None and settings.batchnorm in REESTIMATING_POLICIES and batchnorm_layers(experts.model):
@@ -115,7 +119,7 @@ def run_merge(settings: MergeSettings) -> dict[str, Any]:
         tensors = dict(model.named_parameters()) | dict(model.named_buffers())
         for name, change in delta.items():
             tensors[name].add_(change.to(tensors[name].dtype))  # θ = θ_0 + merged delta, in place
-    heads = dict(experts.heads)
+    heads = with_task_specific(dict(experts.heads), experts.task_specific)
 
     def forward(task: str):
         return lambda inputs: call_functional(model, heads.get(task, {}), inputs)

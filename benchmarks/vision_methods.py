@@ -43,6 +43,13 @@ LEARNED = {
     "expert-merging++": ("expert-merging++", "layer", ["--init", "0.3"]),
 }
 REFERENCE_FIT = "adamerging (layer-wise)"  # also evaluates the experts alone and its λ = 0.3 start
+# vision only: each task also keeps its expert's BatchNorm weight and bias (--task-specific batchnorm)
+EXPERT_BATCHNORM = ["--task-specific", "batchnorm"]
+BATCHNORM_ROWS = {
+    # name in the table: (method, granularity or None for a static merge, extra options)
+    "task-arithmetic + expert BatchNorm": ("task-arithmetic", None, EXPERT_BATCHNORM),
+    "expert-merging + expert BatchNorm (layer-wise)": ("expert-merging", "layer", ["--init", "0.3", *EXPERT_BATCHNORM]),
+}
 
 
 def main() -> None:
@@ -76,15 +83,17 @@ def main() -> None:
         "--batchnorm", args.batchnorm,
     ]
     work = Path(tempfile.mkdtemp(prefix="adamerge-vision-"))
-    rows = [PRETRAINED, *STATIC, *LEARNED] if args.methods is None else args.methods
+    rows = [PRETRAINED, *STATIC, *LEARNED, *BATCHNORM_ROWS] if args.methods is None else args.methods
     outputs = {row: work / row.replace(" ", "_").replace("(", "").replace(")", "") for row in rows}
     jobs = []
     for row in rows:
-        if row in STATIC or row == PRETRAINED:
+        if is_static(row):
             method, options = ("task-arithmetic", ["--options", "{scale: 0.0}"]) if row == PRETRAINED else (row, [])
+            if row in BATCHNORM_ROWS:
+                method, _, options = BATCHNORM_ROWS[row]
             argv = ["merge", "--method", method, *options, *common, "--calib", str(assets.calib_dir), "--output", str(outputs[row])]
         else:
-            method, granularity, extra = LEARNED[row]
+            method, granularity, extra = LEARNED.get(row) or BATCHNORM_ROWS[row]
             argv = [
                 "fit", "--method", method, "--granularity", granularity, *common, "--calib", str(assets.calib_dir),
                 "--steps", str(steps), "--output", str(outputs[row]), "--progress-bar", "false", *extra,
@@ -92,7 +101,7 @@ def main() -> None:
             if row != REFERENCE_FIT:  # the experts and the initial merge are evaluated once, by this row
                 argv += ["--eval-experts", "false", "--eval-init", "false"]
         jobs.append((row, argv))
-    jobs.sort(key=lambda job: job[0] in STATIC or job[0] == PRETRAINED)  # the long fits first, then the merges
+    jobs.sort(key=lambda job: is_static(job[0]))  # the long fits first, then the merges
     results: dict[str, dict] = {}
 
     def collect(row: str, measured: dict) -> None:
@@ -107,7 +116,7 @@ def main() -> None:
         if row == REFERENCE_FIT:
             initial = next(k for k in accuracy if k.startswith("task arithmetic"))
             results["task arithmetic (λ=0.3, fit's init)"] = {"per_task": accuracy[initial]}
-        final = accuracy["task-arithmetic" if row == PRETRAINED else row if row in STATIC else f"{LEARNED[row][0]} ({LEARNED[row][1]})"]
+        final = accuracy[result_key(row)]
         results[row] = {"per_task": final, "wall_s": measured["wall_s"], "peak_rss_mb": measured["peak_rss_mb"]}
         sys.stderr.write(f"{row:30s} average {100 * final['average']:.1f}  {measured['wall_s']:.0f} s\n")
 
@@ -142,6 +151,21 @@ def main() -> None:
     table = markdown(payload)
     args.out.with_suffix(".md").write_text(f"Command: `{payload['command']}`\n\n{table}\n")
     print(table)
+
+
+def is_static(row: str) -> bool:
+    """Whether a table row is an ``adamerge merge`` run (no training)."""
+    return row in STATIC or row == PRETRAINED or BATCHNORM_ROWS.get(row, (None, "layer"))[1] is None
+
+
+def result_key(row: str) -> str:
+    """The key of a row's learned or static merge in its run's ``metrics.json`` accuracy."""
+    if row == PRETRAINED:
+        return "task-arithmetic"
+    if row in STATIC:
+        return row
+    method, granularity, _ = LEARNED.get(row) or BATCHNORM_ROWS[row]
+    return method if granularity is None else f"{method} ({granularity})"
 
 
 def markdown(payload: dict) -> str:

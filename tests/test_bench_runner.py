@@ -163,3 +163,14 @@ def test_run_all_reports_each_job_as_soon_as_it_is_done():
 def test_run_all_refuses_zero_workers():
     with pytest.raises(SystemExit, match="--workers 0"):
         runner_module.run_all([], workers=0, on_done=lambda *_: None)
+
+
+def test_every_vision_row_is_one_run_whose_result_key_is_known():
+    vision = load_benchmark("vision_methods")
+    rows = [vision.PRETRAINED, *vision.STATIC, *vision.LEARNED, *vision.BATCHNORM_ROWS]
+    static = [row for row in rows if vision.is_static(row)]
+    assert static == [vision.PRETRAINED, *vision.STATIC, "task-arithmetic + expert BatchNorm"]
+    assert vision.result_key("task-arithmetic + expert BatchNorm") == "task-arithmetic"
+    assert vision.result_key("expert-merging + expert BatchNorm (layer-wise)") == "expert-merging (layer)"
+    assert vision.result_key(vision.PRETRAINED) == "task-arithmetic"
+    assert all(vision.result_key(row) == f"{m} ({g})" for row, (m, g, _) in vision.LEARNED.items())

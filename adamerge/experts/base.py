@@ -62,6 +62,8 @@ class ExpertSet:
             requested size).
         tokenizer: the base's tokenizer (text sources).
         num_classes: ``{task: classes}`` where the source knows them (labels are range-checked).
+        task_specific: ``{task: {name: tensor}}`` of merged tensors each task keeps from its own
+            expert instead (``--task-specific``, :mod:`adamerge.experts.task_specific`).
     """
 
     model: nn.Module
@@ -74,6 +76,7 @@ class ExpertSet:
     image_transform: Callable[[Any], torch.Tensor] | None = None
     tokenizer: Any = None
     num_classes: dict[str, int] = field(default_factory=dict)
+    task_specific: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def tasks(self) -> tuple[str, ...]:
