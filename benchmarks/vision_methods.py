@@ -10,7 +10,9 @@ on first use from ``../shared/data``). Each method runs as ``adamerge merge`` (s
     OMP_NUM_THREADS=1 python benchmarks/vision_methods.py --workers 2 --out ...  # one process per core
 
 The experts alone and the initial merge (task arithmetic at λ = 0.3) are evaluated once, by the
-layer-wise AdaMerging row; the other learned rows evaluate their learned merge only.
+layer-wise AdaMerging row; the other learned rows evaluate their learned merge only. Two rows
+(``BATCHNORM_ROWS``) also keep each expert's BatchNorm weight and bias per task
+(``--task-specific batchnorm``), for task arithmetic and Expert Merging.
 """
 
 from __future__ import annotations

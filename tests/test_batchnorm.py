@@ -116,14 +116,18 @@ def test_fit_with_per_task_statistics_exports_them_with_each_head(tiny_setup, tm
         )
 
 
+def per_task_merge_args(setup, method: str, output, *extra: str) -> list[str]:
+    """``adamerge merge`` of the tiny experts with per-task statistics, evaluated."""
+    return ["merge", "--method", method, "--batchnorm", "per-task",
+            "--base", f"tests.tiny:tiny_convnet@{setup.base}", "--experts", *setup.expert_args(),
+            "--calib", str(setup.calib), "--eval", str(setup.eval),
+            "--head-pattern", HEAD, "--image-size", "12", "--output", str(output), *extra]  # fmt: skip
+
+
 @pytest.mark.parametrize("method", ["task-arithmetic", "ties"])
 def test_static_merge_with_per_task_statistics(tiny_setup, tmp_path, method):
     output = tmp_path / method
-    args = ["merge", "--method", method, "--batchnorm", "per-task",
-            "--base", f"tests.tiny:tiny_convnet@{tiny_setup.base}", "--experts", *tiny_setup.expert_args(),
-            "--calib", str(tiny_setup.calib), "--eval", str(tiny_setup.eval),
-            "--head-pattern", HEAD, "--image-size", "12", "--output", str(output)]  # fmt: skip
-    assert main(args) == 0
+    assert main(per_task_merge_args(tiny_setup, method, output)) == 0
     metrics = json.loads((output / "metrics.json").read_text())
     merged_file = torch.load(output / "merged.pt", weights_only=True)
     for task, classes in (("alpha", 3), ("beta", 4)):

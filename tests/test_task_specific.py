@@ -13,7 +13,7 @@ from adamerge.errors import AdamergeError
 from adamerge.experts import load_file_experts
 from adamerge.experts.task_specific import keep_task_specific, task_specific_names
 from tests.conftest import HEAD
-from tests.test_batchnorm import accuracy_on_folder, calibration_images, naive_statistics
+from tests.test_batchnorm import accuracy_on_folder, calibration_images, naive_statistics, per_task_merge_args
 from tests.test_cli import fit_args, run_fails
 from tests.tiny import tiny_convnet
 
@@ -79,11 +79,7 @@ def naive_task_arithmetic(setup, task: str, classes: int, scale: float = 0.3) ->
 
 def test_static_merge_keeps_each_experts_batchnorm_affine(tiny_setup, tmp_path):
     output = tmp_path / "ta"
-    args = ["merge", "--method", "task-arithmetic", "--batchnorm", "per-task", "--task-specific", "batchnorm",
-            "--base", f"tests.tiny:tiny_convnet@{tiny_setup.base}", "--experts", *tiny_setup.expert_args(),
-            "--calib", str(tiny_setup.calib), "--eval", str(tiny_setup.eval),
-            "--head-pattern", HEAD, "--image-size", "12", "--output", str(output)]  # fmt: skip
-    assert main(args) == 0
+    assert main(per_task_merge_args(tiny_setup, "task-arithmetic", output, "--task-specific", "batchnorm")) == 0
     metrics = json.loads((output / "metrics.json").read_text())
     merged_file = torch.load(output / "merged.pt", weights_only=True)
     x = torch.randn(6, 3, 12, 12, generator=torch.Generator().manual_seed(0))
