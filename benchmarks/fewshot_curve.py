@@ -230,6 +230,7 @@ def main() -> None:
         sys.stderr.write(f"{shots:3d} shots: average {100 * final['average']:.1f}  {measured['wall_s']:.0f} s\n")
 
     run_all(jobs, args.workers, collect)
+    shutil.rmtree(work, ignore_errors=True)  # the emptied row folders and the temporary shot pool (kept if a row failed)
     curve = {str(shots): curve[str(shots)] for shots in shots_list}
     write_results(args, assets, fixed, curve, pool_record, build_s, pool_s, steps)
 

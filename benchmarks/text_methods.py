@@ -133,6 +133,7 @@ def main() -> None:
 
     started = time.perf_counter()
     run_all(jobs, args.workers, collect)
+    shutil.rmtree(work, ignore_errors=True)  # the emptied row folders (kept if a row failed)
     rows_s = time.perf_counter() - started
     flavours: dict[str, dict] = {}
     for flavour in args.flavours:

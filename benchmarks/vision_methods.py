@@ -124,6 +124,7 @@ def main() -> None:
 
     started = time.perf_counter()
     run_all(jobs, args.workers, collect)
+    shutil.rmtree(work, ignore_errors=True)  # the emptied row folders (kept if a row failed)
     rows_s = time.perf_counter() - started
     results = {row: results[row] for row in rows} | {k: v for k, v in results.items() if k not in rows}
 
