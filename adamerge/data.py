@@ -299,6 +299,13 @@ class MultiTaskDataModule(L.LightningDataModule):
         }  # fmt: skip
         return {task: self._loader(view, self.batch_size, shuffle=False) for task, view in views.items()}
 
+    def target_loaders(self) -> dict[str, DataLoader]:
+        """One loader per task over the training items (with their ``index``), unshuffled, in
+        batches of ``eval_batch_size``: for computing each expert's outputs once (Expert Merging's
+        targets), which are then put back in index order."""
+        self.setup("fit")
+        return {task: self._loader(view, self.eval_batch_size, shuffle=False) for task, view in self.calibration.items()}
+
     def train_dataloader(self) -> CombinedLoader:
         return CombinedLoader(self.calibration_loaders(distributed=True), mode="max_size_cycle")
 

@@ -332,18 +332,34 @@ class ExpertTargets:
 
     @torch.no_grad()
     def fill(self, objective: ExpertAlignment) -> None:
-        loaders = self.data.calibration_loaders(shuffle=False, distributed=False)
+        loaders = self.data.target_loaders()
         for task in self.experts.tasks:
             if task not in self.cache:
                 model = self.experts.expert_model(task).eval()
-                batches = (as_task_batch(item).inputs for item in loaders[task])
-                self.cache[task] = collect_outputs(
+                positions: list[torch.Tensor] = []
+
+                def batches(loader=loaders[task], positions=positions):
+                    for item in loader:
+                        batch = as_task_batch(item)
+                        positions.append(batch.index)  # (B,) rows of the training items
+                        yield batch.inputs
+
+                logits, hidden = collect_outputs(
                     _module_forward(model),
                     lambda names, model=model: capture_hidden(model, names, self.head_module),
                     objective.hidden_modules,
-                    batches,
+                    batches(),
                 )
+                self.cache[task] = in_index_order(torch.cat(positions), logits, hidden)
             objective.cache_targets(task, *self.cache[task])
+
+
+def in_index_order(
+    positions: torch.Tensor, logits: torch.Tensor, hidden: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Rows gathered in loader order ``positions`` (N,) put back so that row ``i`` is item ``i``."""
+    order = torch.argsort(positions)  # (N,)
+    return logits[order], {name: value[order] for name, value in hidden.items()}
 
 
 def _refine_in_chunks(

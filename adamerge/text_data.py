@@ -401,6 +401,17 @@ class MultiTaskTextDataModule(MultiTaskDataModule):
             )
         return loaders
 
+    def target_loaders(self) -> dict[str, DataLoader]:
+        """As the base class, the texts ordered by length: a batch padded to its longest text then
+        carries little padding (the expert outputs go back to index order)."""
+        self.setup("fit")
+        loaders = {}
+        for task, view in self.calibration.items():
+            lengths = [len(view.dataset.columns["input_ids"][i]) for i in view.indices]
+            order = sorted(range(len(view)), key=lengths.__getitem__)
+            loaders[task] = self._loader(Subset(view, order), self.eval_batch_size, shuffle=False)
+        return loaders
+
     def evaluation_loaders(self) -> list[DataLoader]:
         """Labelled batches per task, the texts grouped by length: accuracy does not depend on the
         order, and a batch padded to its longest text then carries little padding (on the text

@@ -315,3 +315,25 @@ def test_fit_text_methods_needing_indices_or_labels(hf, tmp_path, method, group_
     assert code == 0
     assert json.loads((output / "metrics.json").read_text())["steps"] == 2
     assert (output / "tasks" / "topic" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("eval_batch_size", [1, 4, 128])
+def test_expert_targets_are_in_item_order_whatever_the_batches(hf, eval_batch_size):
+    """Expert Merging's targets are computed in length-sorted batches and put back in item order:
+    row i equals the expert run on calibration text i alone."""
+    from adamerge.data import build_datamodule
+    from adamerge.fit import ExpertTargets
+    from adamerge.objectives import ExpertAlignment
+
+    experts = hf.load()
+    data = build_datamodule(experts, hf.calib, max_length=16, with_index=True, eval_batch_size=eval_batch_size)
+    merged = MergedModel(experts.model, experts.task_vectors, "layer", heads=experts.heads)
+    objective = ExpertAlignment(merged.coefficients().detach(), list(experts.tasks), hidden_modules=("<head input>",))
+    ExpertTargets(experts, data, merged).fill(objective)
+    for task in experts.tasks:
+        texts = (hf.calib / task / "part.txt").read_text().splitlines()
+        assert len({len(t.split()) for t in texts}) > 1  # lengths differ: sorting reorders them
+        model = experts.expert_model(task).eval()
+        with torch.no_grad():
+            alone = torch.cat([model(**hf.tokenizer([t], truncation=True, max_length=16, return_tensors="pt")).logits for t in texts])
+        torch.testing.assert_close(objective.targets[task].logits, alone, rtol=1e-4, atol=1e-5)
