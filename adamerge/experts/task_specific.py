@@ -7,7 +7,7 @@ which re-centre the merged features for that task (the idea of lightweight task-
 modulators, e.g. EMR-Merging's rescalers). They are small (MobileNetV2: 34,112 numbers per task,
 1.5 % of the backbone) and need what the heads need anyway: knowing the task at inference. On
 the vision benchmark's five MobileNetV2 experts they lift task arithmetic (λ = 0.3, per-task
-statistics) from 78.3 % to 80.7 % average accuracy.
+statistics) from 86.1 % to 88.8 % normalized accuracy, Expert Merging from 89.0 % to 90.9 %.
 
 Values: ``batchnorm`` (affine tensors of every ``BatchNorm*d`` layer), ``norm`` (also LayerNorm,
 GroupNorm and InstanceNorm layers) or a regex searched in the merged tensors' names.
