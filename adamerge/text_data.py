@@ -192,6 +192,11 @@ class TokenizedTexts(Dataset):
         return encoding
 
 
+def token_counts(view: CalibrationView) -> list[int]:
+    """Token count of every item of a calibration view over :class:`TokenizedTexts`."""
+    return [len(view.dataset.columns["input_ids"][i]) for i in view.indices]
+
+
 def by_length(dataset: TokenizedTexts) -> Subset:
     """``dataset`` ordered by token count (stable: equal lengths keep the file order)."""
     lengths = [len(ids) for ids in dataset.columns["input_ids"]]
@@ -390,7 +395,7 @@ class MultiTaskTextDataModule(MultiTaskDataModule):
         self.setup("fit")
         loaders = {}
         for position, (task, view) in enumerate(self.calibration.items()):
-            lengths = [len(view.dataset.columns["input_ids"][i]) for i in view.indices]
+            lengths = token_counts(view)
             generator = torch.Generator().manual_seed(self.seed + position)
             loaders[task] = DataLoader(
                 view,
@@ -407,7 +412,7 @@ class MultiTaskTextDataModule(MultiTaskDataModule):
         self.setup("fit")
         loaders = {}
         for task, view in self.calibration.items():
-            lengths = [len(view.dataset.columns["input_ids"][i]) for i in view.indices]
+            lengths = token_counts(view)
             order = sorted(range(len(view)), key=lengths.__getitem__)
             loaders[task] = self._loader(Subset(view, order), self.eval_batch_size, shuffle=False)
         return loaders

@@ -90,9 +90,12 @@ def main() -> None:
     jobs = []
     for row in rows:
         if is_static(row):
-            method, options = ("task-arithmetic", ["--options", "{scale: 0.0}"]) if row == PRETRAINED else (row, [])
-            if row in BATCHNORM_ROWS:
+            if row == PRETRAINED:
+                method, options = "task-arithmetic", ["--options", "{scale: 0.0}"]
+            elif row in BATCHNORM_ROWS:
                 method, _, options = BATCHNORM_ROWS[row]
+            else:
+                method, options = row, []
             argv = ["merge", "--method", method, *options, *common, "--calib", str(assets.calib_dir), "--output", str(outputs[row])]
         else:
             method, granularity, extra = LEARNED.get(row) or BATCHNORM_ROWS[row]
@@ -158,7 +161,7 @@ def main() -> None:
 
 def is_static(row: str) -> bool:
     """Whether a table row is an ``adamerge merge`` run (no training)."""
-    return row in STATIC or row == PRETRAINED or BATCHNORM_ROWS.get(row, (None, "layer"))[1] is None
+    return row in STATIC or row == PRETRAINED or (row in BATCHNORM_ROWS and BATCHNORM_ROWS[row][1] is None)
 
 
 def result_key(row: str) -> str:
