@@ -227,6 +227,8 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
         fit_started = time.perf_counter()
         trainer.fit(module, datamodule=data)
         if method.refine_chunks:
+            if settings.eval is not None:
+                _test_stage_one(trainer, module, data, settings, metrics, time.perf_counter() - fit_started)
             module, trainer = _refine_in_chunks(module, method, settings, experts.sources, targets, data, staging)
             merged = module.merged
         metrics["timing_s"]["fit"] = time.perf_counter() - fit_started
@@ -360,6 +362,27 @@ def in_index_order(
     """Rows gathered in loader order ``positions`` (N,) put back so that row ``i`` is item ``i``."""
     order = torch.argsort(positions)  # (N,)
     return logits[order], {name: value[order] for name, value in hidden.items()}
+
+
+def _test_stage_one(
+    trainer: L.Trainer,
+    module: MergingModule,
+    data: L.LightningDataModule,
+    settings: FitSettings,
+    metrics: dict[str, Any],
+    fit_s: float,
+) -> None:
+    """Expert Merging++: the accuracy of its stage one, which is Expert Merging itself.
+
+    Stage one runs exactly as ``--method expert-merging`` with the same settings, so its result is
+    reported under that method's name ("did the chunks help?", and one run gives both table rows).
+    The test runs under a forked RNG: stage two draws the same batches as when nothing is tested.
+    """
+    started = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        metrics["accuracy"][f"expert-merging ({settings.granularity})"] = _test(trainer, module, data)
+    metrics["timing_s"]["stage_one_fit"] = fit_s
+    metrics["timing_s"]["stage_one_test"] = time.perf_counter() - started
 
 
 def _refine_in_chunks(

@@ -146,3 +146,18 @@ def test_atlas_few_shot_improves_over_its_initialisation(real_setup, tmp_path):
     accuracy = metrics["accuracy"]
     assert accuracy["atlas (layer)"]["average"] > accuracy["pretrained (λ=0)"]["average"] + 0.05
     assert losses(rows)[-1] < losses(rows)[0]
+
+
+def test_expert_merging_plus_plus_reports_its_stage_one_as_expert_merging(real_setup, tmp_path):
+    """Stage one of Expert Merging++ is Expert Merging: one run gives both results, and testing
+    stage one does not change what stage two learns."""
+    common = {"steps": 12, "calib_limit": 64, "lr": 0.1, "eval_init": False, "eval_experts": False}
+    alone, _ = fit(real_setup, tmp_path / "em", "expert-merging", **common)
+    both, _ = fit(real_setup, tmp_path / "empp", "expert-merging++", **common)
+    untested, _ = fit(real_setup, tmp_path / "empp-no-eval", "expert-merging++", **(common | {"eval": None}))
+    assert both["accuracy"]["expert-merging (layer)"] == alone["accuracy"]["expert-merging (layer)"]
+    assert set(both["accuracy"]) == {"expert-merging (layer)", "expert-merging++ (layer)"}
+    assert {"stage_one_fit", "stage_one_test"} <= set(both["timing_s"])
+    assert "expert-merging (layer)" not in untested["accuracy"]
+    tested = json.loads((tmp_path / "empp" / "coefficients.json").read_text())
+    assert tested == json.loads((tmp_path / "empp-no-eval" / "coefficients.json").read_text())
