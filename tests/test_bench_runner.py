@@ -174,3 +174,43 @@ def test_every_vision_row_is_one_run_whose_result_key_is_known():
     assert vision.result_key("expert-merging + expert BatchNorm (layer-wise)") == "expert-merging (layer)"
     assert vision.result_key(vision.PRETRAINED) == "task-arithmetic"
     assert all(vision.result_key(row) == f"{m} ({g})" for row, (m, g, _) in vision.LEARNED.items())
+
+
+def test_the_expert_merging_row_comes_from_the_plus_plus_run_it_is_stage_one_of():
+    vision = load_benchmark("vision_methods")
+    text = load_benchmark("text_methods")
+    for table in (vision.LEARNED, text.LEARNED):  # the same options, so stage one is that method's run
+        for stage_one, source in vision.STAGE_ONE_ROWS.items():
+            (method, granularity, extra), (source_method, source_granularity, source_extra) = table[stage_one], table[source]
+            assert (source_method, source_granularity, source_extra) == (f"{method}++", granularity, extra)
+    rows = list(vision.LEARNED)
+    assert vision.rows_with_a_run(rows) == [row for row in rows if row != "expert-merging (layer-wise)"]
+    assert vision.rows_with_a_run(["expert-merging (layer-wise)"]) == ["expert-merging (layer-wise)"]
+    per_task = {"mnist": 0.9, "average": 0.9}
+    metrics = {
+        "accuracy": {"expert-merging (layer)": per_task, "expert-merging++ (layer)": {"mnist": 0.95, "average": 0.95}},
+        "timing_s": {"load": 1.0, "stage_one_fit": 20.0, "stage_one_test": 3.0, "fit": 45.0},
+    }
+    found = vision.stage_one_rows("expert-merging++", rows, metrics, {"wall_s": 60.0, "peak_rss_mb": 512.0})
+    assert found == {
+        "expert-merging (layer-wise)": {
+            "per_task": per_task, "wall_s": 24.0, "peak_rss_mb": 512.0,
+            "measured_in": "the expert-merging++ run (its stage one)",
+        }
+    }  # fmt: skip
+    assert vision.stage_one_rows("expert-merging++", ["expert-merging++"], metrics, {"peak_rss_mb": 1.0}) == {}
+    assert vision.stage_one_rows("adamerging (layer-wise)", rows, metrics, {"peak_rss_mb": 1.0}) == {}
+    entry = found["expert-merging (layer-wise)"] | {"average": 0.9, "normalized": 0.95}
+    table = vision.results_table(["mnist"], {"expert-merging (layer-wise)": entry})
+    assert "| expert-merging (layer-wise) † | 90.0 |" in table
+    assert table.endswith("† expert-merging (layer-wise): measured in the expert-merging++ run (its stage one); peak RSS of that run")
+
+
+def test_rows_fork_from_a_server_that_has_done_the_imports_every_row_needs(tmp_path):
+    out = tmp_path / "imported"
+    check = "import sys; open(OUT, 'w').write(' '.join(m for m in MODULES if m in sys.modules))"
+    modules = [*runner_module.PRELOAD, "lightning", "torch"]
+    process = runner_module.fork_server().Process(target=exec, args=(check, {"OUT": str(out), "MODULES": modules}))
+    process.start()
+    process.join()
+    assert process.exitcode == 0 and out.read_text().split() == modules
