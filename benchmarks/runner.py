@@ -1,7 +1,7 @@
 """Measured ``adamerge`` processes for the benchmark scripts, run side by side on a few CPU slots.
 
 Every table row is one fresh ``adamerge`` process, so its wall time and peak RSS are its own
-(:func:`run`). :func:`run_all` runs a list of them on ``workers`` threads, longest first as the
+(:func:`run`; the processes fork from a server that has done the imports every row needs). :func:`run_all` runs a list of them on ``workers`` threads, longest first as the
 caller orders them, and hands each result back as soon as it is done (so that its export can be
 deleted at once).
 
@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import multiprocessing
+import multiprocessing.context
 import os
-import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,19 +31,41 @@ from typing import IO, TypeVar
 SLOTS_ENV = "ADAMERGE_BENCH_SLOTS"
 Key = TypeVar("Key")
 
-# Peak RSS of this process image: VmHWM (Linux). ru_maxrss is not: Linux carries it over fork and
-# exec, so every child reported its parent's peak (1590 MB for every row after an in-process build).
+# What every row imports before its clock starts (the CLI, torch, Lightning: about 9 s on this
+# machine). A fork server imports it once; each row is a fresh process forked from it.
+PRELOAD = ["adamerge.cli", "adamerge.module"]
+
+# A row, run by ``exec`` in the forked process (code, not a function of this file, so that the fork
+# server need not import this script under any name): ``adamerge ARGV``, its output to ``LOG``,
+# then one ``MEASURE`` line. Peak RSS is VmHWM of this process image (Linux); ``ru_maxrss`` is
+# not: Linux carries it over fork and exec, so every row reported its parent's peak (1590 MB
+# after an in-process build).
 MEASURE = """
-import json, resource, sys, time
-from adamerge.cli import main
+import json, os, resource, sys, time, traceback
+target = os.open(LOG, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+sys.stdout.flush(); sys.stderr.flush()
+os.dup2(target, 1); os.dup2(target, 2)
+from adamerge.cli import main  # imported by the server: no cost here
 start = time.perf_counter()
-code = main(sys.argv[1:])
+try:
+    code = main(ARGV)
+except SystemExit as exit_:  # argparse's and the CLI's own errors
+    code = exit_.code if isinstance(exit_.code, int) else 1
+    if exit_.code is not None and not isinstance(exit_.code, int):
+        print(exit_.code, file=sys.stderr)
+except BaseException:
+    traceback.print_exc()
+    code = 1
+wall_s = time.perf_counter() - start
 try:
     hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 except (OSError, StopIteration):
     hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print("MEASURE " + json.dumps({"code": code, "wall_s": time.perf_counter() - start, "peak_rss_mb": hwm / 1024}))
+print("MEASURE " + json.dumps({"code": code, "wall_s": wall_s, "peak_rss_mb": hwm / 1024}), flush=True)
+sys.stderr.flush()
 """
+_context_lock = threading.Lock()
+_context: multiprocessing.context.BaseContext | None = None
 
 
 def make_slots(folder: Path, count: int) -> Path:
@@ -122,15 +146,40 @@ def _try_any_slot(paths: Sequence[Path]) -> IO | None:
 def run(argv: list[str]) -> dict:
     """``adamerge ARGV`` in a fresh process (inside a CPU slot): ``{"code", "wall_s", "peak_rss_mb"}``.
 
-    Exits with the child's output tail if it fails.
+    The process is forked from a server that has imported :data:`PRELOAD`, so a row does not pay
+    the imports again; its clock, as before, starts after them. Its peak RSS is its own: a forked
+    process's high-water mark starts at its size at the fork (the imports, as in a process started
+    from scratch), not at the server's or this script's peak. Exits with the row's output tail if
+    it fails.
     """
-    with cpu_slot():
-        done = subprocess.run([sys.executable, "-c", MEASURE, *argv], capture_output=True, text=True, env=os.environ.copy())
-    lines = [line for line in done.stdout.splitlines() if line.startswith("MEASURE ")]
-    if done.returncode or not lines or json.loads(lines[-1][8:])["code"] != 0:
-        sys.stderr.write(done.stdout[-2000:] + done.stderr[-4000:])
-        raise SystemExit(f"failed: adamerge {' '.join(argv[:4])} ...")
+    with cpu_slot(), tempfile.TemporaryDirectory(prefix="adamerge-row-") as folder:
+        log = Path(folder) / "output.log"
+        row = {"ARGV": list(argv), "LOG": str(log)}
+        process = fork_server().Process(target=exec, args=(MEASURE, row))
+        process.start()
+        process.join()
+        output = log.read_text(errors="replace") if log.exists() else ""
+    lines = [line for line in output.splitlines() if line.startswith("MEASURE ")]
+    if process.exitcode or not lines or json.loads(lines[-1][8:])["code"] != 0:
+        sys.stderr.write(output[-6000:])
+        raise SystemExit(f"failed: adamerge {' '.join(argv[:4])} ... (exit code {process.exitcode})")
     return json.loads(lines[-1][8:])
+
+
+def fork_server() -> multiprocessing.context.BaseContext:
+    """The multiprocessing context whose processes fork from one server that imported :data:`PRELOAD`.
+
+    The server only imports, so no OpenMP or other thread pool exists when it forks (forking this
+    script instead could copy a pool the expert build started, and hang). It starts on first use
+    with this process's environment.
+    """
+    global _context
+    with _context_lock:
+        if _context is None:
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(PRELOAD)
+            _context = context
+    return _context
 
 
 def run_all(
