@@ -20,8 +20,8 @@ the machine runs one single-threaded process per core and no core waits while wo
     python benchmarks/suite.py --quick --out-dir /tmp/suite-quick
     python benchmarks/suite.py --cache-root /tmp/fresh  # experts built from scratch, timed
 
-Writes ``suite.json`` / ``suite.md`` (wall time of each step and lane, the machine's load, the
-total) beside the results.
+Writes ``suite.json`` / ``suite.md`` (wall time of each step and lane, the machine's load, one
+thread's matmul speed at the start and the end, the total) beside the results.
 """
 
 from __future__ import annotations
@@ -54,6 +54,28 @@ def python_env(threads: int | None = None, slots: Path | None = None) -> dict[st
     if slots is not None:
         env[SLOTS_ENV] = str(slots)
     return env
+
+
+# One thread's float32 matrix-product throughput (GFLOP/s) on a MiniLM feed-forward-sized product:
+# a reference that tells a slower machine from slower code when two suite runs are compared
+SPEED_PROBE = """
+import time, torch
+torch.set_num_threads(1)
+a, b = torch.randn(768, 384), torch.randn(384, 1536)  # (tokens, hidden) @ (hidden, 4 * hidden)
+for _ in range(5):
+    a @ b
+count, start = 0, time.perf_counter()
+while time.perf_counter() - start < 3.0:
+    a @ b
+    count += 1
+print(2 * 768 * 384 * 1536 * count / (time.perf_counter() - start) / 1e9)
+"""
+
+
+def machine_speed(env: dict[str, str]) -> float:
+    """One thread's matmul GFLOP/s now (:data:`SPEED_PROBE`, about 5 s)."""
+    done = subprocess.run([sys.executable, "-c", SPEED_PROBE], env=env, capture_output=True, text=True, check=True)
+    return round(float(done.stdout.strip().splitlines()[-1]), 1)
 
 
 def timed(name: str, command: list[str], steps: dict, env: dict[str, str]) -> None:
@@ -108,6 +130,7 @@ def main() -> None:
     env = python_env(threads=1, slots=slots)
     workers = ["--workers", str(args.slots)]
     steps: dict[str, dict] = {}
+    speed = {"start": machine_speed(env)}
     started = time.perf_counter()
     if "text-experts" not in args.skip:  # alone on the machine: one training process per slot
         timed("text-experts", [py, "-m", "adamerge.demo.text", *quick, *text_cache, "--threads", "1", *workers], steps, env)
@@ -131,9 +154,11 @@ def main() -> None:
                                             "--name", f"text_{flavour}"], steps, env)  # fmt: skip
     shutil.rmtree(slots, ignore_errors=True)
     total = time.perf_counter() - started
+    speed["end"] = machine_speed(env)
     payload = {
         "command": " ".join([Path(py).name, *sys.argv]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "matmul_gflops_1_thread": speed},
         "slots": args.slots,
         "lanes": {name: {"steps": [step for step, _ in lanes[name]], "wall_s": wall} for name, wall in lane_walls.items()},
         "phases": steps,
@@ -142,7 +167,9 @@ def main() -> None:
     name = "suite_quick" if args.quick else "suite"
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [f"Command: `{payload['command']}` on {payload['machine']['cpus']} CPUs, at most {args.slots} "
-             "single-threaded processes at a time; the vision and text lanes run side by side", "",
+             "single-threaded processes at a time; the vision and text lanes run side by side. "
+             f"One thread's matmul speed: {speed['start']} GFLOP/s at the start, {speed['end']} at the end "
+             "(`SPEED_PROBE` in suite.py)", "",
              "| lane | step | wall (s) | load before |", "|---|---|---|---|"]  # fmt: skip
     if "text-experts" in steps:
         lines.append(f"| - | text-experts | {steps['text-experts']['wall_s']:.0f} | {steps['text-experts']['load_before']:.2f} |")
