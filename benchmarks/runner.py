@@ -1,9 +1,10 @@
 """Measured ``adamerge`` processes for the benchmark scripts, run side by side on a few CPU slots.
 
 Every table row is one fresh ``adamerge`` process, so its wall time and peak RSS are its own
-(:func:`run`; the processes fork from a server that has done the imports every row needs). :func:`run_all` runs a list of them on ``workers`` threads, longest first as the
-caller orders them, and hands each result back as soon as it is done (so that its export can be
-deleted at once).
+(:func:`run`; the processes fork from a server that has done the imports every row needs).
+:func:`run_all` runs a list of them on ``workers`` threads, longest first as the caller orders
+them, and hands each result back as soon as it is done (so that its export can be deleted at
+once).
 
 CPU slots: when ``$ADAMERGE_BENCH_SLOTS`` names a folder of ``slot-*`` files (made by
 ``suite.py``), each measured process first takes an exclusive lock on one of them. Several scripts
