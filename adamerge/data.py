@@ -288,8 +288,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         ``limit_per_task`` limits what the objective trains on (Expert Merging's few samples per
         task), not the statistics: running means and variances from 10 images per task are noise
         (on the vision benchmark, Expert Merging with 10 images per task: 73.8 % normalized with
-        statistics from those 10, 86.3 % with all 500; see the README's *BatchNorm*). Few-shot data stays the shots:
-        the rest of a labelled folder is not the user's to spend.
+        statistics from those 10, 86.3 % with all 500; see the README's *BatchNorm*). Few-shot
+        data stays the shots: the rest of a labelled folder is not the user's to spend.
         """
         self.setup("fit")
         views = {

@@ -94,8 +94,6 @@ except (OSError, StopIteration):
 print("MEASURE " + json.dumps({"code": code, "wall_s": wall_s, "peak_rss_mb": hwm / 1024}), flush=True)
 sys.stderr.flush()
 """
-_context_lock = threading.Lock()
-_context: multiprocessing.context.BaseContext | None = None
 
 
 def make_slots(folder: Path, count: int) -> Path:
@@ -204,13 +202,9 @@ def fork_server() -> multiprocessing.context.BaseContext:
     script instead could copy a pool the expert build started, and hang). It starts on first use
     with this process's environment.
     """
-    global _context
-    with _context_lock:
-        if _context is None:
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(PRELOAD)
-            _context = context
-    return _context
+    context = multiprocessing.get_context("forkserver")  # one per process; the server starts on its first Process
+    context.set_forkserver_preload(PRELOAD)  # read when the server starts, so setting it again is a no-op
+    return context
 
 
 def run_all(
