@@ -32,6 +32,7 @@ from adamerge.granularity import Granularity, TensorWise, parse_granularity
 from adamerge.hooks import capture_hidden
 from adamerge.merge import merge_tensor, merge_tensors
 from adamerge.model_inputs import Inputs, call_functional, input_batch_size
+from adamerge.row_sparse import row_sparse_tables
 from adamerge.task_vectors import FactoredDelta, TaskVectors
 
 logger = logging.getLogger(__name__)
@@ -126,21 +127,33 @@ class MergedModel(nn.Module):
         """Whether some (factored, LoRA) tensors are merged right before their layer runs."""
         return bool(self._use_time)
 
+    def use_time_nbytes(self) -> int:
+        """Bytes of the tensors merged at use time once merged (dense, in the base's dtypes): what a
+        step holding them merged, and again as their gradients, keeps twice."""
+        base = self.base_tensors()
+        return sum(base[name].numel() * base[name].element_size() for name in self._use_time)
+
     def _use_time_names(self) -> frozenset[str]:
         """Factored tensors mergeable at use time: the unshared ``weight`` of a linear or embedding
         layer (whose own forward is what reads it; tied or otherwise shared weights merge up front)."""
-        aliases: dict[int, int] = {}
-        for _, param in self.model.named_parameters(remove_duplicate=False):
-            aliases[id(param)] = aliases.get(id(param), 0) + 1
+        shared = _shared_parameter_names(self.model)
         names = []
         for name in self.task_vectors.factored_names():
             owner, _, attr = name.rpartition(".")
             module = self.model.get_submodule(owner)
             param = module._parameters.get(attr)
             use_time_layer = isinstance(module, USE_TIME_LAYERS) or type(module).__name__ == "Conv1D"
-            if use_time_layer and attr == "weight" and param is not None and aliases.get(id(param)) == 1:
+            if use_time_layer and attr == "weight" and param is not None and name not in shared:
                 names.append(name)
         return frozenset(names)
+
+    @property
+    def row_sparse_tables(self) -> frozenset[str]:
+        """Merged embedding tables whose training gradient can be row-sparse (see
+        :mod:`adamerge.row_sparse`): unshared, dense task vectors in entry order."""
+        dense = {name: tv for name, tv in self.task_vectors.parts() if not isinstance(tv, FactoredDelta)}
+        permuted = frozenset(self.partitions.names)
+        return row_sparse_tables(self.model, dense, _shared_parameter_names(self.model), permuted)
 
     def _check_names(self) -> None:
         own = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
@@ -423,6 +436,14 @@ class _PartitionOrder(nn.Module):
 
     def inverse(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, f"inverse_{i}") for i, name in enumerate(self.names)}
+
+
+def _shared_parameter_names(model: nn.Module) -> frozenset[str]:
+    """Names of the parameters that several modules hold (tied weights), every alias included."""
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    return frozenset(name for names in aliases.values() if len(names) > 1 for name in names)
 
 
 def assign_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -11,6 +11,9 @@ One training step merges once and back-propagates once:
    merge's backward once, giving exactly ``Σ_tasks ∂L_task/∂λ``; optimizers, gradient
    accumulation and DDP work on it unchanged.
 
+LoRA task vectors are merged into dense leaves the same way while the adapted weights are small
+(``low_rank_step``); for larger ones each task's forward merges them at use time.
+
 Under DDP only λ is all-reduced: task vectors, heads and frozen base weights are listed in
 ``_ddp_params_and_buffers_to_ignore``, so they are neither broadcast at start nor every step.
 """
@@ -33,11 +36,16 @@ from adamerge.merge import PrecomputedGradient
 from adamerge.merged_model import MergedModel
 from adamerge.model_inputs import move_inputs
 from adamerge.objectives import Entropy, ModelOutputs, Objective, TaskBatch, as_task_batch
+from adamerge.row_sparse import coefficient_gradients, sparse_gradients
 
 logger = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 COEFFICIENT_PREFIX = "merged.coefficients."
+LOW_RANK_STEPS = ("auto", "per-step", "at-use")
+# ``auto`` merges factored (LoRA) tensors once per step while the dense merged weights and their
+# gradients, which that step holds, take at most this many bytes
+PER_STEP_MERGE_LIMIT = 256 * 2**20
 
 
 def statistics_loaders_of(datamodule: Any) -> dict[str, Any] | None:
@@ -65,6 +73,12 @@ class MergingModule(L.LightningModule):
         optimizer: factory ``params -> Optimizer`` (default: Adam lr 1e-3).
         scheduler: optional factory ``Optimizer -> LRScheduler``, stepped every training step.
         sources: references to the base and expert files, stored in checkpoints (not the weights).
+        low_rank_step: how a training step merges factored (LoRA) task vectors. ``per-step``: once
+            per step, as dense tensors (fastest: one low-rank merge per step); ``at-use``: per task,
+            each weight right before its layer runs and again in its backward (no dense copy of
+            the adapted weights outlives its layer: for adapters on most of a large model);
+            ``auto`` (default): ``per-step`` while the adapted weights, merged and as gradients,
+            take at most :data:`PER_STEP_MERGE_LIMIT` bytes (256 MiB), else ``at-use``.
     """
 
     def __init__(
@@ -74,14 +88,22 @@ class MergingModule(L.LightningModule):
         optimizer: OptimizerFactory | None = None,
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         sources: Mapping[str, Any] | None = None,
+        low_rank_step: str = "auto",
     ) -> None:
         super().__init__()
+        if low_rank_step not in LOW_RANK_STEPS:
+            raise AdamergeError(f"low_rank_step={low_rank_step!r}: expected one of {', '.join(LOW_RANK_STEPS)}")
         self.save_hyperparameters(ignore=["merged", "objective", "optimizer", "scheduler"])
         self.merged = merged
         self.objective = objective if objective is not None else Entropy()
         self.optimizer_factory = optimizer if optimizer is not None else adam()
         self.scheduler_factory = scheduler
         self.sources = dict(sources or {})
+        self.low_rank_step = low_rank_step
+        self._row_sparse = merged.row_sparse_tables
+        self.merges_at_use = merged.merges_at_use and (
+            low_rank_step == "at-use" or (low_rank_step == "auto" and 2 * merged.use_time_nbytes() > PER_STEP_MERGE_LIMIT)
+        )
         self.accuracy = nn.ModuleDict()
         self.strict_loading = False  # checkpoints hold λ only; the rest comes from the expert files
         self._eval_merged: dict[str, torch.Tensor] | None = None
@@ -102,25 +124,40 @@ class MergingModule(L.LightningModule):
         # its training mode: dropout stays off, BatchNorm uses batch statistics under the
         # re-estimating policies (see MergedModel.train).
         self.merged.train()
+        if self.merged.merges_at_use:
+            logger.info(
+                "LoRA task vectors: merged %s (adapted weights merged: %.1f MiB)",
+                "at use, per task" if self.merges_at_use else "once per step", self.merged.use_time_nbytes() / 2**20,
+            )
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        if self.merged.merges_at_use:
+        if self.merges_at_use:
             return self._low_rank_training_step(batch)
-        merged = self.merged.merged_tensors()  # θ(λ), graph to λ
+        lam = self.merged.coefficients()  # (K, G), graph to λ
+        merged = self.merged.merged_tensors(lam)  # θ(λ), graph to λ
         leaves = {name: t.detach().requires_grad_() for name, t in merged.items()}  # θ'
         total = torch.zeros((), device=self.device)
-        for task, item in batch.items():
-            task_batch = as_task_batch(item)
-            task_loss = self.objective(task, self._outputs(task_batch, task, leaves), task_batch)
-            task_loss.backward(inputs=list(leaves.values()))  # accumulates ∂L_task/∂θ' in θ'.grad
-            total += task_loss.detach()
-            self._log_training(f"train/loss/{task}", task_loss.detach(), batch_size=task_batch.size)
+        with sparse_gradients(self.merged.model, self._row_sparse):  # embedding tables: ∂L/∂E of the rows read
+            for task, item in batch.items():
+                task_batch = as_task_batch(item)
+                task_loss = self.objective(task, self._outputs(task_batch, task, leaves), task_batch)
+                task_loss.backward(inputs=list(leaves.values()))  # accumulates ∂L_task/∂θ' in θ'.grad
+                total += task_loss.detach()
+                self._log_training(f"train/loss/{task}", task_loss.detach(), batch_size=task_batch.size)
         used = [name for name, leaf in leaves.items() if leaf.grad is not None]
         if not used:
             raise AdamergeError("no merged tensor received a gradient: does the loss depend on the model?")
-        # value: the summed loss; backward: hands ∂L/∂θ' to θ(λ), one gemv per tensor into λ
-        grads = tuple(leaves[name].grad for name in used)
-        return self._with_regularizer(PrecomputedGradient.apply(total, grads, *(merged[name] for name in used)))
+        # value: the summed loss; backward: hands ∂L/∂θ' to θ(λ), one gemv per tensor into λ, and
+        # the tables' λ-gradient (contracted over the rows read) to λ itself
+        dense = [name for name in used if name not in self._row_sparse]
+        grads = [leaves[name].grad for name in dense]
+        targets = [merged[name] for name in dense]
+        sparse = {name: leaves[name].grad for name in used if name in self._row_sparse}
+        if sparse:
+            tables = {name: tv for name, tv in self.merged.task_vectors.parts() if name in sparse}
+            grads.append(coefficient_gradients(sparse, tables, self.merged.layout, len(self.tasks)).to(lam.dtype))
+            targets.append(lam)
+        return self._with_regularizer(PrecomputedGradient.apply(total, tuple(grads), *targets))
 
     def _with_regularizer(self, loss: torch.Tensor) -> torch.Tensor:
         """The step's loss plus the objective's coefficient regulariser (if any), logged."""

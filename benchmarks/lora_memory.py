@@ -147,6 +147,8 @@ def build_step(mode: str, adapters: dict[str, Path], layers: int = 12):
 
         return merged_step, info
     module = MergingModule(merged)
+    info["module_step_merges"] = "at use, per task" if module.merges_at_use else "once per step"
+    info["adapted_merged_mib"] = round(merged.use_time_nbytes() / 2**20, 1)
 
     def module_step(inputs, labels):
         merged.coefficients.raw.grad = None
@@ -259,7 +261,9 @@ def markdown(report: dict[str, Any]) -> str:
         "(saved-tensor hooks), so no dense copy of the adapted matrices outlives its layer. An earlier run of this "
         "script with the whole merge done up front (every merged weight alive from the start of the forward to its "
         "layer's backward) measured 2278 MiB, 1.22× the dense step. The module step (Lightning `training_step`) "
-        "takes the same use-time path for models with LoRA task vectors: each task's forward merges at use time and "
+        "takes the same use-time path here (`low_rank_step=\"auto\"` picks it when the merged adapted matrices and their "
+        "gradients would take over 256 MiB, 652 MiB here; below that it merges once per step): each task's forward "
+        "merges at use time and "
         "its backward goes straight to λ (`autograd.grad`); the summed λ-gradient is handed on by the returned loss "
         "(an earlier version merged the whole model once into detached leaves θ', which kept one dense copy of the "
         "adapted matrices and their gradients for the whole step: 2288 MiB, 1.227× the dense step). Step time: "

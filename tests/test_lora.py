@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -261,16 +262,34 @@ def test_random_partitions_on_factored_tensors_are_refused(bert_setup):
         merged_from(base, dirs, ChunkWise(2, "random"))
 
 
-def test_training_step_hands_the_merge_gradient_to_lambda(bert_setup):
+@pytest.mark.parametrize("low_rank_step", ["at-use", "per-step", "auto"])
+def test_training_step_hands_the_merge_gradient_to_lambda(bert_setup, low_rank_step):
     base, dirs, _ = bert_setup
     merged = merged_from(base, dirs)
-    module = MergingModule(merged)
+    module = MergingModule(merged, low_rank_step=low_rank_step)
+    assert module.merges_at_use == (low_rank_step == "at-use")  # auto: a tiny model's adapters merge once per step
     inputs = {task: batch(3 + k) for k, task in enumerate(merged.tasks)}
-    module.training_step(inputs, 0).backward()  # merge once, per-task backward into θ', then into λ
+    module.training_step(inputs, 0).backward()
     step_grad = merged.coefficients.raw.grad.clone()
     merged.coefficients.raw.grad = None
     sum(losses.entropy(merged(x, task)) for task, x in inputs.items()).backward()
     torch.testing.assert_close(step_grad, merged.coefficients.raw.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_merges_once_per_step_while_the_merged_adapted_weights_are_small(bert_setup):
+    base, dirs, _ = bert_setup
+    merged = merged_from(base, {"qv": dirs["qv"]})  # query and value of each layer
+    weights = dict(merged.model.named_parameters())
+    adapted = [name for name in merged.task_vectors.names if name.endswith(("query.weight", "value.weight"))]
+    nbytes = sum(weights[name].numel() * 4 for name in adapted)  # float32
+    assert merged.use_time_nbytes() == nbytes
+    assert not MergingModule(merged).merges_at_use  # a few KiB, far below PER_STEP_MERGE_LIMIT
+    with patch("adamerge.module.PER_STEP_MERGE_LIMIT", 2 * nbytes):  # merged weights + their gradients
+        assert not MergingModule(merged).merges_at_use
+    with patch("adamerge.module.PER_STEP_MERGE_LIMIT", 2 * nbytes - 1):
+        assert MergingModule(merged).merges_at_use
+    with pytest.raises(AdamergeError, match="low_rank_step='sometimes': expected one of auto, per-step, at-use"):
+        MergingModule(merged, low_rank_step="sometimes")
 
 
 # -- mixed dense + LoRA ----------------------------------------------------------------------
