@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from runner import cpu_slot, run_all  # noqa: E402  (one fresh, measured process per row)
 from vision_methods import LEARNED as VISION_LEARNED  # noqa: E402
-from vision_methods import REFERENCE_FIT, STATIC, results_table, rows_with_a_run, stage_one_rows  # noqa: E402
+from vision_methods import REFERENCE_FIT, STATIC, STEPS, results_table, rows_with_a_run, stage_one_rows  # noqa: E402
 
 # the vision benchmark's rows plus aTLAS few-shot on the labelled 16-per-class pool
 LEARNED = dict(VISION_LEARNED)
@@ -57,7 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small demo assets and few steps")
     parser.add_argument("--flavours", nargs="+", default=["full", "lora"], choices=["full", "lora"])
-    parser.add_argument("--steps", type=int, default=None, help="steps of every learned method (default 100, quick 5)")
+    parser.add_argument("--steps", type=int, default=None, help=f"steps of every learned method (default {STEPS}, as the vision benchmark; quick 5)")
     parser.add_argument("--batch-size", type=int, default=8, help="calibration texts per task per step")
     parser.add_argument("--methods", nargs="+", default=None, help="subset of table rows to run")
     parser.add_argument("--data-root", default=None)
@@ -82,7 +82,7 @@ def main() -> None:
     with cpu_slot():
         assets = build_text_demo(data_root=args.data_root, cache_dir=args.cache_dir, quick=args.quick)
     build_s = time.perf_counter() - started
-    steps = args.steps or (5 if args.quick else 100)
+    steps = args.steps or (5 if args.quick else STEPS)
     work = Path(tempfile.mkdtemp(prefix="adamerge-text-"))
     rows = [*STATIC, *LEARNED] if args.methods is None else args.methods
     jobs = []
