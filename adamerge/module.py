@@ -79,6 +79,9 @@ class MergingModule(L.LightningModule):
             the adapted weights outlives its layer: for adapters on most of a large model);
             ``auto`` (default): ``per-step`` while the adapted weights, merged and as gradients,
             take at most :data:`PER_STEP_MERGE_LIMIT` bytes (256 MiB), else ``at-use``.
+        sparse_tables: give merged embedding tables row-sparse gradients in the training step
+            (default; :mod:`adamerge.row_sparse`); ``False`` keeps their dense gradients (the same
+            λ-gradient up to float rounding, more time and memory).
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class MergingModule(L.LightningModule):
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         sources: Mapping[str, Any] | None = None,
         low_rank_step: str = "auto",
+        sparse_tables: bool = True,
     ) -> None:
         super().__init__()
         if low_rank_step not in LOW_RANK_STEPS:
@@ -100,7 +104,7 @@ class MergingModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.sources = dict(sources or {})
         self.low_rank_step = low_rank_step
-        self._row_sparse = merged.row_sparse_tables
+        self._row_sparse = merged.row_sparse_tables if sparse_tables else frozenset()
         self.merges_at_use = merged.merges_at_use and (
             low_rank_step == "at-use" or (low_rank_step == "auto" and 2 * merged.use_time_nbytes() > PER_STEP_MERGE_LIMIT)
         )

@@ -83,6 +83,19 @@ def test_training_step_gradient_equals_the_dense_backward(granularity):
     torch.testing.assert_close(step_grad, merged.coefficients.raw.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_dense_tables_on_request_give_the_same_gradient():
+    merged = merged_bert(TensorWise())
+    inputs = {task: batch(k) for k, task in enumerate(TASKS)}
+    grads = []
+    for sparse_tables in (True, False):
+        module = MergingModule(merged, sparse_tables=sparse_tables)
+        assert module._row_sparse == (TABLES if sparse_tables else frozenset())
+        module.training_step(inputs, 0).backward()
+        grads.append(merged.coefficients.raw.grad.clone())
+        merged.coefficients.raw.grad = None
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("chunks", [1, 4, 7])
 def test_coefficient_gradient_equals_the_dense_contraction_per_chunk(chunks):
     generator = torch.Generator().manual_seed(0)
