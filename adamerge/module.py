@@ -103,7 +103,6 @@ class MergingModule(L.LightningModule):
         self.optimizer_factory = optimizer if optimizer is not None else adam()
         self.scheduler_factory = scheduler
         self.sources = dict(sources or {})
-        self.low_rank_step = low_rank_step
         self._row_sparse = merged.row_sparse_tables if sparse_tables else frozenset()
         self.merges_at_use = merged.merges_at_use and (
             low_rank_step == "at-use" or (low_rank_step == "auto" and 2 * merged.use_time_nbytes() > PER_STEP_MERGE_LIMIT)
