@@ -171,7 +171,7 @@ def test_every_vision_row_is_one_run_whose_result_key_is_known():
     static = [row for row in rows if vision.is_static(row)]
     assert static == [vision.PRETRAINED, *vision.STATIC, "task-arithmetic + expert BatchNorm"]
     assert vision.result_key("task-arithmetic + expert BatchNorm") == "task-arithmetic"
-    assert vision.result_key("expert-merging + expert BatchNorm (layer-wise)") == "expert-merging (layer)"
+    assert vision.result_key("expert-merging + expert BatchNorm (chunk:64)") == "expert-merging (chunk:64)"
     assert vision.result_key(vision.PRETRAINED) == "task-arithmetic"
     assert all(vision.result_key(row) == f"{m} ({g})" for row, (m, g, _) in vision.LEARNED.items())
 
