@@ -11,7 +11,7 @@ split is scored again the same way, so the table shows both splits side by side.
 scores also check the export: they must equal the fit's ``metrics.json``.
 
     python benchmarks/fresh_rows.py --cache-dir /tmp/suite-fresh5/demo-vision \\
-        --runs chunk64=/tmp/exp/c64bn layer=/tmp/exp/em_bn --out benchmarks/results/vision_fresh_rows.json
+        --runs chunk64=runs/c64 chunk128=runs/c128 --out benchmarks/results/vision_fresh_rows.json
 
 A task whose data set has no rows left (USPS: 2,007 rows, all in the splits) is left out of the
 fresh-row columns, and the normalized accuracy of both splits is then taken over the same tasks.
@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import logging
+import pickle
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -74,8 +75,14 @@ def load_merge(run: Path, task: str, num_classes: int) -> torch.nn.Module:
     model = torchvision.models.mobilenet_v2(num_classes=num_classes)
     state = {}
     for path in files:
-        state |= torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+        try:
+            state |= torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+            raise AdamergeError(f"{path}: not a readable state dict ({error})") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise AdamergeError(f"{run}: merged.pt + heads/{task}.pt do not load into mobilenet_v2({num_classes} classes): {error}") from None
     return model.eval()
 
 
@@ -85,6 +92,14 @@ def normalized(per_task: Mapping[str, float], experts: Mapping[str, float], task
 
 
 def main() -> None:
+    try:
+        run()
+    except AdamergeError as error:
+        raise SystemExit(f"fresh_rows: {error}") from None
+
+
+def run() -> None:
+    """Parse the command line, score every model on both splits, write the JSON and Markdown."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache-dir", type=Path, required=True, help="the vision demo cache of the experts")
     parser.add_argument("--data-root", default=None)

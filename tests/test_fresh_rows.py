@@ -74,3 +74,13 @@ def test_an_exported_chunk_wise_merge_is_retested_on_fresh_rows(tmp_path, monkey
         ratios = [entry[split]["per_task"][t] / experts[split]["per_task"][t] for t in ("mnist", "usps")]
         assert entry[split]["normalized_shared_tasks"] == pytest.approx(sum(ratios) / 2)
     assert out.with_suffix(".md").read_text().count("\n| ") == 3  # the header and two models
+
+
+def test_a_folder_that_is_not_a_fit_output_is_named(tmp_path):
+    (tmp_path / "heads").mkdir()
+    (tmp_path / "merged.pt").write_bytes(b"not a state dict")
+    (tmp_path / "heads" / "mnist.pt").write_bytes(b"")
+    with pytest.raises(AdamergeError, match="merged.pt: not a readable state dict"):
+        fresh_rows.load_merge(tmp_path, "mnist", 10)
+    with pytest.raises(AdamergeError, match="usps.pt: not found"):
+        fresh_rows.load_merge(tmp_path, "usps", 10)
