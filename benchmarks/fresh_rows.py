@@ -20,7 +20,6 @@ fresh-row columns, and the normalized accuracy of both splits is then taken over
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import pickle
@@ -33,7 +32,7 @@ import torch
 import torchvision
 
 from adamerge.datasets.vision import load_vision_task
-from adamerge.demo.vision import DEFAULT_TASKS, accuracy, load_expert, to_input_tensor
+from adamerge.demo.vision import DEFAULT_TASKS, accuracy, load_expert, sha256_array, to_input_tensor
 from adamerge.errors import AdamergeError
 
 logger = logging.getLogger("fresh_rows")
@@ -59,8 +58,7 @@ def split_rows(split: Mapping, count: int) -> dict[str, np.ndarray]:
     for name, part in split["parts"].items():
         start, stop = part["perm_range"]
         parts[name] = perm[start:stop].astype(np.int64)
-        digest = hashlib.sha256(np.ascontiguousarray(parts[name].astype("<i8")).tobytes()).hexdigest()
-        if digest != part["sha256"]:
+        if sha256_array(parts[name].astype("<i8")) != part["sha256"]:
             raise AdamergeError(f"split part {name!r}: the regenerated rows do not match the recorded sha256")
     end = max(part["perm_range"][1] for part in split["parts"].values())
     return {"test": parts["test"], "fresh": perm[end : end + count].astype(np.int64)}

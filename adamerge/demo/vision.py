@@ -143,7 +143,8 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _sha256_array(array: np.ndarray) -> str:
+def sha256_array(array: np.ndarray) -> str:
+    """Hex sha256 of an array's bytes in C order (how ``splits.json`` fingerprints row indices)."""
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
@@ -236,7 +237,7 @@ def describe_split(rows: int, seed: int, parts: Mapping[str, np.ndarray]) -> dic
         record["parts"][name] = {
             "perm_range": [start, start + len(indices)],
             "size": len(indices),
-            "sha256": _sha256_array(indices.astype("<i8")),
+            "sha256": sha256_array(indices.astype("<i8")),
         }
         start += len(indices)
     return record
@@ -497,7 +498,7 @@ def build_task(
         "calib_images": len(parts["calib"]),
         "eval_images": len(parts["test"]),
         "finetune_images": len(parts["finetune"]),
-        "source": {"rows": len(arrays), "images_sha256": _sha256_array(arrays.images)},
+        "source": {"rows": len(arrays), "images_sha256": sha256_array(arrays.images)},
     }
     logger.info("%s: expert trained in %.1f s (%d steps), test accuracy %.4f", task, train_seconds, steps, test_accuracy)
     return entry, describe_split(len(arrays), seed, parts)
