@@ -106,7 +106,6 @@ def run() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.manual_seed(0)
 
     runs = {}
     for item in args.runs:

@@ -28,15 +28,11 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lora_memory import proc_status  # noqa: E402  (the /proc/self/status reader, in MiB)
+
 MODES = ["plain", "full", "full-dense-tables", "lora", "lora-at-use"]
-
-
-def vm_hwm_mb() -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def measure(mode: str, args: argparse.Namespace) -> dict:
@@ -99,7 +95,7 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
         "step_s": [round(t, 4) for t in times[1:]],
         "steps": args.steps,
         "tokens_per_step": round(tokens / len(batches)),
-        "peak_rss_mb": round(vm_hwm_mb(), 1),
+        "peak_rss_mb": round(proc_status("VmHWM"), 1),
         "merges_at_use": None if mode == "plain" else module.merges_at_use,
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
