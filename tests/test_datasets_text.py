@@ -300,6 +300,11 @@ def test_experts_trained_in_worker_processes_equal_the_serial_build(built, tmp_p
             assert weights and all(manifest[flavour][task]["files"][w] == serial[flavour][task]["files"][w] for w in weights)
             keys = ("accuracy", "steps", "trainable_parameters")  # configs name their own cache's base path
             assert {k: manifest[flavour][task][k] for k in keys} == {k: serial[flavour][task][k] for k in keys}
+    # the base's zero-shot evaluations, run in the pool beside the trainings, give the serial values
+    serial_tasks, parallel_tasks = json.loads(built.manifest.read_text())["tasks"], json.loads(parallel.manifest.read_text())["tasks"]
+    assert {t: parallel_tasks[t]["zero_shot_accuracy"] for t in TASKS} == {t: serial_tasks[t]["zero_shot_accuracy"] for t in TASKS}
+    assert parallel.zero_shot_accuracy == built.zero_shot_accuracy
+    assert json.loads(parallel.splits.read_text()) == json.loads(built.splits.read_text())
     assert [p.name for p in tmp_path.rglob(".*")] == [".lock"]
     with pytest.raises(DataError, match="workers=0"):
         demo.build_text_demo(DATA_ROOT, tmp_path, tasks=TASKS, workers=0, **TINY)

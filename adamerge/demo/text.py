@@ -89,6 +89,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import peft
@@ -675,34 +676,27 @@ def train_and_save_expert(
     }
 
 
-def _train_experts(
-    todo: Sequence[tuple[str, str, dict]],
-    source: Callable[[str], tuple[TextTask, dict[str, np.ndarray]]],
-    settings: TextDemoSettings,
-    root: Path,
+def _run_jobs(
+    jobs: Sequence[tuple[Any, Callable[..., Any], tuple]],
     num_threads: int | None,
     workers: int,
-) -> Iterator[tuple[str, str, dict, dict]]:
-    """Train the ``(task, flavour, fingerprint)`` experts; yields ``(task, flavour, fingerprint, entry)``.
+) -> Iterator[tuple[Any, Any]]:
+    """Run every ``(key, function, args)``; yields ``(key, function(*args))`` as each finishes.
 
-    With ``workers > 1`` they train in a pool of fresh (spawned) processes, each expert as soon as a
-    process is free, and are yielded as they finish; the caller writes the manifest.
+    With ``workers > 1`` the jobs run in a pool of fresh (spawned) processes, each as soon as a
+    process is free, so that the base's zero-shot evaluations share the cores with the experts'
+    training instead of running before it on one core. The caller writes the manifest.
     """
-    if workers == 1 or len(todo) <= 1:
-        for name, flavour, fingerprint in todo:
-            task, parts = source(name)
-            yield name, flavour, fingerprint, train_and_save_expert(task, parts, flavour, settings, root)
+    if workers == 1 or len(jobs) <= 1:
+        for key, function, args in jobs:
+            yield key, function(*args)
         return
     context = multiprocessing.get_context("spawn")
     threads = num_threads or 1
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_setup, initargs=(threads,)) as pool:
-        futures = {
-            pool.submit(train_and_save_expert, *source(name), flavour, settings, root): (name, flavour, fingerprint)
-            for name, flavour, fingerprint in todo
-        }
+        futures = {pool.submit(function, *args): key for key, function, args in jobs}
         for future in as_completed(futures):
-            name, flavour, fingerprint = futures[future]
-            yield name, flavour, fingerprint, future.result()
+            yield futures[future], future.result()
 
 
 def _worker_setup(num_threads: int) -> None:
@@ -902,7 +896,11 @@ def _build_locked(
             sources[name] = (task, demo_parts(task, settings))
         return sources[name]
 
-    todo: list[tuple[str, str, dict]] = []  # (task, flavour, fingerprint) of the experts to train
+    # the work left, run side by side with `workers`: ("zero-shot", task) evaluations of the base,
+    # whose task entry joins the manifest once known, and ("expert", task, flavour) trainings
+    jobs: list[tuple[tuple, Callable[..., Any], tuple]] = []
+    pending: dict[str, dict] = {}  # task: its manifest entry, waiting for the zero-shot accuracy
+    expert_fingerprints: dict[tuple[str, str], dict] = {}
     with torch_threads(num_threads):
         base_sha256 = _prepare_base(root, manifest)
         for name in tasks:
@@ -912,32 +910,38 @@ def _build_locked(
                 task, task_parts = source(name)
                 files = write_task_files(task, task_parts, root)
                 test = task.test.subset(task_parts["test"])
-                entry = {
+                pending[name] = {
                     "fingerprint": data_fp,
                     "classes": task.classes,
                     "files": files,
                     "majority_accuracy": round(float(test.class_counts().max() / len(test)), 6),
-                    "zero_shot_accuracy": round(
-                        zero_shot_accuracy(root / "base", name, test.texts, test.labels.tolist(), settings.max_length), 6
-                    ),
                     "zero_shot_prompts": ZERO_SHOT_PROMPTS[name],
+                    "splits": {"source": task.split, "demo": describe_demo_parts(task, task_parts, settings)},
                 }
-                manifest["tasks"][name] = entry
-                splits[name] = {"source": task.split, "demo": describe_demo_parts(task, task_parts, settings)}
-                save()
-                logger.info(
-                    "%s: data written (%s); majority %.4f, zero-shot base %.4f",
-                    name, {k: v["rows"] for k, v in files.items()}, entry["majority_accuracy"], entry["zero_shot_accuracy"],
-                )  # fmt: skip
+                zero_shot_args = (root / "base", name, test.texts, test.labels.tolist(), settings.max_length)
+                jobs.append((("zero-shot", name), zero_shot_accuracy, zero_shot_args))
             for flavour in flavours:
                 expert_fp = _expert_fingerprint(name, flavour, settings, base_sha256)
                 current = manifest["experts"].setdefault(flavour, {}).get(name, {})
                 if not force and _expert_is_valid(root, f"{flavour}/{name}", current, expert_fp):
                     logger.info("%s/%s: reusing cached expert (accuracy %.4f)", flavour, name, current["accuracy"])
                     continue
-                todo.append((name, flavour, expert_fp))
-        for name, flavour, expert_fp, expert in _train_experts(todo, source, settings, root, num_threads, workers):
-            manifest["experts"][flavour][name] = {"fingerprint": expert_fp, **expert}
+                expert_fingerprints[name, flavour] = expert_fp
+                jobs.append((("expert", name, flavour), train_and_save_expert, (*source(name), flavour, settings, root)))
+        for key, result in _run_jobs(jobs, num_threads, workers):
+            if key[0] == "zero-shot":
+                name = key[1]
+                entry = pending.pop(name)
+                splits[name] = entry.pop("splits")
+                entry["zero_shot_accuracy"] = round(result, 6)
+                manifest["tasks"][name] = entry
+                logger.info(
+                    "%s: data written (%s); majority %.4f, zero-shot base %.4f",
+                    name, {k: v["rows"] for k, v in entry["files"].items()}, entry["majority_accuracy"], entry["zero_shot_accuracy"],
+                )  # fmt: skip
+            else:
+                _, name, flavour = key
+                manifest["experts"][flavour][name] = {"fingerprint": expert_fingerprints[name, flavour], **result}
             save()
     save()
     return TextDemoAssets(
