@@ -171,9 +171,24 @@ def test_every_vision_row_is_one_run_whose_result_key_is_known():
     static = [row for row in rows if vision.is_static(row)]
     assert static == [vision.PRETRAINED, *vision.STATIC, "task-arithmetic + expert BatchNorm"]
     assert vision.result_key("task-arithmetic + expert BatchNorm") == "task-arithmetic"
-    assert vision.result_key("expert-merging + expert BatchNorm (chunk:64)") == "expert-merging (chunk:64)"
+    assert vision.result_key("expert-merging + expert BatchNorm (chunk:128)") == "expert-merging (chunk:128)"
     assert vision.result_key(vision.PRETRAINED) == "task-arithmetic"
     assert all(vision.result_key(row) == f"{m} ({g})" for row, (m, g, _) in vision.LEARNED.items())
+
+
+@pytest.mark.parametrize(
+    ("steps_option", "quick", "expected_chunk_row", "expected_other_rows"),
+    [(None, False, 100, 70), (None, True, 20, 20), (40, False, 40, 40), (40, True, 40, 40)],
+)
+def test_vision_row_steps_default_per_row_and_give_way_to_steps_and_quick(steps_option, quick, expected_chunk_row, expected_other_rows):
+    import argparse
+
+    vision = load_benchmark("vision_methods")
+    args = argparse.Namespace(steps=steps_option, quick=quick)
+    steps = steps_option or (20 if quick else vision.STEPS)  # as main() sets it
+    assert vision.STEPS == 70 and set(vision.ROW_STEPS) <= set(vision.BATCHNORM_ROWS)
+    assert vision.row_steps("expert-merging + expert BatchNorm (chunk:128)", steps, args) == expected_chunk_row
+    assert all(vision.row_steps(row, steps, args) == expected_other_rows for row in vision.LEARNED)
 
 
 def test_the_expert_merging_row_comes_from_the_plus_plus_run_it_is_stage_one_of():
