@@ -22,7 +22,6 @@ hits both) and reports the median. It also reports the largest difference of the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,6 +31,10 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from runner import write_results  # noqa: E402  (benchmarks/runner.py)
 
 from adamerge import model_inputs
 from adamerge.merged_model import MergedModel
@@ -129,10 +132,6 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "results": {arch: measure(arch, args) for arch in args.archs},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.out.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    temporary.replace(args.out)
     lines = [
         f"Command: `{payload['command']}` (torch {payload['torch']}, {payload['threads']} thread(s)); "
         f"{args.experts} random task vectors, layer-wise λ, {args.image_size} px; medians of {args.repeats} alternating rounds",
@@ -148,9 +147,7 @@ def main() -> None:
                 f"{entry['speed_up']:.2f}× | {entry['adamerge_uses']} | {entry['max_abs_difference']:.1e} (of {entry['max_abs_reference']:.2g}) |"
             )
     markdown = "\n".join(lines) + "\n"
-    temporary = args.out.with_suffix(".md.tmp")
-    temporary.write_text(markdown)
-    temporary.replace(args.out.with_suffix(".md"))
+    write_results(args.out, payload, markdown)
     sys.stdout.write(markdown)
 
 

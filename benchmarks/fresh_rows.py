@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import pickle
+import shlex
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from runner import write_results  # noqa: E402  (benchmarks/runner.py)
 
 from adamerge.datasets.vision import load_vision_task
 from adamerge.demo.vision import DEFAULT_TASKS, accuracy, load_expert, sha256_array, to_input_tensor
@@ -162,17 +167,13 @@ def run() -> None:
                 scores["test"][name], scores["test"]["expert (alone)"], tasks
             )
     payload = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),  # run names may hold spaces
         "tasks": tasks,
         "shared_tasks": shared,
         "fresh_rows": fresh_counts,
         "runs": {name: str(folder) for name, folder in runs.items()},
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.out.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    temporary.replace(args.out)
     lines = [
         f"Command: `{payload['command']}`",
         "",
@@ -191,9 +192,7 @@ def run() -> None:
         every = 100 * entry["test"].get("normalized_all_tasks", 1.0)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {test:.1f} / {fresh:.1f} | {every:.1f} |")
     markdown = "\n".join(lines) + "\n"
-    temporary = args.out.with_suffix(".md.tmp")
-    temporary.write_text(markdown)
-    temporary.replace(args.out.with_suffix(".md"))
+    write_results(args.out, payload, markdown)
     sys.stdout.write(markdown)
 
 

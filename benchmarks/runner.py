@@ -96,6 +96,16 @@ sys.stderr.flush()
 """
 
 
+def write_results(out: Path, payload: dict, markdown: str) -> None:
+    """``payload`` as JSON to ``out`` and ``markdown`` beside it (``.md``), each written to a
+    temporary file and then renamed, so that neither is ever left half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((out, json.dumps(payload, indent=2) + "\n"), (out.with_suffix(".md"), markdown)):
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(text)
+        temporary.replace(path)
+
+
 def make_slots(folder: Path, count: int) -> Path:
     """Create ``count`` slot files in ``folder`` (for ``$ADAMERGE_BENCH_SLOTS``); returns ``folder``."""
     if count < 1:

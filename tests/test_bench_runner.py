@@ -248,3 +248,13 @@ def test_a_forked_row_starts_at_the_servers_resident_size_as_a_fresh_process_wou
     row_kb, server_kb = map(int, out.read_text().split())
     # without mapping the server's resident file pages the row started ~40 % smaller (492 vs 820 MB)
     assert process.exitcode == 0 and row_kb >= 0.97 * server_kb, (row_kb, server_kb)
+
+
+def test_write_results_writes_json_and_markdown_and_leaves_no_temporary(tmp_path):
+    out = tmp_path / "new" / "bench.json"
+    runner_module.write_results(out, {"a": [1, 2]}, "| x |\n")
+    assert json.loads(out.read_text()) == {"a": [1, 2]}
+    assert out.with_suffix(".md").read_text() == "| x |\n"
+    runner_module.write_results(out, {"a": 3}, "| y |\n")  # replaces both
+    assert json.loads(out.read_text()) == {"a": 3} and out.with_suffix(".md").read_text() == "| y |\n"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["bench.json", "bench.md"]
