@@ -154,9 +154,9 @@ def main() -> None:
 
     first = ["expert (alone)", PRETRAINED, "task arithmetic (λ=0.3, fit's init)"]
     results = {k: results[k] for k in first if k in results} | {k: v for k, v in results.items() if k not in first}
+    manifest = json.loads(Path(assets.manifest).read_text())
     if "expert (alone)" not in results:  # no reference fit among --methods: the build's manifest has them
-        built = json.loads(Path(assets.manifest).read_text())["tasks"]
-        per_task = {t: built[t]["accuracy"] for t in assets.tasks}
+        per_task = {t: manifest["tasks"][t]["accuracy"] for t in assets.tasks}
         results = {"expert (alone)": {"per_task": per_task | {"average": sum(per_task.values()) / len(per_task)}}} | results
     experts = results["expert (alone)"]["per_task"]
     for entry in results.values():
@@ -170,7 +170,7 @@ def main() -> None:
         "steps": steps,
         "row_steps": {row: row_steps(row, steps, args) for row in ROW_STEPS if row in rows},
         "batchnorm": args.batchnorm,
-        "assets_manifest": json.loads(Path(assets.manifest).read_text()),
+        "assets_manifest": manifest,
         "splits": json.loads(Path(assets.splits).read_text()),
         "build_s": build_s,
         "rows_s": rows_s,
