@@ -60,14 +60,15 @@ def atomic_output_dir(output: Path, overwrite: bool = False) -> Iterator[Path]:
 
 def write_json(path: Path, payload: Any) -> None:
     """Write JSON atomically (temporary file, then rename)."""
-    _write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
 def write_yaml(path: Path, payload: Any) -> None:
-    _write_text(path, yaml.safe_dump(payload, sort_keys=False))
+    write_text(path, yaml.safe_dump(payload, sort_keys=False))
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` atomically (a temporary file beside ``path``, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
         handle.write(text)

@@ -98,12 +98,12 @@ sys.stderr.flush()
 
 def write_results(out: Path, payload: dict, markdown: str) -> None:
     """``payload`` as JSON to ``out`` and ``markdown`` beside it (``.md``), each written to a
-    temporary file and then renamed, so that neither is ever left half-written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in ((out, json.dumps(payload, indent=2) + "\n"), (out.with_suffix(".md"), markdown)):
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(text)
-        temporary.replace(path)
+    temporary file and then renamed, so that neither is ever left half-written (adamerge.export's
+    writers; imported here, so that scripts that only run rows do not import torch)."""
+    from adamerge.export import write_json, write_text
+
+    write_json(out, payload)
+    write_text(out.with_suffix(".md"), markdown)
 
 
 def make_slots(folder: Path, count: int) -> Path:
