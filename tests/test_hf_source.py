@@ -16,6 +16,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import (  # noqa: E402
+    AutoConfig,
     AutoModel,
     AutoModelForSequenceClassification,
     BertConfig,
@@ -27,6 +28,7 @@ from transformers import (  # noqa: E402
 from adamerge.cli import main  # noqa: E402
 from adamerge.errors import AdamergeError, CheckpointError, IncompatibleExpertError  # noqa: E402
 from adamerge.experts import load_experts  # noqa: E402
+from adamerge.experts.hf import without_weight_init  # noqa: E402
 from adamerge.export import write_merged_model_of  # noqa: E402
 from adamerge.merged_model import MergedModel  # noqa: E402
 
@@ -164,6 +166,21 @@ def test_export_reloads_with_transformers_alone(hf, tmp_path):
     state = merged.merged_state_dict()
     assert torch.equal(encoder.encoder.layer[1].output.dense.weight, state["bert.encoder.layer.1.output.dense.weight"])
     assert (tmp_path / "model" / "tokenizer.json").is_file() and (tmp_path / "tasks" / "topic" / "tokenizer.json").is_file()
+
+
+def test_weight_init_is_skipped_only_inside_the_export_switch(hf):
+    config = AutoConfig.from_pretrained(hf.experts["topic"])
+    with without_weight_init():
+        torch.manual_seed(0)
+        skipped = AutoModelForSequenceClassification.from_config(config)
+    torch.manual_seed(0)
+    drawn = AutoModelForSequenceClassification.from_config(config)
+    torch.manual_seed(0)
+    again = AutoModelForSequenceClassification.from_config(config)
+    # drawn weights: seeded, so equal between the two builds after the switch, and not all equal
+    weight = drawn.classifier.weight
+    assert torch.equal(weight, again.classifier.weight) and weight.std() > 0
+    assert not torch.equal(skipped.classifier.weight, weight)  # left as allocated, not drawn
 
 
 def _table(path: Path, merged: MergedModel) -> torch.Tensor:
