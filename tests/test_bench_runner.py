@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import HEAD, REPO, load_benchmark
 
@@ -189,6 +190,29 @@ def test_vision_row_steps_default_per_row_and_give_way_to_steps_and_quick(steps_
     assert vision.STEPS == 50 and set(vision.ROW_STEPS) <= set(vision.BATCHNORM_ROWS)
     assert vision.row_steps("expert-merging + expert BatchNorm (chunk:128)", steps, args) == expected_chunk_row
     assert all(vision.row_steps(row, steps, args) == expected_other_rows for row in vision.LEARNED)
+
+
+def _row_options(method: str, granularity: str, extra: list[str]) -> dict:
+    """A benchmark row's ``adamerge fit`` options as a recipe's YAML keys."""
+    options = {"method": method, "granularity": granularity}
+    for flag, value in zip(extra[::2], extra[1::2]):
+        options[flag.removeprefix("--").replace("-", "_")] = yaml.safe_load(value)
+    return options
+
+
+@pytest.mark.parametrize(
+    ("recipe", "script", "row"),
+    [("expert_merging_text.yaml", "text_methods", "expert-merging (layer-wise)"),
+     ("expert_merging_vision.yaml", "vision_methods", "expert-merging + expert BatchNorm (chunk:128)")],
+)
+def test_each_recipe_is_the_benchmark_row_it_names(recipe, script, row):
+    benchmark = load_benchmark(script)
+    recipe_options = yaml.safe_load((REPO / "configs" / "recipes" / recipe).read_text())
+    assert f"`{row}`" in (REPO / "configs" / "recipes" / recipe).read_text()  # the row its comment names
+    table = {**benchmark.LEARNED, **getattr(benchmark, "BATCHNORM_ROWS", {})}
+    vision = load_benchmark("vision_methods")
+    expected = _row_options(*table[row]) | {"steps": vision.ROW_STEPS.get(row, vision.STEPS)}
+    assert {key: recipe_options[key] for key in expected} == expected
 
 
 def test_the_expert_merging_row_comes_from_the_plus_plus_run_it_is_stage_one_of():
