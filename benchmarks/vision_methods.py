@@ -55,7 +55,7 @@ STAGE_ONE_ROWS = {"expert-merging (layer-wise)": "expert-merging++"}  # row: the
 # steps of every learned row, vision and text: one full cycle of Expert Merging's cosine restarts
 # (T_0 = 50), ending at a learning rate near 0. Standalone text Expert Merging / ++ runs at 50 steps
 # (README): full 95.8 / 96.6 %, LoRA 96.9 / 97.2 % normalized, against 96.0 / 96.5 and 96.9 / 97.2
-# at 70, and the whole suite fits in the hour on a slow host (70 steps: 67 minutes)
+# at 70; the whole suite from scratch then took 54.5 and 55.6 minutes (at 70 steps: 67.2)
 STEPS = 50
 REFERENCE_FIT = "adamerging (layer-wise)"  # also evaluates the experts alone and its λ = 0.3 start
 # vision only: each task also keeps its expert's BatchNorm weight and bias (--task-specific batchnorm)
