@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plots import load_fewshot, plot_fewshot  # noqa: E402
-from runner import cpu_slot, run_all  # noqa: E402
+from runner import cpu_slot, run_all, write_results  # noqa: E402
 from vision_methods import results_table  # noqa: E402
 
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
@@ -232,11 +232,11 @@ def main() -> None:
     run_all(jobs, args.workers, collect)
     shutil.rmtree(work, ignore_errors=True)  # the emptied row folders and the temporary shot pool (kept if a row failed)
     curve = {str(shots): curve[str(shots)] for shots in shots_list}
-    write_results(args, assets, fixed, curve, pool_record, build_s, pool_s, steps)
+    write_curve(args, assets, fixed, curve, pool_record, build_s, pool_s, steps)
 
 
-def write_results(args, assets, fixed: dict, curve: dict, pool_record: dict, build_s: float, pool_s: float,
-                  steps: int) -> None:
+def write_curve(args, assets, fixed: dict, curve: dict, pool_record: dict, build_s: float, pool_s: float,
+                steps: int) -> None:
     """Write ``<out>.json`` and ``<out>.md`` (and the plot) from the runs done so far."""
     tasks = assets.tasks
     experts = fixed["expert (alone)"]["per_task"]
@@ -271,10 +271,8 @@ def write_results(args, assets, fixed: dict, curve: dict, pool_record: dict, bui
         "shots": curve,
         "references": refs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
     table = markdown(payload)
-    args.out.with_suffix(".md").write_text(f"Command: `{payload['command']}`\n\n{table}\n")
+    write_results(args.out, payload, f"Command: `{payload['command']}`\n\n{table}\n")
     tasks, curve, refs = load_fewshot(args.out)
     title = f"aTLAS few-shot (init {payload['init']:g}, lr {payload['lr']:g}), accuracy vs shots per class"
     sys.stderr.write(f"wrote {plot_fewshot(tasks, curve, args.out.with_suffix('.png'), refs, title)}\n")

@@ -326,9 +326,9 @@ def main() -> None:
             "merged_step_time_over_dense": ratio("merged-step", "step_s_median"),
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
+    from runner import write_results  # here, not at the top: the measured children need not import it
+
+    write_results(args.out.with_suffix(".json"), report, markdown(report))
     logger.info("wrote %s.{json,md}", args.out)
 
 

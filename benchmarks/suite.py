@@ -27,7 +27,6 @@ thread's matmul speed at the start and the end, the total) beside the results.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -42,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from runner import SLOTS_ENV, make_slots  # noqa: E402
+from runner import SLOTS_ENV, make_slots, write_results  # noqa: E402
 
 
 def python_env(threads: int | None = None, slots: Path | None = None) -> dict[str, str]:
@@ -165,7 +164,6 @@ def main() -> None:
         "total_s": round(total, 1),
     }
     name = "suite_quick" if args.quick else "suite"
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [f"Command: `{payload['command']}` on {payload['machine']['cpus']} CPUs, at most {args.slots} "
              "single-threaded processes at a time; the vision and text lanes run side by side. "
              f"One thread's matmul speed: {speed['start']} GFLOP/s at the start, {speed['end']} at the end "
@@ -178,7 +176,7 @@ def main() -> None:
         lines.append(f"| {lane_name} | *lane total* | {lane_walls[lane_name]:.0f} | |")
     lines += [f"| - | {k} | {v['wall_s']:.0f} | {v['load_before']:.2f} |" for k, v in steps.items() if k.startswith("plots")]
     lines.append(f"| **total** | | **{total:.0f}** ({total / 60:.1f} min) | |")
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    write_results(out / f"{name}.json", payload, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from runner import cpu_slot, run_all  # noqa: E402  (one fresh, measured process per row)
+from runner import cpu_slot, run_all, write_results  # noqa: E402  (one fresh, measured process per row)
 from vision_methods import LEARNED as VISION_LEARNED  # noqa: E402
 from vision_methods import REFERENCE_FIT, STATIC, STEPS, results_table, rows_with_a_run, stage_one_rows  # noqa: E402
 
@@ -177,10 +177,8 @@ def main() -> None:
 
 def write(payload: dict, out: Path) -> None:
     """``out`` (JSON) and the Markdown tables beside it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
     tables = "\n\n".join(f"### {name}\n\n{results_table(payload['tasks'], rows)}" for name, rows in payload["flavours"].items())
-    out.with_suffix(".md").write_text(f"Command: `{payload['command']}`\n\n{tables}\n")
+    write_results(out, payload, f"Command: `{payload['command']}`\n\n{tables}\n")
     print(tables)
 
 

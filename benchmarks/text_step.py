@@ -159,10 +159,10 @@ def main() -> None:
         lines.append(f"| {mode} | {row['step_median_s']:.3f} | {ratio} | {each} | {row['peak_rss_mb']:.0f} |")
     print("\n".join(lines))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"summary": summary, "runs": runs, "threads": args.threads, "steps": args.steps, "batch_size": args.batch_size}
-        args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        from runner import write_results  # here, not at the top: the measured children need not import it
+
+        write_results(args.out.with_suffix(".json"), payload, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

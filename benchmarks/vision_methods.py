@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from runner import cpu_slot, run_all  # noqa: E402  (one fresh, measured process per row)
+from runner import cpu_slot, run_all, write_results  # noqa: E402  (one fresh, measured process per row)
 
 PRETRAINED = "pretrained (λ=0, expert heads)"  # the base backbone with each expert's head
 STATIC = ["average", "task-arithmetic", "ties", "dare", "breadcrumbs", "consensus", "lines"]
@@ -180,10 +180,8 @@ def main() -> None:
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "methods": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
     table = markdown(payload)
-    args.out.with_suffix(".md").write_text(f"Command: `{payload['command']}`\n\n{table}\n")
+    write_results(args.out, payload, f"Command: `{payload['command']}`\n\n{table}\n")
     print(table)
 
 
