@@ -3,24 +3,35 @@
 Task vectors ``τ_k = θ_k − θ_0`` of fine-tuned experts are held as frozen buffers; merging
 coefficients λ are learned on unlabeled (or few-shot) data; the merged weights
 ``θ_0 + Σ_k g(λ_k) ⊙ τ_k`` are recomputed inside ``forward`` so gradients reach λ only.
+
+The names below are imported on first use (PEP 562), so that ``import adamerge.errors`` or the
+command line's ``--help`` do not pay for importing torch.
 """
 
-from adamerge.coefficients import Coefficients
-from adamerge.errors import AdamergeError
-from adamerge.granularity import GroupWise, TaskWise, TensorWise
-from adamerge.merged_model import MergedModel
-from adamerge.module import MergingModule
-from adamerge.task_vectors import TaskVectors
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdamergeError",
-    "Coefficients",
-    "GroupWise",
-    "MergedModel",
-    "MergingModule",
-    "TaskVectors",
-    "TaskWise",
-    "TensorWise",
-]
+_EXPORTS = {
+    "AdamergeError": "adamerge.errors",
+    "Coefficients": "adamerge.coefficients",
+    "GroupWise": "adamerge.granularity",
+    "MergedModel": "adamerge.merged_model",
+    "MergingModule": "adamerge.module",
+    "TaskVectors": "adamerge.task_vectors",
+    "TaskWise": "adamerge.granularity",
+    "TensorWise": "adamerge.granularity",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'adamerge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

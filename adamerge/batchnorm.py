@@ -25,10 +25,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from adamerge.choices import BATCHNORM_POLICIES, REESTIMATING_POLICIES
 from adamerge.errors import DataError
 
-BATCHNORM_POLICIES = ("reestimate", "per-task", "base", "merge")
-REESTIMATING_POLICIES = ("reestimate", "per-task")  # policies that recompute statistics on calibration data
 STATISTIC_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 

@@ -1,9 +1,11 @@
 """Reading and writing plain state-dict files (``.pt/.pth/.bin/.ckpt`` and ``.safetensors``).
 
-Reading never executes pickled code (``torch.load(weights_only=True)``); common wrappings are
-undone: a ``state_dict`` / ``model`` / ``module`` entry holding the tensors, and a ``module.``
-prefix on every key (DataParallel). Writing is atomic: a temporary file in the same folder, then
-``os.replace``.
+Reading never executes pickled code (``torch.load(weights_only=True)``) unless the caller trusts
+the file (``trust_pickles``, ``--trust-pickles true``): then a file holding a whole pickled
+``nn.Module`` (``torch.save(model)``), or a checkpoint dict wrapping one, is unpickled and its
+``state_dict()`` taken. Common wrappings are undone: a ``state_dict`` / ``model`` / ``module``
+entry holding the tensors, and a ``module.`` prefix on every key (DataParallel). Writing is
+atomic: a temporary file in the same folder, then ``os.replace``.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from adamerge.errors import CheckpointError
+from adamerge.output_dir import umask_mode
 
 logger = logging.getLogger(__name__)
 
@@ -25,19 +30,23 @@ StateDict = dict[str, torch.Tensor]
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights")
 
 
-def load_state_dict(path: str | Path, check_finite: bool = True) -> StateDict:
+def load_state_dict(path: str | Path, check_finite: bool = True, trust_pickles: bool = False) -> StateDict:
     """Read a state dict from ``path`` onto the CPU.
 
     Args:
         path: a ``.safetensors`` file, or a torch file holding a state dict (possibly wrapped in a
             ``{"state_dict": ...}`` checkpoint or with ``module.`` prefixes).
         check_finite: refuse floating-point tensors holding NaN or Inf.
+        trust_pickles: also accept a torch file holding pickled Python objects (a whole
+            ``nn.Module``, or a dict wrapping one), read with ``weights_only=False``: unpickling
+            runs code named by the file, so only for files of trusted origin (a warning says so).
 
     Returns:
         An ordered ``{name: tensor}`` mapping.
 
     Raises:
-        CheckpointError: the file is missing, not a checkpoint, holds no tensors, or holds NaN/Inf.
+        CheckpointError: the file is missing, not a checkpoint, holds no tensors, or holds NaN/Inf;
+            holds pickled objects and ``trust_pickles`` is off; or (trusted) cannot be unpickled.
     """
     path = Path(path)
     if not path.is_file():
@@ -45,7 +54,7 @@ def load_state_dict(path: str | Path, check_finite: bool = True) -> StateDict:
     if path.suffix == ".safetensors":
         state = _load_safetensors(path)
     else:
-        state = _load_torch(path)
+        state = _load_torch(path, trust_pickles)
     state = _unwrap(state, path)
     if check_finite:
         check_finite_tensors(state, str(path))
@@ -62,18 +71,39 @@ def _load_safetensors(path: Path) -> StateDict:
         raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
 
 
-def _load_torch(path: Path) -> object:
+def _load_torch(path: Path, trust_pickles: bool = False) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as error:
-        if "Unsupported global" not in str(error):
+        text = str(error)
+        if "Unsupported global" not in text:  # not a refused Python object: a corrupt file
             raise CheckpointError(f"{path} is not a torch checkpoint (corrupt or another format): {_first_line(error)}") from None
-        raise CheckpointError(
-            f"{path} holds Python objects beyond tensors (a whole pickled module?); "
-            f"save it with torch.save(model.state_dict(), ...) instead"
-        ) from None
+        if not trust_pickles:  # our words: torch's own message advises weights_only=False
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+            what = f"a {found.group(1)}" if found else "objects beyond tensors"
+            raise CheckpointError(
+                f"{path} holds pickled Python objects ({what}: a whole module?); loading it would run code "
+                f"from the file: pass --trust-pickles true if you trust its origin, or re-save it with "
+                f"torch.save(model.state_dict(), ...)"
+            ) from None
     except Exception as error:  # torch surfaces many kinds (RuntimeError, EOFError, IndexError, ...)
         raise CheckpointError(f"{path} is not a torch checkpoint (corrupt or another format): {_first_line(error)}") from None
+    return _unpickle(path)
+
+
+def _unpickle(path: Path) -> object:
+    """The trusted full unpickling of ``path`` (``weights_only=False``), naming what it lacks."""
+    logger.warning("%s holds pickled Python objects: unpickling it runs code from the file (--trust-pickles)", path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=False)
+    except (ModuleNotFoundError, AttributeError) as error:
+        raise CheckpointError(
+            f"{path} is a pickle whose classes cannot be found in this installation ({_first_line(error)}): "
+            f"load it where the code that saved it is importable and re-save it with "
+            f"torch.save(model.state_dict(), ...)"
+        ) from None
+    except Exception as error:  # noqa: BLE001 - torch and pickle surface many kinds
+        raise CheckpointError(f"cannot unpickle {path}: {type(error).__name__}: {_first_line(error)}") from None
 
 
 def _first_line(error: BaseException) -> str:
@@ -82,6 +112,12 @@ def _first_line(error: BaseException) -> str:
 
 
 def _unwrap(obj: object, path: Path) -> StateDict:
+    if isinstance(obj, Mapping):  # a training checkpoint holding the (trusted, unpickled) module
+        modules = [obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), nn.Module)]
+        obj = modules[0] if modules else obj
+    if isinstance(obj, nn.Module):
+        logger.info("%s: took the state_dict() of the pickled %s", path, type(obj).__name__)
+        obj = obj.state_dict()
     if isinstance(obj, Mapping):
         for key in _WRAPPER_KEYS:
             inner = obj.get(key)
@@ -120,6 +156,7 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | Path) -> Path
             save_file(tensors, str(tmp))
         else:
             torch.save(tensors, tmp)
+        os.chmod(tmp, umask_mode(0o666))  # temporary files are created 0600
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

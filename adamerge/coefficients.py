@@ -12,10 +12,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from adamerge.choices import CONSTRAINTS
 from adamerge.errors import AdamergeError
 from adamerge.granularity import CoefficientLayout
 
-CONSTRAINTS = ("none", "clamp", "sigmoid")
 
 
 def constrain(raw: torch.Tensor, constraint: str) -> torch.Tensor:

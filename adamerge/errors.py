@@ -30,3 +30,15 @@ class DataError(AdamergeError):
 
 class OutputExistsError(AdamergeError):
     """The output folder exists and overwriting was not asked for."""
+
+
+class Terminated(BaseException):
+    """The process received a termination signal (SIGTERM, SIGHUP); raised from the signal handler
+    so that every ``finally`` and cleanup runs (a ``BaseException``: not caught as an error)."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.signal_name}")

@@ -1,14 +1,12 @@
-"""Writing results: an output folder is built under a temporary name and renamed when complete,
-so a failed run never leaves a half-written folder behind."""
+"""Writing results into the (temporary) output folder: JSON / YAML / TSV files and the merged
+model as plain state dicts. The folder itself is handled by :mod:`adamerge.output_dir`."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -18,44 +16,11 @@ import torch
 import yaml
 
 from adamerge.checkpoints import save_state_dict
-from adamerge.errors import OutputExistsError
+from adamerge.errors import AdamergeError
 from adamerge.merged_model import MergedModel
+from adamerge.output_dir import inside, umask_mode
 
 logger = logging.getLogger(__name__)
-
-
-def check_output_dir(output: Path, overwrite: bool) -> None:
-    """Refuse an existing output folder unless ``overwrite``."""
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"output folder {output} exists; pass --overwrite to replace it")
-    if output.exists() and not output.is_dir():
-        raise OutputExistsError(f"output {output} exists and is not a folder")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(output: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``output``; on success it replaces ``output``.
-
-    On an exception the temporary folder is removed and ``output`` is left as it was.
-    """
-    output = Path(output)
-    check_output_dir(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if output.exists():
-        check_output_dir(output, overwrite)
-        retired = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.replace(output, retired)
-        os.replace(staging, output)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, output)
-    logger.info("wrote %s", output)
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -71,8 +36,13 @@ def write_text(path: Path, text: str) -> None:
     """Write ``text`` atomically (a temporary file beside ``path``, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        handle.write(text)
         tmp = Path(handle.name)
+        try:
+            handle.write(text)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    os.chmod(tmp, umask_mode(0o666))  # temporary files are created 0600
     os.replace(tmp, path)
 
 
@@ -104,11 +74,29 @@ def write_merged_model(
         model = torchvision.models.mobilenet_v2(num_classes=10)
         model.load_state_dict(torch.load("merged.pt") | torch.load("heads/mnist.pt"))
     """
+    check_finite_export(state, heads)
     files = {"merged": save_state_dict(state, directory / "merged.pt").name}
     for task, head in heads.items():
-        save_state_dict({k: v.detach() for k, v in head.items()}, directory / "heads" / f"{task}.pt")
+        save_state_dict({k: v.detach() for k, v in head.items()}, inside(directory, "heads", f"{task}.pt"))
         files[f"head/{task}"] = f"heads/{task}.pt"
     return files
+
+
+def check_finite_export(state: Mapping[str, torch.Tensor], heads: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """Refuse to write a merged model holding NaN or Inf, naming the first such tensor.
+
+    Raises:
+        AdamergeError: a floating tensor of ``state`` or of a task's ``heads`` is not finite.
+    """
+    parts = [("the merged model", state)] + [(f"task {task!r}", head) for task, head in heads.items()]
+    for owner, tensors in parts:
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise AdamergeError(
+                    f"refusing to write non-finite weights: tensor {name!r} of {owner} holds {bad} NaN/Inf "
+                    "value(s) (diverged coefficients? lower --lr, or bound λ with --constraint clamp)"
+                )
 
 
 def write_merged_model_of(directory: Path, merged: MergedModel, writer: MergedModelWriter | None = None) -> dict[str, str]:
@@ -119,7 +107,9 @@ def write_merged_model_of(directory: Path, merged: MergedModel, writer: MergedMo
     tasks = merged.tasks if (merged.heads.names or merged.kept.names or merged.statistics.names) else ()
     heads = {task: merged.task_tensors(task) for task in tasks}
     merged.train(was_training)
-    return (writer or write_merged_model)(directory, merged.merged_state_dict(), heads)
+    state = merged.merged_state_dict()
+    check_finite_export(state, heads)
+    return (writer or write_merged_model)(directory, state, heads)
 
 
 def format_table(rows: Mapping[str, Mapping[str, float]], tasks: list[str]) -> str:

@@ -27,18 +27,15 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from adamerge.batchnorm import REESTIMATING_POLICIES
+from adamerge.choices import REESTIMATING_POLICIES, TASK_VECTOR_DTYPES
 from adamerge.data import build_datamodule
 from adamerge.errors import AdamergeError
 from adamerge.evaluation import accuracy, with_average
 from adamerge.experts import ExpertSet, SourceOptions, load_experts
 from adamerge.experts.task_specific import keep_task_specific
 from adamerge.export import (
-    atomic_output_dir,
-    check_output_dir,
     format_table,
     plain_config,
     write_coefficients,
@@ -62,12 +59,15 @@ from adamerge.objectives import (
     as_task_batch,
     collect_outputs,
 )
+from adamerge.output_dir import OutputFolder
 from adamerge.preprocess import ties
+from adamerge.resume import ResumeState, save_checkpoint
+from adamerge.run_checks import check_accelerator, check_eval_classes, check_fit_settings, input_paths, storage_errors
 from adamerge.task_vectors import TaskVectors
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in TASK_VECTOR_DTYPES}
 
 
 @dataclass
@@ -120,6 +120,10 @@ class FitSettings:
         task_weights: Expert Merging task weights β (default 1).
         chunk_budget: Expert Merging++ chunk budget B (default: twice the number of tensors).
         chunk_kappa: Expert Merging++ importance sharpness κ.
+        resume: continue an interrupted fit of the same settings from its last checkpoint
+            (:mod:`adamerge.resume`).
+        checkpoint_every: steps between the λ-only resume checkpoints (``0``: only at the end
+            of each stage).
     """
 
     base: str
@@ -162,15 +166,35 @@ class FitSettings:
     task_weights: dict[str, float] = field(default_factory=dict)
     chunk_budget: int | None = None
     chunk_kappa: float = 1.0
+    resume: bool = False
+    checkpoint_every: int = 50
 
 
 def run_fit(settings: FitSettings) -> dict[str, Any]:
-    """Run ``adamerge fit``; returns the metrics written to ``metrics.json``."""
+    """Run ``adamerge fit``; returns the metrics written to ``metrics.json``.
+
+    Every option is checked, and the output folder checked and locked, before anything is loaded
+    (:func:`adamerge.run_checks.check_fit_settings`, :class:`adamerge.output_dir.OutputFolder`).
+    """
     started = time.perf_counter()
-    output = Path(settings.output)
-    check_output_dir(output, settings.overwrite)
-    if settings.task_vector_dtype not in DTYPES:
-        raise AdamergeError(f"--task-vector-dtype {settings.task_vector_dtype!r}: expected one of {', '.join(DTYPES)}")
+    check_fit_settings(settings)
+    with OutputFolder(settings.output, settings.overwrite, input_paths(settings)) as output:
+        check_accelerator(settings.accelerator, settings.devices, settings.strategy)
+        resume = ResumeState(output.output, plain_config(dataclasses.asdict(settings)), settings.resume, settings.checkpoint_every)
+        if output.writer:
+            resume.start()
+        try:
+            metrics = _fit(settings, output, resume, started)
+        except AdamergeError:
+            if output.writer:
+                resume.discard()  # bad input: nothing to resume
+            raise
+        if output.writer:
+            resume.discard()
+    return metrics
+
+
+def _fit(settings: FitSettings, output: OutputFolder, resume: ResumeState, started: float) -> dict[str, Any]:
     method = resolve_method(
         settings.method, init=settings.init, constraint=settings.constraint, lr=settings.lr, shots=settings.shots
     )
@@ -205,6 +229,8 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
         batchnorm=settings.batchnorm,
         task_specific=experts.task_specific,
     )
+    if settings.eval is not None:
+        check_eval_classes(data, lambda task, inputs: merged(inputs, task))
     targets = ExpertTargets(experts, data, merged) if method.objective == "expert-alignment" else None
     module = _module(method, merged, settings, experts.sources, targets)
     load_s = time.perf_counter() - started
@@ -215,8 +241,8 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
         "accuracy": {},
         "timing_s": {"load": load_s},
     }
-    with atomic_output_dir(output, settings.overwrite) as staging:
-        trainer = _trainer(settings, staging, "logs")
+    with output.staging() as staging:
+        trainer = _trainer(settings, staging, "logs", resume.callback(1))
         if settings.eval is not None:
             if settings.eval_experts:
                 alone = evaluate_experts(experts, data, settings)
@@ -225,11 +251,12 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
             if settings.eval_init:
                 metrics["accuracy"][_initial_label(method)] = _test(trainer, module, data)
         fit_started = time.perf_counter()
-        trainer.fit(module, datamodule=data)
+        trainer.fit(module, datamodule=data, ckpt_path=resume.resume_from(1))
+        resume.finish_stage(trainer, 1)
         if method.refine_chunks:
             if settings.eval is not None:
                 _test_stage_one(trainer, module, data, settings, metrics, time.perf_counter() - fit_started)
-            module, trainer = _refine_in_chunks(module, method, settings, experts.sources, targets, data, staging)
+            module, trainer = _refine_in_chunks(module, method, settings, experts.sources, targets, data, staging, resume)
             merged = module.merged
         metrics["timing_s"]["fit"] = time.perf_counter() - fit_started
         metrics["steps"] = trainer.global_step
@@ -238,12 +265,14 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
         elif merged.batchnorm in REESTIMATING_POLICIES:
             trainer.strategy.barrier()
             module.reestimate_batchnorm()  # exported statistics belong to the learned λ
+        save_checkpoint(trainer, staging / "checkpoints" / "last.ckpt")
         if trainer.is_global_zero:
-            write_coefficients(staging, merged)
-            metrics["files"] = write_merged_model_of(staging, merged, experts.export)
-            metrics["timing_s"]["total"] = time.perf_counter() - started
-            write_json(staging / "metrics.json", metrics)
-            write_yaml(staging / "config.yaml", plain_config(dataclasses.asdict(settings)))
+            with storage_errors(output.output):
+                write_coefficients(staging, merged)
+                metrics["files"] = write_merged_model_of(staging, merged, experts.export)
+                metrics["timing_s"]["total"] = time.perf_counter() - started
+                write_json(staging / "metrics.json", metrics)
+                write_yaml(staging / "config.yaml", plain_config(dataclasses.asdict(settings)))
     if metrics["accuracy"]:
         logger.info("per-task accuracy (%%):\n%s", format_table(metrics["accuracy"], list(experts.tasks)))
     return metrics
@@ -393,6 +422,7 @@ def _refine_in_chunks(
     targets: ExpertTargets | None,
     data: L.LightningDataModule,
     staging: Path,
+    resume: ResumeState,
 ) -> tuple[MergingModule, L.Trainer]:
     """Expert Merging++ stage two: importance-guided chunks, initialised at the stage-one λ."""
     first = module.merged
@@ -427,12 +457,13 @@ def _refine_in_chunks(
         sum(m > 0 for m in chunks.values()), len(chunks), sum(chunks.values()), budget, settings.chunk_kappa,
     )
     refined = _module(method, second, settings, sources, targets)
-    trainer = _trainer(settings, staging, "logs_stage2")
-    trainer.fit(refined, datamodule=data)
+    trainer = _trainer(settings, staging, "logs_stage2", resume.callback(2))
+    trainer.fit(refined, datamodule=data, ckpt_path=resume.resume_from(2))
+    resume.finish_stage(trainer, 2)
     return refined, trainer
 
 
-def _trainer(settings: FitSettings, root: Path, log_name: str) -> L.Trainer:
+def _trainer(settings: FitSettings, root: Path, log_name: str, checkpoints: L.Callback) -> L.Trainer:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen base: intended
@@ -443,7 +474,8 @@ def _trainer(settings: FitSettings, root: Path, log_name: str) -> L.Trainer:
         strategy=settings.strategy,
         default_root_dir=root,
         logger=CSVLogger(root, name=log_name, version=""),
-        callbacks=[ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, save_top_k=0)],
+        callbacks=[checkpoints],
+        enable_checkpointing=False,  # resume checkpoints: adamerge.resume; the output's last.ckpt: run_fit
         limit_val_batches=0,
         num_sanity_val_steps=0,
         log_every_n_steps=max(1, min(50, settings.steps // 10)),

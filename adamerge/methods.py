@@ -17,14 +17,18 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from adamerge.errors import AdamergeError
 
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+if TYPE_CHECKING:  # torch is imported when a factory is built, so that ``--help`` lists METHODS fast
+    import torch
+    from torch import nn
+
+    OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+    SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+else:
+    OptimizerFactory = SchedulerFactory = Any
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,8 @@ class MethodSpec:
 
     def optimizer_factory(self) -> OptimizerFactory:
         """``params -> Optimizer`` with this method's settings."""
+        import torch
+
         if self.optimizer == "adam":
             return functools.partial(torch.optim.Adam, lr=self.lr, betas=(0.9, 0.999))
         if self.optimizer == "adamw":
@@ -67,6 +73,8 @@ class MethodSpec:
 
     def scheduler_factory(self, steps: int) -> SchedulerFactory | None:
         """Per-step learning-rate schedule over ``steps`` steps (``None``: constant)."""
+        import torch
+
         if self.scheduler is None:
             return None
         if self.scheduler == "cosine":

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from adamerge.batchnorm import REESTIMATING_POLICIES
+from adamerge.choices import REESTIMATING_POLICIES
 from adamerge.errors import AdamergeError
 from adamerge.merge import PrecomputedGradient
 from adamerge.merged_model import MergedModel

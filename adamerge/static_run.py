@@ -29,8 +29,7 @@ from adamerge.evaluation import accuracy, with_average
 from adamerge.experts import load_experts
 from adamerge.experts.task_specific import keep_task_specific, with_task_specific
 from adamerge.export import (
-    atomic_output_dir,
-    check_output_dir,
+    check_finite_export,
     format_table,
     plain_config,
     write_json,
@@ -39,6 +38,8 @@ from adamerge.export import (
 )
 from adamerge.model_inputs import call_functional, input_batch_size
 from adamerge.objectives import as_task_batch
+from adamerge.output_dir import OutputFolder
+from adamerge.run_checks import check_common_settings, check_eval_classes, input_paths, storage_errors
 from adamerge.static import STATIC_METHODS, static_merge
 
 logger = logging.getLogger(__name__)
@@ -91,19 +92,32 @@ class MergeSettings:
 
 
 def run_merge(settings: MergeSettings) -> dict[str, Any]:
-    """Run ``adamerge merge``; returns the metrics written to ``metrics.json``."""
+    """Run ``adamerge merge``; returns the metrics written to ``metrics.json``.
+
+    Options and the output folder are checked (and the folder locked) before anything is loaded.
+    Under a re-estimating BatchNorm policy a model with BatchNorm layers needs ``--calib``, with or
+    without ``--eval``: statistics are never kept from the base silently.
+    """
     started = time.perf_counter()
-    check_output_dir(Path(settings.output), settings.overwrite)
+    check_common_settings(settings)
     if settings.method not in STATIC_METHODS:
         raise AdamergeError(f"--method {settings.method!r}: expected one of {', '.join(STATIC_METHODS)}")
+    with OutputFolder(settings.output, settings.overwrite, input_paths(settings)) as output:
+        return _merge(settings, output, started)
+
+
+def _merge(settings: MergeSettings, output: OutputFolder, started: float) -> dict[str, Any]:
     L.seed_everything(settings.seed, verbose=False)
     from adamerge.fit import source_options
 
     experts = keep_task_specific(load_experts(settings.base, settings.experts, source_options(settings)), settings.task_specific)
+    if settings.calib is None and settings.batchnorm in REESTIMATING_POLICIES and batchnorm_layers(experts.model):
+        raise AdamergeError(
+            f"--batchnorm {settings.batchnorm} re-estimates BatchNorm statistics on --calib data, and none was given: "
+            "pass --calib DIR, or --batchnorm base to keep the base model's statistics"
+        )
     data = None
     if settings.calib is not None or settings.eval is not None:
-        if settings.calib is None and settings.batchnorm in REESTIMATING_POLICIES and batchnorm_layers(experts.model):
-            raise AdamergeError(f"--batchnorm {settings.batchnorm} needs --calib data (or choose --batchnorm base)")
         data = build_datamodule(
             experts, settings.calib or settings.eval, eval_dir=settings.eval, batch_size=settings.batch_size,
             eval_batch_size=settings.eval_batch_size, image_size=settings.image_size, max_length=settings.max_length,
@@ -125,6 +139,8 @@ def run_merge(settings: MergeSettings) -> dict[str, Any]:
         return lambda inputs: call_functional(model, heads.get(task, {}), inputs)
 
     model.eval()
+    if settings.eval is not None and data is not None:
+        check_eval_classes(data, lambda task, inputs: forward(task)(inputs))
     if settings.batchnorm in REESTIMATING_POLICIES and settings.calib is not None and data is not None:
         loaders = data.statistics_loaders()
 
@@ -147,7 +163,8 @@ def run_merge(settings: MergeSettings) -> dict[str, Any]:
     if settings.eval is not None and data is not None:
         loaders = dict(zip(data.tasks, data.evaluation_loaders(), strict=True))
         metrics["accuracy"][settings.method] = with_average({t: accuracy(forward(t), loaders[t]) for t in experts.tasks})
-    with atomic_output_dir(Path(settings.output), settings.overwrite) as staging:
+    check_finite_export(model.state_dict(), heads)
+    with output.staging() as staging, storage_errors(output.output):
         metrics["files"] = (experts.export or write_merged_model)(staging, model.state_dict(), heads)
         metrics["timing_s"] = {"total": time.perf_counter() - started}
         write_json(staging / "metrics.json", metrics)

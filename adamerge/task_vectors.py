@@ -28,12 +28,67 @@ import torch
 from torch import nn
 
 from adamerge.checkpoints import check_finite_tensors
-from adamerge.errors import IncompatibleExpertError
+from adamerge.errors import AdamergeError, IncompatibleExpertError
 
 logger = logging.getLogger(__name__)
 
 StateDict = Mapping[str, torch.Tensor]
 StateSource = StateDict | Callable[[], StateDict]
+BATCH_COUNTER = "num_batches_tracked"  # BatchNorm's step counter (an int64 scalar buffer)
+
+
+def missing_batch_counters(reference: StateDict, state: StateDict) -> list[str]:
+    """BatchNorm step counters of ``reference`` that ``state`` lacks.
+
+    A counter is a ``P.num_batches_tracked`` integer scalar beside ``P.running_mean`` and
+    ``P.running_var`` (BatchNorm's buffers). PyTorch before 0.4.1 saved BatchNorm without it, and
+    ``nn.Module.load_state_dict(strict=True)`` still accepts such files (BatchNorm's versioned
+    loading fills the counter), so adamerge accepts them too (see :func:`with_batch_counters`).
+
+    Args:
+        reference: the architecture's (or base's) state dict.
+        state: the loaded one.
+    """
+    missing = []
+    for name, tensor in reference.items():
+        prefix, _, leaf = name.rpartition(".")
+        stem = f"{prefix}." if prefix else ""
+        if (
+            leaf == BATCH_COUNTER and name not in state and tensor.ndim == 0 and not tensor.is_floating_point()
+            and f"{stem}running_mean" in reference and f"{stem}running_var" in reference
+        ):  # fmt: skip
+            missing.append(name)
+    return missing
+
+
+def with_batch_counters(reference: StateDict, state: StateDict) -> dict[str, torch.Tensor]:
+    """``state`` with the BatchNorm step counters it lacks filled with 0 (as PyTorch's BatchNorm
+    loading fills them for a freshly built module), in ``reference``'s dtype; ``state`` itself is
+    not changed."""
+    missing = missing_batch_counters(reference, state)
+    if not missing:
+        return dict(state)
+    logger.info("%d BatchNorm num_batches_tracked buffer(s) missing (an older PyTorch's file): set to 0", len(missing))
+    return dict(state) | {name: torch.zeros((), dtype=reference[name].dtype) for name in missing}
+
+
+def check_dtype(task: str, name: str, tensor: torch.Tensor, base: torch.Tensor) -> None:
+    """Refuse an integer (or bool) expert tensor where the base's is floating point: its task vector
+    would be garbage. Lower float precision (float16 / bfloat16 experts of a float32 base) is fine.
+
+    Raises:
+        IncompatibleExpertError: naming the expert, the tensor and both dtypes.
+    """
+    if base.is_floating_point() and not (tensor.is_floating_point() or tensor.is_complex()):
+        raise IncompatibleExpertError(
+            f"expert {task!r}: tensor {name!r} is {_dtype_name(tensor)}, the base's is {_dtype_name(base)}: "
+            f"an integer tensor cannot hold fine-tuned weights (a quantised or mislabelled file?); save the "
+            f"expert's floating-point state dict"
+        )
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)
@@ -181,10 +236,19 @@ class TaskVectors(nn.Module):
     Args:
         tasks: the K task (expert) names, in stacking order.
         vectors: ``{tensor name: Tensor(K, *shape) or FactoredDelta}`` in model order.
+
+    Raises:
+        AdamergeError: ``vectors`` is empty (nothing would be merged: every source refuses it here).
+        IncompatibleExpertError: a vector stacks another number of experts than ``tasks``.
     """
 
     def __init__(self, tasks: Sequence[str], vectors: Mapping[str, TaskVector]) -> None:
         super().__init__()
+        if not vectors:
+            raise AdamergeError(
+                f"no merged tensor for experts {list(tasks)}: every tensor is task-specific (--head-pattern, "
+                f"--task-specific) or not merged (integer buffers), so nothing is left to merge"
+            )
         self.tasks = tuple(tasks)
         self.names = tuple(vectors)
         self.factored = nn.ModuleDict()
@@ -311,7 +375,9 @@ class TaskVectors(nn.Module):
             dtype: storage dtype of the stacked vectors.
 
         Raises:
-            IncompatibleExpertError: an expert lacks a merged tensor or has another shape.
+            IncompatibleExpertError: an expert lacks a merged tensor, has another shape, or an
+                integer tensor where the base's is floating point.
+            AdamergeError: ``names`` is empty.
         """
         tasks = list(experts)
         vectors = {n: torch.empty((len(tasks), *base[n].shape), dtype=dtype) for n in names}  # (K, *shape)
@@ -326,6 +392,7 @@ class TaskVectors(nn.Module):
                         f"expert {task!r}: tensor {name!r} has shape {tuple(state[name].shape)}, "
                         f"the base has {tuple(base[name].shape)}"
                     )
+                check_dtype(task, name, state[name], base[name])
                 vectors[name][k] = state[name].float() - base[name].float()
             del state
             logger.debug("task vector of %s computed", task)
@@ -333,12 +400,19 @@ class TaskVectors(nn.Module):
 
 
 def check_expert_keys(base: StateDict, expert: StateDict, task: str, head_names: Sequence[str]) -> None:
-    """Refuse an expert whose tensor names differ from the base, or whose non-head shapes differ.
+    """Refuse an expert whose tensor names differ from the base, whose non-head shapes differ, or
+    that holds an integer tensor where the base's is floating point.
 
     Head tensors (task-specific) may differ in shape (e.g. another number of classes), never in name.
-    Raises :class:`IncompatibleExpertError` naming the tensor(s) and both shapes.
+    Missing BatchNorm ``num_batches_tracked`` counters are allowed (files of an older PyTorch, which
+    PyTorch's own loading accepts; see :func:`missing_batch_counters`). Half-precision experts of a
+    float32 base are fine.
+
+    Raises:
+        IncompatibleExpertError: naming the tensor(s) and both shapes or dtypes.
     """
-    missing = [n for n in base if n not in expert]
+    counters = set(missing_batch_counters(base, expert))
+    missing = [n for n in base if n not in expert and n not in counters]
     extra = [n for n in expert if n not in base]
     if missing or extra:
         parts = []
@@ -349,9 +423,12 @@ def check_expert_keys(base: StateDict, expert: StateDict, task: str, head_names:
         raise IncompatibleExpertError(f"expert {task!r} does not match the base architecture: {'; '.join(parts)}")
     heads = set(head_names)
     for name, tensor in base.items():
+        if name in counters:
+            continue
         if name not in heads and expert[name].shape != tensor.shape:
             raise IncompatibleExpertError(
                 f"expert {task!r}: tensor {name!r} has shape {tuple(expert[name].shape)}, "
                 f"the base has {tuple(tensor.shape)}"
             )
+        check_dtype(task, name, expert[name], tensor)
     check_finite_tensors(expert, f"expert {task!r}")

@@ -33,7 +33,8 @@ def load_experts(base: str, experts: Mapping[str, str], options: SourceOptions |
     Args:
         base: ``hf:DIR``, ``open_clip:ARCH@FILE`` or ``ARCH@FILE``.
         experts: ``{task: reference}`` (a file, ``hf:DIR`` or ``peft:DIR``, by source).
-        options: head pattern, BatchNorm policy, task-vector dtype, ...
+        options: head pattern, BatchNorm policy, task-vector dtype, ``trust_pickles`` (honoured by
+            every source: plain files too), ...
     """
     options = options or SourceOptions()
     for prefix, target in SOURCES.items():
@@ -48,6 +49,7 @@ def load_experts(base: str, experts: Mapping[str, str], options: SourceOptions |
         batchnorm=options.batchnorm,
         dtype=options.dtype,
         arch_kwargs=options.base_kwargs,
+        trust_pickles=options.trust_pickles,
     )
 
 

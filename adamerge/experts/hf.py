@@ -40,6 +40,7 @@ from adamerge.checkpoints import check_finite_tensors
 from adamerge.errors import AdamergeError, CheckpointError, IncompatibleExpertError
 from adamerge.experts.base import ExpertSet, SourceOptions
 from adamerge.experts.file import merged_tensor_names, select_heads
+from adamerge.output_dir import inside
 from adamerge.task_vectors import TaskVectors
 
 logger = logging.getLogger(__name__)
@@ -547,8 +548,8 @@ def export_hf(
             if missing:
                 raise AdamergeError(f"export of task {task!r}: no merged value for tensor(s) {missing[:3]}")
             model.load_state_dict({k: tensors[k] for k in own}, strict=True)
-            model.eval().save_pretrained(directory / "tasks" / task)
-        tokenizer.save_pretrained(directory / "tasks" / task)
+            model.eval().save_pretrained(inside(directory, "tasks", task))
+        tokenizer.save_pretrained(inside(directory, "tasks", task))
         files[f"task/{task}"] = f"tasks/{task}"
     logger.info("exported transformers folders: %s", ", ".join(files.values()))
     return files

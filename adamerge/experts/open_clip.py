@@ -59,6 +59,7 @@ from adamerge.errors import AdamergeError, ArchitectureError, CheckpointError, D
 from adamerge.experts.base import ExpertSet, SourceOptions
 from adamerge.experts.file import check_state_fits, load_file_experts, parse_base_spec
 from adamerge.export import write_json
+from adamerge.output_dir import inside, umask_mode
 from adamerge.task_vectors import TaskVectors, check_expert_keys
 
 logger = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ def load_open_clip_experts(base: str, experts: Mapping[str, str], options: Sourc
         del state
         return load_file_experts(
             spec, path, experts, head_pattern=options.head_pattern, batchnorm=options.batchnorm,
-            dtype=options.dtype, arch_kwargs=options.base_kwargs,
+            dtype=options.dtype, arch_kwargs=options.base_kwargs, trust_pickles=options.trust_pickles,
         )  # fmt: skip
     if options.head_pattern:
         logger.warning("--head-pattern %r is ignored: open_clip experts use zero-shot heads", options.head_pattern)
@@ -590,7 +591,7 @@ def write_open_clip_model(
         statistics = {k: v.detach().cpu() for k, v in tensors.items() if k.startswith(TOWER)}
         if statistics:
             payload["state"] = statistics
-        _atomic_torch_save(payload, Path(directory) / "heads" / f"{task}.pt")
+        _atomic_torch_save(payload, inside(Path(directory), "heads", f"{task}.pt"))
         files[f"head/{task}"] = f"heads/{task}.pt"
     return files
 
@@ -611,6 +612,7 @@ def _atomic_torch_save(payload: Mapping[str, Any], path: Path) -> None:
         tmp = Path(handle.name)
     try:
         torch.save(dict(payload), tmp)
+        os.chmod(tmp, umask_mode(0o666))  # temporary files are created 0600
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,0 +1,19 @@
+"""Option vocabularies that the command line needs before anything heavy is imported.
+
+Each list is declared here once; the modules that implement the options import it from here
+(``adamerge.batchnorm``, ``adamerge.fit``), and ``adamerge --help`` shows it without importing
+torch.
+"""
+
+from __future__ import annotations
+
+#: BatchNorm running-statistics policies (see :mod:`adamerge.batchnorm`).
+BATCHNORM_POLICIES = ("reestimate", "per-task", "base", "merge")
+#: The policies that recompute statistics on calibration data.
+REESTIMATING_POLICIES = ("reestimate", "per-task")
+#: Storage dtypes of the task vectors (names of ``torch`` dtypes).
+TASK_VECTOR_DTYPES = ("float32", "bfloat16", "float16")
+#: Coefficient constraints ``g`` (see :mod:`adamerge.coefficients`).
+CONSTRAINTS = ("none", "clamp", "sigmoid")
+#: The forms ``--granularity`` accepts (see :func:`adamerge.granularity.parse_granularity`).
+GRANULARITY_FORMS = ("task", "layer", "tensor", "group:REGEX[;REGEX...]", "chunk:N", "partition:N")
