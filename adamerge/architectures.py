@@ -29,8 +29,8 @@ def build_architecture(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn
         kwargs: keyword arguments for the constructor.
 
     Raises:
-        ArchitectureError: the spec has no ``:``, the library does not know the name, or the factory
-            does not return an ``nn.Module``.
+        ArchitectureError: the spec has no ``:``, the library does not know the name, the
+            constructor refuses ``kwargs``, or the factory does not return an ``nn.Module``.
     """
     kwargs = dict(kwargs or {})
     prefix, sep, name = spec.partition(":")
@@ -38,14 +38,15 @@ def build_architecture(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn
         raise ArchitectureError(
             f"architecture {spec!r}: expected 'torchvision:NAME', 'open_clip:NAME', 'timm:NAME' or 'package.module:factory'"
         )
-    if prefix == "torchvision":
-        model = _torchvision(name, kwargs)
-    elif prefix == "open_clip":
-        model = _open_clip(name, kwargs)
-    elif prefix == "timm":
-        model = _timm(name, kwargs)
-    else:
-        model = _import_path(prefix, name, kwargs)
+    build = {"torchvision": _torchvision, "open_clip": _open_clip, "timm": _timm}.get(prefix)
+    try:
+        model = build(name, kwargs) if build is not None else _import_path(prefix, name, kwargs)
+    except TypeError as error:  # an unknown or ill-typed constructor keyword (--base-kwargs)
+        if not kwargs:
+            raise
+        raise ArchitectureError(
+            f"--base-kwargs {kwargs}: the constructor of {spec!r} does not accept them ({_first_line(error)})"
+        ) from None
     if not isinstance(model, nn.Module):
         raise ArchitectureError(f"architecture {spec!r} returned {type(model).__name__}, expected a torch.nn.Module")
     return model
@@ -96,3 +97,8 @@ def _import_path(module_name: str, attribute: str, kwargs: dict[str, Any]) -> nn
     if not callable(factory):
         raise ArchitectureError(f"architecture '{module_name}:{attribute}': {module_name} has no callable {attribute!r}")
     return factory(**kwargs)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

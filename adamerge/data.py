@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from adamerge.errors import DataError
-from adamerge.resumable_loader import ResumableLoader
+from adamerge.resumable_loader import ResumableLoader, share_epochs
 
 if TYPE_CHECKING:
     from adamerge.experts.base import ExpertSet
@@ -388,7 +388,9 @@ class MultiTaskDataModule(L.LightningDataModule):
         return {task: self._loader(view, self.eval_batch_size, shuffle=False) for task, view in self.calibration.items()}
 
     def train_dataloader(self) -> CombinedLoader:
-        return CombinedLoader(self.calibration_loaders(distributed=True), mode="max_size_cycle")
+        loaders = self.calibration_loaders(distributed=True)
+        share_epochs(loaders.values())  # an epoch's end restarts every task's pass (exact resume)
+        return CombinedLoader(loaders, mode="max_size_cycle")
 
     def evaluation_loaders(self) -> list[DataLoader]:
         if self.eval_dir is None:

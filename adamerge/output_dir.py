@@ -149,9 +149,7 @@ class OutputFolder:
             self.parent.mkdir(parents=True, exist_ok=True)
             handle = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, umask_mode(0o666))
         except OSError as error:
-            message = storage_error_message(error, self.parent)
-            if message is None:
-                raise
+            message = storage_error_message(error, self.parent) or f"cannot create {error.filename or self.parent}: {error.strerror}"
             raise AdamergeError(f"{self.option} {self.output}: {message}") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

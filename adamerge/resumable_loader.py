@@ -14,7 +14,7 @@ loader's generator, ``SequentialSampler``, ``DistributedSampler``), only able to
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -76,6 +76,7 @@ class ResumableLoader(DataLoader):
         self._pass_start: torch.Tensor | None = None  # generator state when the current pass began
         self._served = 0  # batches served in the current pass
         self._resume: tuple[torch.Tensor | None, int] | None = None
+        self.epoch_peers: list[ResumableLoader] = [self]  # the loaders stepped together (share_epochs)
 
     def __iter__(self) -> Iterator[Any]:
         skip = 0
@@ -84,6 +85,13 @@ class ResumableLoader(DataLoader):
             self._resume = None
             if state is not None:
                 self.generator.set_state(state)
+        if skip >= len(self):
+            # the pass had been served whole but not yet run dry: run it dry (the sampler's draws
+            # at its end included, no data read), then a new pass follows as it did
+            self.sampler.skip = skip * self.batch_size  # type: ignore[union-attr]
+            for _ in super().__iter__():
+                pass
+            skip = 0
         self._pass_start = self.generator.get_state()
         self._served = skip
         self.sampler.skip = skip * self.batch_size  # type: ignore[union-attr]
@@ -93,11 +101,28 @@ class ResumableLoader(DataLoader):
 
     def state_dict(self) -> dict[str, Any]:
         """Where the next batch comes from: ``generator`` (state to replay the pass from) and
-        ``skip`` (batches of that pass already served)."""
-        if self._pass_start is None or self._served >= len(self):  # no pass under way: start a new one
+        ``skip`` (batches of that pass already served). A pass served whole is replayed too:
+        samplers draw again when they are run dry (``RandomSampler`` draws a permutation it then
+        cuts to nothing), which happens only when the next batch is asked for."""
+        if self._pass_start is None or self._epoch_over():  # every loader begins a new pass
             return {"generator": self.generator.get_state(), "skip": 0}
-        return {"generator": self._pass_start, "skip": self._served}
+        return {"generator": self._pass_start, "skip": self._served}  # skip == len(self): served whole
+
+    def _epoch_over(self) -> bool:
+        """Whether the epoch of the loaders stepped together has ended: then every loader begins a
+        new pass, also those in the middle of one (``max_size_cycle``: an epoch is one pass of the
+        longest loader)."""
+        longest = max(len(p) for p in self.epoch_peers)
+        return any(len(p) == longest and p._pass_start is not None and p._served >= longest for p in self.epoch_peers)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a :meth:`state_dict` at the next pass."""
         self._resume = (state.get("generator"), int(state.get("skip", 0)))
+
+
+def share_epochs(loaders: Iterable[ResumableLoader]) -> None:
+    """Tell loaders that a ``CombinedLoader`` steps together (``max_size_cycle``) about each other,
+    so that a checkpoint at the end of an epoch restarts all of them (see :meth:`ResumableLoader._epoch_over`)."""
+    group = [loader for loader in loaders if isinstance(loader, ResumableLoader)]
+    for loader in group:
+        loader.epoch_peers = group

@@ -30,6 +30,7 @@ import yaml
 
 from adamerge.errors import AdamergeError
 from adamerge.export import write_yaml
+from adamerge.output_dir import umask_mode
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ def save_checkpoint(trainer: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     trainer.save_checkpoint(tmp)
     if trainer.is_global_zero:
+        os.chmod(tmp, umask_mode(0o666))
         os.replace(tmp, path)
 
 
