@@ -144,7 +144,7 @@ def test_per_task_statistics_need_calibration_data(tiny_setup, tmp_path, caplog)
     args = ["merge", "--method", "task-arithmetic", "--batchnorm", "per-task",
             "--base", f"tests.tiny:tiny_convnet@{tiny_setup.base}", "--experts", *tiny_setup.expert_args(),
             "--eval", str(tiny_setup.eval), "--head-pattern", HEAD, "--output", str(tmp_path / "o")]  # fmt: skip
-    assert "--batchnorm per-task needs --calib" in run_fails(args, caplog)
+    assert "--batchnorm per-task re-estimates BatchNorm statistics on --calib data, and none was given" in run_fails(args, caplog)
     assert not (tmp_path / "o").exists()
 
 
