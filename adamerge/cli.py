@@ -4,8 +4,8 @@
 The parser is built from torch-free modules only (:mod:`adamerge.choices`, the method
 registries' names), so ``adamerge fit --help`` answers at once. Boolean options take the bare
 flag (``--overwrite``), its negation (``--no-overwrite``) or a value (``--overwrite true``, as YAML
-writes it). SIGTERM and SIGHUP stop a run like Ctrl-C does: the temporary output is removed, the
-error line says what was kept, and the exit code is 128 + the signal number.
+writes it). SIGTERM, SIGHUP and SIGINT (Ctrl-C) stop a run alike: the temporary output is removed,
+the error line says what was kept, and the exit code is 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -150,13 +150,14 @@ def parse_experts(items: Sequence[str]) -> dict[str, str]:
 
 @contextmanager
 def _signals_as_exceptions() -> Iterator[None]:
-    """SIGTERM / SIGHUP raise :class:`Terminated` while the block runs (the default handlers
-    would end the process without cleaning up)."""
+    """SIGTERM / SIGHUP / SIGINT raise :class:`Terminated` while the block runs. The default
+    handlers would end the process without cleaning up (SIGTERM) or raise ``KeyboardInterrupt``,
+    which Lightning turns into ``sys.exit(1)`` without saying what was kept."""
 
     def handler(signum: int, frame: object) -> None:
         raise Terminated(signum)
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     try:
         yield
     finally:
@@ -182,36 +183,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     options = {k: v for k, v in args[args.command].as_dict().items() if k != "config"}
     output = Path(options["output"])
-    interrupted: list[str] = []
     try:
         with _signals_as_exceptions():
-            try:
-                options["experts"] = parse_experts(options["experts"])
-                if args.command == "fit":
-                    from adamerge.fit import FitSettings, run_fit
+            options["experts"] = parse_experts(options["experts"])
+            if args.command == "fit":
+                from adamerge.fit import FitSettings, run_fit
 
-                    options["align_modules"] = tuple(options["align_modules"])
-                    run_fit(FitSettings(**options))
-                else:
-                    from adamerge.static_run import MergeSettings, run_merge
+                options["align_modules"] = tuple(options["align_modules"])
+                run_fit(FitSettings(**options))
+            else:
+                from adamerge.static_run import MergeSettings, run_merge
 
-                    run_merge(MergeSettings(**options))
-            except KeyboardInterrupt:
-                interrupted.append("SIGINT")
-                raise
-            except SystemExit:  # Lightning exits(1) after its own handling of Ctrl-C
-                if not interrupted:
-                    raise
-                raise KeyboardInterrupt from None
+                run_merge(MergeSettings(**options))
     except AdamergeError as error:
         logger.error("%s", error)
         return 2
     except Terminated as stop:
         logger.error("%s", _stopped(output, f"stopped by {stop.signal_name}"))
         return 128 + stop.signum
-    except KeyboardInterrupt:
-        logger.error("%s", _stopped(output, "interrupted (SIGINT)"))
-        return 128 + signal.SIGINT
     except OSError as error:
         from adamerge.output_dir import storage_error_message
 

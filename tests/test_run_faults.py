@@ -154,6 +154,20 @@ def test_sigterm_exits_nonzero_leaves_no_output_and_resume_reaches_the_uninterru
 
 
 @pytest.mark.slow
+def test_sigint_stops_like_sigterm(tiny_setup, tmp_path):
+    output = tmp_path / "cut"
+    checkpoint = tmp_path / ".cut.resume" / "stage-1.ckpt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(_slow_fit(tiny_setup, output), env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(checkpoint, process)
+    process.send_signal(signal.SIGINT)
+    log, _ = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGINT, log
+    assert "stopped by SIGINT: nothing was written to" in log and "--resume continues from step" in log, log
+    assert not output.exists() and leftovers(tmp_path) == [".cut.resume"]
+
+
+@pytest.mark.slow
 def test_resume_after_sigkill_reaches_the_uninterrupted_result(uneven_setup, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     extra = ("--method", "expert-merging++", "--granularity", "layer", "--steps", "30")
