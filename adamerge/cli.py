@@ -132,10 +132,8 @@ def build_parser() -> ArgumentParser:
 
 
 def parse_experts(items: Sequence[str]) -> dict[str, str]:
-    """``["mnist=a.pth", ...]`` -> ``{"mnist": "a.pth"}``, refusing malformed, unsafe or repeated names
-    (see :mod:`adamerge.task_names`)."""
-    from adamerge.task_names import check_task_names
-
+    """``["mnist=a.pth", ...]`` -> ``{"mnist": "a.pth"}``, refusing malformed or repeated names (the
+    names' characters are checked by ``run_fit`` / ``run_merge``, :mod:`adamerge.task_names`)."""
     experts: dict[str, str] = {}
     for item in items:
         name, sep, path = item.partition("=")
@@ -144,7 +142,6 @@ def parse_experts(items: Sequence[str]) -> dict[str, str]:
         if name in experts:
             raise AdamergeError(f"--experts: expert name {name!r} is given twice")
         experts[name] = path
-    check_task_names(experts)
     return experts
 
 
@@ -201,14 +198,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated as stop:
         logger.error("%s", _stopped(output, f"stopped by {stop.signal_name}"))
         return 128 + stop.signum
-    except OSError as error:
-        from adamerge.output_dir import storage_error_message
-
-        message = storage_error_message(error, output)
-        if message is None:
-            raise
-        logger.error("%s", message)
-        return 2
     return 0
 
 

@@ -7,6 +7,8 @@ without a traceback.
 
 from __future__ import annotations
 
+import signal
+
 
 class AdamergeError(ValueError):
     """Base class of adamerge's user-facing errors."""
@@ -37,8 +39,6 @@ class Terminated(BaseException):
     so that every ``finally`` and cleanup runs (a ``BaseException``: not caught as an error)."""
 
     def __init__(self, signum: int) -> None:
-        import signal
-
         self.signum = signum
         self.signal_name = signal.Signals(signum).name
         super().__init__(f"stopped by {self.signal_name}")

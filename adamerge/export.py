@@ -74,7 +74,6 @@ def write_merged_model(
         model = torchvision.models.mobilenet_v2(num_classes=10)
         model.load_state_dict(torch.load("merged.pt") | torch.load("heads/mnist.pt"))
     """
-    check_finite_export(state, heads)
     files = {"merged": save_state_dict(state, directory / "merged.pt").name}
     for task, head in heads.items():
         save_state_dict({k: v.detach() for k, v in head.items()}, inside(directory, "heads", f"{task}.pt"))
@@ -107,7 +106,17 @@ def write_merged_model_of(directory: Path, merged: MergedModel, writer: MergedMo
     tasks = merged.tasks if (merged.heads.names or merged.kept.names or merged.statistics.names) else ()
     heads = {task: merged.task_tensors(task) for task in tasks}
     merged.train(was_training)
-    state = merged.merged_state_dict()
+    return export_merged(directory, merged.merged_state_dict(), heads, writer)
+
+
+def export_merged(
+    directory: Path,
+    state: Mapping[str, torch.Tensor],
+    heads: Mapping[str, Mapping[str, torch.Tensor]],
+    writer: MergedModelWriter | None = None,
+) -> dict[str, str]:
+    """Write merged weights with ``writer`` (an expert source's own format) or
+    :func:`write_merged_model`, after refusing non-finite values (:func:`check_finite_export`)."""
     check_finite_export(state, heads)
     return (writer or write_merged_model)(directory, state, heads)
 

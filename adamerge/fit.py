@@ -62,7 +62,7 @@ from adamerge.objectives import (
 from adamerge.output_dir import OutputFolder
 from adamerge.preprocess import ties
 from adamerge.resume import ResumeState, save_checkpoint
-from adamerge.run_checks import check_accelerator, check_eval_classes, check_fit_settings, input_paths, storage_errors
+from adamerge.run_checks import check_accelerator, check_eval_classes, check_fit_settings, input_paths
 from adamerge.task_vectors import TaskVectors
 
 logger = logging.getLogger(__name__)
@@ -180,17 +180,16 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
     check_fit_settings(settings)
     with OutputFolder(settings.output, settings.overwrite, input_paths(settings)) as output:
         check_accelerator(settings.accelerator, settings.devices, settings.strategy)
-        resume = ResumeState(output.output, plain_config(dataclasses.asdict(settings)), settings.resume, settings.checkpoint_every)
-        if output.writer:
-            resume.start()
+        resume = ResumeState(
+            output.output, plain_config(dataclasses.asdict(settings)), settings.resume, settings.checkpoint_every, output.writer
+        )
+        resume.start()
         try:
             metrics = _fit(settings, output, resume, started)
         except AdamergeError:
-            if output.writer:
-                resume.discard()  # bad input: nothing to resume
+            resume.discard()  # bad input: nothing to resume
             raise
-        if output.writer:
-            resume.discard()
+        resume.discard()
     return metrics
 
 
@@ -267,12 +266,11 @@ def _fit(settings: FitSettings, output: OutputFolder, resume: ResumeState, start
             module.reestimate_batchnorm()  # exported statistics belong to the learned λ
         save_checkpoint(trainer, staging / "checkpoints" / "last.ckpt")
         if trainer.is_global_zero:
-            with storage_errors(output.output):
-                write_coefficients(staging, merged)
-                metrics["files"] = write_merged_model_of(staging, merged, experts.export)
-                metrics["timing_s"]["total"] = time.perf_counter() - started
-                write_json(staging / "metrics.json", metrics)
-                write_yaml(staging / "config.yaml", plain_config(dataclasses.asdict(settings)))
+            write_coefficients(staging, merged)
+            metrics["files"] = write_merged_model_of(staging, merged, experts.export)
+            metrics["timing_s"]["total"] = time.perf_counter() - started
+            write_json(staging / "metrics.json", metrics)
+            write_yaml(staging / "config.yaml", plain_config(dataclasses.asdict(settings)))
     if metrics["accuracy"]:
         logger.info("per-task accuracy (%%):\n%s", format_table(metrics["accuracy"], list(experts.tasks)))
     return metrics

@@ -11,6 +11,7 @@ temporary name, renamed into place when complete.
 - **Atomic**: the files are written to ``PARENT/.NAME.XXXX`` and renamed to ``NAME`` at the end;
   an error or a signal removes the temporary folder, and the old output (with ``overwrite``) stays
   until the new one is complete.
+- **Storage errors** (a full disk, a read-only file system) while the run writes are one line.
 - **Permissions** follow the user's umask, as files written by any other tool do (temporary
   files and folders are created private, 0600 / 0700, and are opened up when written).
 - **Contained**: :func:`inside` refuses a relative path that would leave the folder.
@@ -83,6 +84,29 @@ def storage_error_message(error: OSError, where: Path) -> str | None:
         with contextlib.suppress(OSError):
             free = f" ({shutil.disk_usage(Path(where).parent if not Path(where).exists() else where).free:,} bytes free)"
     return f"cannot write {target}: {reason}{free}; nothing was written to the output"
+
+
+@contextlib.contextmanager
+def storage_errors(where: Path) -> Iterator[None]:
+    """Turn a full disk, a read-only file system or a permission error into one
+    :class:`AdamergeError` line. torch's own writer reports a full disk as a bare
+    ``RuntimeError`` (``iostream error``, ``file write failed``): the free space then tells."""
+    try:
+        yield
+    except OSError as error:
+        message = storage_error_message(error, where)
+        if message is None:
+            raise
+        raise AdamergeError(message) from None
+    except RuntimeError as error:
+        text = str(error).strip()
+        free = shutil.disk_usage(Path(where).parent).free
+        if free > 64 * 2**20 or not ("write" in text.lower() or "iostream" in text.lower()):
+            raise
+        raise AdamergeError(
+            f"cannot write {where}: the device holding it is full or failing ({free:,} bytes free; "
+            f"torch said: {text.splitlines()[0]}); nothing was written to the output"
+        ) from None
 
 
 class OutputFolder:
@@ -177,13 +201,16 @@ class OutputFolder:
         """A temporary folder beside the output; renamed to it when the block ends without error.
 
         On an exception (or a signal turned into one) the temporary folder is removed and the
-        output is left as it was. Ranks other than 0 get a temporary folder that is always removed.
+        output is left as it was; storage errors on the way (the export's files, the resume
+        checkpoints written meanwhile) become one line (:func:`storage_errors`). Ranks other than
+        0 get a temporary folder that is always removed.
         """
         self.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.", dir=self.parent))
         os.chmod(staging, umask_mode(0o777))
         try:
-            yield staging
+            with storage_errors(self.output):
+                yield staging
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -207,18 +234,3 @@ class OutputFolder:
         os.replace(staging, self.output)
         shutil.rmtree(retired, ignore_errors=True)
 
-
-def check_output_dir(output: Path, overwrite: bool) -> None:
-    """Refuse an existing output folder unless ``overwrite`` (and outputs that hold the current
-    folder); see :class:`OutputFolder`."""
-    OutputFolder(output, overwrite).check()
-
-
-@contextlib.contextmanager
-def atomic_output_dir(output: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``output``; on success it replaces ``output``.
-
-    On an exception the temporary folder is removed and ``output`` is left as it was.
-    """
-    with OutputFolder(output, overwrite) as folder, folder.staging() as staging:
-        yield staging

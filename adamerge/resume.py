@@ -68,16 +68,23 @@ class ResumeState:
         settings: the fit's settings as plain data (``dataclasses.asdict`` + YAML-safe values).
         resume: continue from the folder (it must exist and hold the same settings).
         checkpoint_every: steps between checkpoints (``0``: only at the end of each stage).
+        writer: this process writes and removes the folder (global rank 0); the other ranks only
+            take part in Lightning's collective checkpoint saving.
     """
 
-    def __init__(self, output: str | Path, settings: Mapping[str, Any], resume: bool, checkpoint_every: int) -> None:
+    def __init__(
+        self, output: str | Path, settings: Mapping[str, Any], resume: bool, checkpoint_every: int, writer: bool = True
+    ) -> None:
         self.folder = resume_dir(output)
         self.settings = {k: v for k, v in settings.items() if k not in RESUME_FREE_SETTINGS}
         self.resume = resume
         self.checkpoint_every = checkpoint_every
+        self.writer = writer
 
     def start(self) -> None:
         """Check the folder against the settings (``resume``) or start a new one."""
+        if not self.writer:
+            return
         if self.resume:
             saved_file = self.folder / SETTINGS_FILE
             if not saved_file.is_file():
@@ -129,12 +136,14 @@ class ResumeState:
 
     def save(self, trainer: Any, stage: int) -> None:
         """Write stage ``stage``'s checkpoint now (every rank calls it; rank 0 writes)."""
-        if trainer.is_global_zero:
+        if self.writer:
             self._prepare()
         save_checkpoint(trainer, self.checkpoint(stage))
 
     def discard(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Remove the folder (a completed fit, or inputs that a resume could not mend)."""
+        if self.writer:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def save_checkpoint(trainer: Any, path: Path) -> None:

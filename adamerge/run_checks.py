@@ -1,22 +1,25 @@
 """Checks a run makes before it loads anything heavy, so that a bad option costs one line and
-no minutes: option values, the accelerator, the evaluation folders' classes against the heads,
-and storage errors turned into one line.
+no minutes: option values, the accelerator, the evaluation folders' classes against the heads.
 
 Each check raises :class:`adamerge.errors.AdamergeError` naming the option and what was expected.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+import torch
+
 from adamerge.choices import BATCHNORM_POLICIES, CONSTRAINTS, TASK_VECTOR_DTYPES
 from adamerge.errors import AdamergeError, DataError
-from adamerge.output_dir import storage_error_message
+from adamerge.granularity import parse_granularity
+from adamerge.methods import METHODS
+from adamerge.model_inputs import as_logits
 from adamerge.task_names import check_task_names
 
 logger = logging.getLogger(__name__)
@@ -60,9 +63,6 @@ def check_common_settings(settings: Any) -> None:
 
 def check_fit_settings(settings: Any) -> None:
     """Every ``adamerge fit`` option whose value can be checked without loading anything."""
-    from adamerge.granularity import parse_granularity
-    from adamerge.methods import METHODS
-
     check_common_settings(settings)
     _choice(settings, "method", tuple(METHODS))
     _choice(settings, "task_vector_dtype", TASK_VECTOR_DTYPES)
@@ -107,8 +107,6 @@ def _reference_path(reference: str) -> Path:
 def check_accelerator(accelerator: str, devices: Any, strategy: str) -> None:
     """Refuse an accelerator / devices / strategy that Lightning cannot set up on this machine
     (e.g. ``--accelerator gpu`` without a GPU), before any model is loaded."""
-    import lightning as L
-
     quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     level = quiet.level
     quiet.setLevel(logging.WARNING)
@@ -136,10 +134,6 @@ def check_eval_classes(data: Any, forward: Callable[[str, Any], Any]) -> None:
     """
     if not hasattr(data, "class_counts"):
         return
-    import torch
-
-    from adamerge.model_inputs import as_logits
-
     counts = data.class_counts()
     for task, classes in counts.items():
         dataset = data.evaluation[task]
@@ -156,26 +150,3 @@ def check_eval_classes(data: Any, forward: Callable[[str, Any], Any]) -> None:
                 f"predicts {predicted} classes; expected one folder per class, in the head's order (sorted names)"
             )
 
-
-@contextlib.contextmanager
-def storage_errors(output: Path) -> Iterator[None]:
-    """Turn a full disk, a read-only file system or a permission error while writing into one
-    :class:`AdamergeError` line (torch's own writer reports a full disk as a bare
-    ``RuntimeError``; the free space then tells)."""
-    try:
-        yield
-    except OSError as error:
-        message = storage_error_message(error, output)
-        if message is None:
-            raise
-        raise AdamergeError(message) from None
-    except RuntimeError as error:
-        import shutil
-
-        free = shutil.disk_usage(Path(output).parent).free
-        if "write" not in str(error).lower() and "iostream" not in str(error).lower() or free > 64 * 2**20:
-            raise
-        raise AdamergeError(
-            f"cannot write {output}: the device holding it is full or failing ({free:,} bytes free; "
-            f"torch said: {str(error).strip().splitlines()[0]}); nothing was written to the output"
-        ) from None

@@ -29,17 +29,16 @@ from adamerge.evaluation import accuracy, with_average
 from adamerge.experts import load_experts
 from adamerge.experts.task_specific import keep_task_specific, with_task_specific
 from adamerge.export import (
-    check_finite_export,
+    export_merged,
     format_table,
     plain_config,
     write_json,
-    write_merged_model,
     write_yaml,
 )
 from adamerge.model_inputs import call_functional, input_batch_size
 from adamerge.objectives import as_task_batch
 from adamerge.output_dir import OutputFolder
-from adamerge.run_checks import check_common_settings, check_eval_classes, input_paths, storage_errors
+from adamerge.run_checks import check_common_settings, check_eval_classes, input_paths
 from adamerge.static import STATIC_METHODS, static_merge
 
 logger = logging.getLogger(__name__)
@@ -163,9 +162,8 @@ def _merge(settings: MergeSettings, output: OutputFolder, started: float) -> dic
     if settings.eval is not None and data is not None:
         loaders = dict(zip(data.tasks, data.evaluation_loaders(), strict=True))
         metrics["accuracy"][settings.method] = with_average({t: accuracy(forward(t), loaders[t]) for t in experts.tasks})
-    check_finite_export(model.state_dict(), heads)
-    with output.staging() as staging, storage_errors(output.output):
-        metrics["files"] = (experts.export or write_merged_model)(staging, model.state_dict(), heads)
+    with output.staging() as staging:
+        metrics["files"] = export_merged(staging, model.state_dict(), heads, experts.export)
         metrics["timing_s"] = {"total": time.perf_counter() - started}
         write_json(staging / "metrics.json", metrics)
         write_yaml(staging / "config.yaml", plain_config(dataclasses.asdict(settings)))
