@@ -54,7 +54,7 @@ LEARNED = {
 STAGE_ONE_ROWS = {"expert-merging (layer-wise)": "expert-merging++"}  # row: the row whose run reports it
 # steps of every learned row, vision and text: one full cycle of Expert Merging's cosine restarts
 # (T_0 = 50), ending at a learning rate near 0. Standalone text Expert Merging / ++ runs at 50 steps
-# (README): full 95.8 / 96.6 %, LoRA 96.9 / 97.2 % normalized, against 96.0 / 96.5 and 96.9 / 97.2
+# (RESULTS.md): full 95.8 / 96.6 %, LoRA 96.9 / 97.2 % normalized, against 96.0 / 96.5 and 96.9 / 97.2
 # at 70; the whole suite from scratch then took 54.5 and 55.6 minutes (at 70 steps: 67.2)
 STEPS = 50
 REFERENCE_FIT = "adamerging (layer-wise)"  # also evaluates the experts alone and its λ = 0.3 start
@@ -65,7 +65,7 @@ BATCHNORM_ROWS = {
     "task-arithmetic + expert BatchNorm": ("task-arithmetic", None, EXPERT_BATCHNORM),
     # 128 contiguous chunks of each merged tensor (groups of output channels of a convolution): at
     # most 6,656 λ per task over MobileNetV2's 52 merged convolutions. Standalone runs with expert
-    # BatchNorm (README): at 70 steps layer-wise 89.7, chunk:4 92.2, :16 92.1, :32 93.6, :64 95.1,
+    # BatchNorm (RESULTS.md): at 70 steps layer-wise 89.7, chunk:4 92.2, :16 92.1, :32 93.6, :64 95.1,
     # :128 95.0, :256 94.1 % normalized; over seeds 0-2, :64 93.6-94.3 and :128 94.6-95.0 at 70
     # steps, :128 94.9-95.1 at 100 (ROW_STEPS)
     "expert-merging + expert BatchNorm (chunk:128)": ("expert-merging", "chunk:128", ["--init", "0.3", *EXPERT_BATCHNORM]),
