@@ -23,7 +23,7 @@ from adamerge.cli import main
 from adamerge.errors import AdamergeError
 from adamerge.output_dir import inside
 from tests.conftest import HEAD, REPO, write_images
-from tests.test_cli import QUICK, fit_args, run_fails
+from tests.test_cli import fit_args, run_fails
 
 
 def merge_args(setup, output: Path, *extra: str, experts: list[str] | None = None) -> list[str]:
