@@ -4,23 +4,26 @@ Merged weights and the pretrained running statistics disagree (merging 4 real Mo
 experts by task arithmetic: 0.73 average accuracy with statistics re-estimated on the unlabeled
 calibration data, 0.29 with the pretrained ones). Policies:
 
-- ``reestimate`` (default): while the coefficients are trained, normalisation layers use the
+- ``auto`` (default): ``per-task`` when every task has its own head (the task is then known at
+  inference, so per-task statistics cost nothing but ``2 × channels`` numbers per layer and
+  task), else ``reestimate`` (:func:`resolve_policy`).
+- ``reestimate``: while the coefficients are trained, normalisation layers use the
   statistics of each batch; before evaluation and export the running statistics are reset and
   recomputed (cumulative average) with the current merged weights on the calibration data.
 - ``per-task``: as ``reestimate``, but each task gets its own running statistics, computed on its
   own calibration data; they become part of the task's head (task-specific tensors, exported with
   it). Training batches hold one task each, so the training-time batch statistics are per-task
   too. The classifier heads already make evaluation task-aware; the statistics cost
-  ``2 × channels`` numbers per layer and task. On the vision demo (5 MobileNetV2 experts, task
-  arithmetic at λ = 0.3) normalized accuracy is 85.7 % with per-task statistics against 63.8 %
-  with statistics pooled over all tasks.
+  ``2 × channels`` numbers per layer and task. Statistics pooled over tasks that differ as much
+  as digits and photographs fit none of them (``benchmarks/RESULTS.md``, *BatchNorm*).
 - ``base``: keep the pretrained running statistics (layers always in eval mode).
 - ``merge``: treat float buffers like weights: ``θ_0 + Σ_k λ_k τ_k`` over the experts' statistics.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -28,7 +31,32 @@ from torch import nn
 from adamerge.choices import BATCHNORM_POLICIES, REESTIMATING_POLICIES
 from adamerge.errors import DataError
 
+logger = logging.getLogger(__name__)
+
 STATISTIC_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def resolve_policy(policy: str, tasks: Sequence[str], heads: Mapping[str, Mapping[str, object]], model: nn.Module) -> str:
+    """The policy ``auto`` stands for, given the experts' heads (other policies are returned as
+    they are). Logged once when the model has BatchNorm layers.
+
+    Args:
+        policy: ``--batchnorm``.
+        tasks: the task names.
+        heads: ``{task: {name: tensor}}`` of task-specific head tensors.
+        model: the base model (whether it has BatchNorm layers at all).
+    """
+    if policy != "auto":
+        return policy
+    per_task_heads = bool(tasks) and all(heads.get(task) for task in tasks)
+    resolved = "per-task" if per_task_heads else "reestimate"
+    if batchnorm_layers(model):
+        logger.info(
+            "BatchNorm statistics: %s (--batchnorm auto: %s)", resolved,
+            "every task has its own head, so each task gets its own statistics" if per_task_heads
+            else "the tasks share the model's output, so the statistics are pooled over them",
+        )
+    return resolved
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

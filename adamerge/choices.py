@@ -7,8 +7,9 @@ torch.
 
 from __future__ import annotations
 
-#: BatchNorm running-statistics policies (see :mod:`adamerge.batchnorm`).
-BATCHNORM_POLICIES = ("reestimate", "per-task", "base", "merge")
+#: BatchNorm running-statistics policies (see :mod:`adamerge.batchnorm`); ``auto`` is resolved to
+#: ``per-task`` or ``reestimate`` once the experts are loaded.
+BATCHNORM_POLICIES = ("auto", "reestimate", "per-task", "base", "merge")
 #: The policies that recompute statistics on calibration data.
 REESTIMATING_POLICIES = ("reestimate", "per-task")
 #: Storage dtypes of the task vectors (names of ``torch`` dtypes).

@@ -58,8 +58,16 @@ def _common_arguments(parser: ArgumentParser) -> None:
         "--task-specific", type=str | None, default=None,
         help="merged tensors each task keeps from its own expert: batchnorm (every BatchNorm layer's weight and bias), norm, or a regex",
     )
-    parser.add_argument("--batchnorm", type=_choices(BATCHNORM_POLICIES), default="reestimate", help="BatchNorm statistics policy")
-    parser.add_argument("--image-size", type=int, default=224, help="square input side (image experts)")
+    parser.add_argument(
+        "--batchnorm", type=_choices(BATCHNORM_POLICIES), default="auto",
+        help="BatchNorm statistics policy (auto: per-task when every task has its own head, else reestimate)",
+    )
+    parser.add_argument(
+        "--image-size", type=int | None, default=None,
+        help="square input side of image experts (default: the model's metadata, else the calibration images' common size, else 224)",
+    )
+    parser.add_argument("--image-mean", type=float, default=None, nargs=3, help="normalisation mean per RGB channel (default: the model's, else ImageNet's)")
+    parser.add_argument("--image-std", type=float, default=None, nargs=3, help="normalisation std per RGB channel (default: the model's, else ImageNet's)")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per example (text experts)")
     parser.add_argument("--eval-batch-size", type=int, default=128, help="inputs per evaluation batch")
     parser.add_argument("--seed", type=int, default=0)
@@ -116,6 +124,10 @@ def _fit_parser() -> ArgumentParser:
     _flag(parser, "eval-init", True, "also evaluate the initial merge (λ = init)")
     _flag(parser, "group-by-length", False, "text: training batches of texts of similar length")
     _flag(parser, "progress-bar", True, "show Lightning's progress bar")
+    parser.add_argument(
+        "--holdout", type=float, default=0.1,
+        help="share of each task's calibration inputs held out to keep the λ that agrees best with the experts (start included; 0: off)",
+    )
     _flag(parser, "resume", False, "continue an interrupted fit of the same settings and --output from its last checkpoint")
     parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between the λ-only resume checkpoints (0: only at the end)")
     return parser

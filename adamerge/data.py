@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from adamerge.errors import DataError
+from adamerge.image_preprocessing import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocessing, resolve_image_preprocessing
 from adamerge.resumable_loader import ResumableLoader, share_epochs
 
 if TYPE_CHECKING:
@@ -34,8 +35,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def build_image_transform(
@@ -43,25 +42,13 @@ def build_image_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> transforms.Compose:
-    """The evaluation transform shared by experts, calibration and evaluation.
-
-    Args:
-        image_size: side of the square input; the image is resized (shorter side) and centre-cropped.
-        mean: per-channel normalisation mean.
-        std: per-channel normalisation standard deviation.
+    """The square evaluation transform: resize (shorter side) to ``image_size``, centre crop,
+    normalise (:class:`adamerge.image_preprocessing.ImagePreprocessing` with a given size).
 
     Returns:
         A transform from a PIL image (any mode; converted to RGB) to a float tensor (3, S, S).
     """
-    return transforms.Compose(
-        [
-            transforms.Lambda(lambda image: image.convert("RGB")),
-            transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BILINEAR),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
-    )
+    return ImagePreprocessing(size=(image_size, image_size), mean=tuple(mean), std=tuple(std)).transform()
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -307,6 +294,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         shots: int | None,
         limit_per_task: int | None,
         with_index: bool,
+        holdout: float = 0.0,
     ) -> None:
         super().__init__()
         self.calib_dir = Path(calib_dir)
@@ -320,6 +308,47 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.shots = shots
         self.limit_per_task = limit_per_task
         self.with_index = with_index
+        self.holdout = holdout
+        self.held_out: dict[str, CalibrationView] = {}
+
+    def calibration_split(
+        self, task: str, dataset: Dataset, seed: int, labels: Sequence[int] | None = None
+    ) -> CalibrationView:
+        """The training view of one task's calibration ``dataset``; its held-out inputs go to
+        :attr:`held_out`.
+
+        ``floor(holdout × N)`` seeded items are held out first (none when that is 0 or would leave
+        nothing to train on); the training items are then drawn from the rest: ``shots`` per class
+        when ``labels`` are given (few-shot), else ``limit_per_task`` of them (all without a limit).
+        Without a hold-out the draws are those of :meth:`subset_indices` and
+        :func:`few_shot_indices` over the whole dataset.
+
+        Args:
+            task: the task (key of :attr:`held_out`).
+            dataset: all calibration items of the task.
+            seed: the task's seed.
+            labels: the class of every item (few-shot data), or ``None``.
+        """
+        size = len(dataset)
+        held = int(self.holdout * size)
+        held_indices: list[int] = []
+        if 0 < held < size:
+            generator = torch.Generator().manual_seed(seed + 1)
+            held_indices = sorted(torch.randperm(size, generator=generator)[:held].tolist())
+            self.held_out[task] = CalibrationView(dataset, held_indices)
+        taken = set(held_indices)
+        rest = [i for i in range(size) if i not in taken]
+        if labels is not None:
+            chosen = few_shot_indices([labels[i] for i in rest], self.shots, seed)
+        else:
+            chosen = self.subset_indices(len(rest), seed)
+        return CalibrationView(dataset, [rest[i] for i in chosen], self.with_index)
+
+    def holdout_loaders(self) -> dict[str, DataLoader]:
+        """One unshuffled loader per task over its held-out calibration inputs (tasks with none
+        are left out), in batches of ``eval_batch_size``; every rank sees them all."""
+        self.setup("fit")
+        return {task: self._loader(view, self.eval_batch_size, shuffle=False) for task, view in self.held_out.items()}
 
     def subset_indices(self, size: int, seed: int) -> list[int]:
         """``limit_per_task`` seeded indices of ``range(size)`` (all of them without a limit)."""
@@ -429,6 +458,8 @@ class MultiTaskImageDataModule(MultiTaskDataModule):
             images per class (seeded), for few-shot objectives.
         limit_per_task: keep this many calibration images per task (seeded subset).
         with_index: training items carry their index in the task's calibration view.
+        holdout: share of each task's calibration images held out of training (for
+            :class:`adamerge.safeguard.KeepBestCoefficients`; see :meth:`calibration_split`).
         transform: the image preprocessing to use instead of the one built from ``image_size``,
             ``mean`` and ``std`` (e.g. open_clip's own).
     """
@@ -450,10 +481,11 @@ class MultiTaskImageDataModule(MultiTaskDataModule):
         limit_per_task: int | None = None,
         with_index: bool = False,
         transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        holdout: float = 0.0,
     ) -> None:
         super().__init__(
             calib_dir, tasks, eval_dir, batch_size, eval_batch_size, num_workers, seed, shuffle, shots,
-            limit_per_task, with_index,
+            limit_per_task, with_index, holdout,
         )
         self.transform = transform if transform is not None else build_image_transform(image_size, mean, std)
         if not self.calib_dir.is_dir():
@@ -477,9 +509,8 @@ class MultiTaskImageDataModule(MultiTaskDataModule):
         seed = self.seed + 1000 * (position + 1)
         if self.shots is not None:
             labelled = LabelledImageFolder(self.calib_dir / task, self.transform)
-            return CalibrationView(labelled, few_shot_indices(labelled, self.shots, seed), self.with_index)
-        dataset = UnlabeledImageFolder(self.calib_dir / task, self.transform)
-        return CalibrationView(dataset, self.subset_indices(len(dataset), seed), self.with_index)
+            return self.calibration_split(task, labelled, seed, [label for _, label in labelled.samples])
+        return self.calibration_split(task, UnlabeledImageFolder(self.calib_dir / task, self.transform), seed)
 
     def class_counts(self) -> Mapping[str, int]:
         """Number of classes per task in the evaluation data (empty without ``eval_dir``)."""
@@ -491,21 +522,28 @@ def build_datamodule(
     experts: ExpertSet,
     calib_dir: str | Path,
     *,
-    image_size: int = 224,
+    image_size: int | None = None,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
     max_length: int = 128,
     **options: Any,
 ) -> L.LightningDataModule:
     """The multi-task DataModule for ``experts``' modality.
 
     Images: :class:`MultiTaskImageDataModule` with the source's own preprocessing if it has one
-    (open_clip), else ImageNet statistics at ``image_size``. Text:
+    (open_clip), else the size and normalisation that
+    :func:`adamerge.image_preprocessing.resolve_image_preprocessing` finds (the options, the
+    model's metadata, the calibration images' common size, 224 px with a warning). Text:
     :class:`adamerge.text_data.MultiTaskTextDataModule` with the base's tokenizer, ``max_length``
     tokens per example.
 
     Args:
-        experts: the loaded expert set (its ``modality``, ``image_transform`` and ``tokenizer``).
+        experts: the loaded expert set (its ``modality``, ``image_transform``,
+            ``image_preprocessing`` and ``tokenizer``).
         calib_dir: one folder of unlabeled data per task.
-        image_size: square input side (image experts without their own preprocessing).
+        image_size: ``--image-size`` (``None``: found as above).
+        image_mean: ``--image-mean`` (``None``: the model's, else ImageNet's).
+        image_std: ``--image-std`` (``None``: the model's, else ImageNet's).
         max_length: tokens per example (text experts).
         **options: the DataModules' shared arguments (``eval_dir``, ``batch_size``, ``seed``, ...).
     """
@@ -519,6 +557,18 @@ def build_datamodule(
         raise DataError(f"expert source produced modality {experts.modality!r}: expected 'image' or 'text'")
     if options.pop("group_by_length", False):
         raise DataError("--group-by-length groups texts by token count: these experts take images")
-    return MultiTaskImageDataModule(
-        calib_dir, experts.tasks, image_size=image_size, transform=experts.image_transform, **options
-    )
+    transform = experts.image_transform
+    if transform is not None:
+        if image_size is not None or image_mean is not None or image_std is not None:
+            logger.warning("--image-size / --image-mean / --image-std are ignored: the expert source brings its own preprocessing")
+        logger.info("image preprocessing: the expert source's own (%s)", getattr(experts.image_preprocessing, "origin", "its transform"))
+    else:
+        paths = [p for folder in _image_folders(calib_dir, options.get("eval_dir"), experts.tasks) for p in list_images(folder)]
+        transform = resolve_image_preprocessing(experts.image_preprocessing, paths, image_size, image_mean, image_std).transform()
+    return MultiTaskImageDataModule(calib_dir, experts.tasks, transform=transform, **options)
+
+
+def _image_folders(calib_dir: str | Path, eval_dir: str | Path | None, tasks: Sequence[str]) -> list[Path]:
+    """Each task's calibration and evaluation folders that exist (the images' sizes are read)."""
+    roots = [Path(calib_dir)] + ([Path(eval_dir)] if eval_dir is not None else [])
+    return [root / task for root in roots for task in tasks if (root / task).is_dir()]

@@ -29,6 +29,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
+from adamerge.batchnorm import resolve_policy
 from adamerge.choices import REESTIMATING_POLICIES, TASK_VECTOR_DTYPES
 from adamerge.data import build_datamodule
 from adamerge.errors import AdamergeError
@@ -63,6 +64,7 @@ from adamerge.output_dir import OutputFolder
 from adamerge.preprocess import ties
 from adamerge.resume import ResumeState, save_checkpoint
 from adamerge.run_checks import check_accelerator, check_eval_classes, check_fit_settings, input_paths
+from adamerge.safeguard import KeepBestCoefficients, held_out_batches
 from adamerge.task_vectors import TaskVectors
 
 logger = logging.getLogger(__name__)
@@ -87,13 +89,17 @@ class FitSettings:
         granularity: ``task``, ``layer`` or ``group:REGEX``.
         init: initial λ (method default when ``None``).
         constraint: ``clamp``, ``sigmoid`` or ``none`` (method default when ``None``).
-        batchnorm: BatchNorm statistics policy (``reestimate``, ``per-task``, ``base``, ``merge``).
+        batchnorm: BatchNorm statistics policy (``auto``: ``per-task`` when every task has its
+            own head, else ``reestimate``; ``reestimate``, ``per-task``, ``base``, ``merge``).
         task_vector_dtype: storage dtype of the task vectors.
         steps: optimisation steps (each sees one batch of every task).
         lr: learning rate (method default when ``None``).
         batch_size: calibration inputs per task per step.
         eval_batch_size: inputs per evaluation batch.
-        image_size: square input side (image experts).
+        image_size: square input side of image experts (``None``: the model's metadata, else the
+            calibration images' common size, else 224; see :mod:`adamerge.image_preprocessing`).
+        image_mean: per-channel normalisation mean (``None``: the model's, else ImageNet's).
+        image_std: per-channel normalisation standard deviation (as ``image_mean``).
         max_length: tokens per example (text experts; longer texts are truncated).
         num_workers: data-loader workers.
         seed: global seed (data order, initialisation).
@@ -120,6 +126,9 @@ class FitSettings:
         task_weights: Expert Merging task weights β (default 1).
         chunk_budget: Expert Merging++ chunk budget B (default: twice the number of tensors).
         chunk_kappa: Expert Merging++ importance sharpness κ.
+        holdout: share of each task's calibration inputs held out of training for the safeguard
+            (:mod:`adamerge.safeguard`: the λ with the best held-out agreement with the experts,
+            the start included, is kept); ``0`` turns it off.
         resume: continue an interrupted fit of the same settings from its last checkpoint
             (:mod:`adamerge.resume`).
         checkpoint_every: steps between the λ-only resume checkpoints (``0``: only at the end
@@ -137,13 +146,15 @@ class FitSettings:
     granularity: str = "layer"
     init: float | None = None
     constraint: str | None = None
-    batchnorm: str = "reestimate"
+    batchnorm: str = "auto"
     task_vector_dtype: str = "float32"
     steps: int = 500
     lr: float | None = None
     batch_size: int = 16
     eval_batch_size: int = 128
-    image_size: int = 224
+    image_size: int | None = None
+    image_mean: tuple[float, ...] | None = None
+    image_std: tuple[float, ...] | None = None
     max_length: int = 128
     num_workers: int = 0
     seed: int = 0
@@ -166,6 +177,7 @@ class FitSettings:
     task_weights: dict[str, float] = field(default_factory=dict)
     chunk_budget: int | None = None
     chunk_kappa: float = 1.0
+    holdout: float = 0.1
     resume: bool = False
     checkpoint_every: int = 50
 
@@ -202,6 +214,7 @@ def _fit(settings: FitSettings, output: OutputFolder, resume: ResumeState, start
     experts = load_experts(settings.base, settings.experts, source_options(settings, DTYPES[settings.task_vector_dtype]))
     experts = keep_task_specific(experts, settings.task_specific)
     task_vectors = preprocess_task_vectors(experts.task_vectors, method.preprocess)
+    batchnorm = resolve_policy(settings.batchnorm, experts.tasks, experts.heads, experts.model)
     data = build_datamodule(
         experts,
         settings.calib,
@@ -209,12 +222,15 @@ def _fit(settings: FitSettings, output: OutputFolder, resume: ResumeState, start
         batch_size=settings.batch_size,
         eval_batch_size=settings.eval_batch_size,
         image_size=settings.image_size,
+        image_mean=settings.image_mean,
+        image_std=settings.image_std,
         max_length=settings.max_length,
         num_workers=settings.num_workers,
         seed=settings.seed,
         shots=settings.shots,
         limit_per_task=settings.calib_limit,
         with_index=method.objective == "expert-alignment",
+        holdout=settings.holdout,
         **({"group_by_length": True} if settings.group_by_length else {}),
     )
     data.setup("fit")  # fail on bad calibration / evaluation folders before any training
@@ -225,23 +241,25 @@ def _fit(settings: FitSettings, output: OutputFolder, resume: ResumeState, start
         constraint=method.constraint,
         init=method.init,
         heads=experts.heads,
-        batchnorm=settings.batchnorm,
+        batchnorm=batchnorm,
         task_specific=experts.task_specific,
     )
     if settings.eval is not None:
         check_eval_classes(data, lambda task, inputs: merged(inputs, task))
     targets = ExpertTargets(experts, data, merged) if method.objective == "expert-alignment" else None
     module = _module(method, merged, settings, experts.sources, targets)
+    safeguard = _safeguard(experts, data, settings)
     load_s = time.perf_counter() - started
 
     metrics: dict[str, Any] = {
         "tasks": list(experts.tasks),
         "method": dataclasses.asdict(method),
+        "batchnorm": batchnorm,
         "accuracy": {},
         "timing_s": {"load": load_s},
     }
     with output.staging() as staging:
-        trainer = _trainer(settings, staging, "logs", resume.callback(1))
+        trainer = _trainer(settings, staging, "logs", resume.callback(1), safeguard)
         if settings.eval is not None:
             if settings.eval_experts:
                 alone = evaluate_experts(experts, data, settings)
@@ -252,11 +270,18 @@ def _fit(settings: FitSettings, output: OutputFolder, resume: ResumeState, start
         fit_started = time.perf_counter()
         trainer.fit(module, datamodule=data, ckpt_path=resume.resume_from(1))
         resume.finish_stage(trainer, 1)
+        if safeguard is not None:
+            metrics["safeguard"] = {"stage 1": safeguard.summary()}
         if method.refine_chunks:
             if settings.eval is not None:
                 _test_stage_one(trainer, module, data, settings, metrics, time.perf_counter() - fit_started)
-            module, trainer = _refine_in_chunks(module, method, settings, experts.sources, targets, data, staging, resume)
+            second = _safeguard(experts, data, settings, "stage 2", safeguard)
+            module, trainer = _refine_in_chunks(
+                module, method, settings, experts.sources, targets, data, staging, resume, second
+            )
             merged = module.merged
+            if second is not None:
+                metrics["safeguard"]["stage 2"] = second.summary()
         metrics["timing_s"]["fit"] = time.perf_counter() - fit_started
         metrics["steps"] = trainer.global_step
         if settings.eval is not None:
@@ -421,6 +446,7 @@ def _refine_in_chunks(
     data: L.LightningDataModule,
     staging: Path,
     resume: ResumeState,
+    safeguard: KeepBestCoefficients | None,
 ) -> tuple[MergingModule, L.Trainer]:
     """Expert Merging++ stage two: importance-guided chunks, initialised at the stage-one λ."""
     first = module.merged
@@ -455,13 +481,43 @@ def _refine_in_chunks(
         sum(m > 0 for m in chunks.values()), len(chunks), sum(chunks.values()), budget, settings.chunk_kappa,
     )
     refined = _module(method, second, settings, sources, targets)
-    trainer = _trainer(settings, staging, "logs_stage2", resume.callback(2))
+    trainer = _trainer(settings, staging, "logs_stage2", resume.callback(2), safeguard)
     trainer.fit(refined, datamodule=data, ckpt_path=resume.resume_from(2))
     resume.finish_stage(trainer, 2)
     return refined, trainer
 
 
-def _trainer(settings: FitSettings, root: Path, log_name: str, checkpoints: L.Callback) -> L.Trainer:
+def _safeguard(
+    experts: ExpertSet,
+    data: L.LightningDataModule,
+    settings: FitSettings,
+    stage: str = "",
+    earlier: KeepBestCoefficients | None = None,
+) -> KeepBestCoefficients | None:
+    """The held-out safeguard of one training stage, or ``None`` (logged) where it cannot run."""
+    if settings.holdout == 0:
+        return None
+    loaders = data.holdout_loaders() if hasattr(data, "holdout_loaders") else {}
+    missing = [task for task in experts.tasks if task not in loaders]
+    if missing or experts.expert_model is None:
+        logger.warning(
+            "safeguard off: %s",
+            f"--holdout {settings.holdout:g} leaves no held-out calibration input for {', '.join(missing)} "
+            "(too few inputs)" if missing else "this expert source cannot rebuild the experts alone",
+        )
+        return None
+    return KeepBestCoefficients(
+        earlier.held_out if earlier is not None else held_out_batches(loaders),
+        experts.expert_model,
+        every=max(1, settings.steps // 10),
+        stage=stage,
+        targets=earlier.targets if earlier is not None else None,
+    )
+
+
+def _trainer(
+    settings: FitSettings, root: Path, log_name: str, checkpoints: L.Callback, safeguard: L.Callback | None = None
+) -> L.Trainer:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen base: intended
@@ -472,7 +528,7 @@ def _trainer(settings: FitSettings, root: Path, log_name: str, checkpoints: L.Ca
         strategy=settings.strategy,
         default_root_dir=root,
         logger=CSVLogger(root, name=log_name, version=""),
-        callbacks=[checkpoints],
+        callbacks=[c for c in (safeguard, checkpoints) if c is not None],  # the safeguard's state, then saved
         enable_checkpointing=False,  # resume checkpoints: adamerge.resume; the output's last.ckpt: run_fit
         limit_val_batches=0,
         num_sanity_val_steps=0,

@@ -49,13 +49,33 @@ def _choice(settings: Any, name: str, choices: tuple[str, ...]) -> None:
         raise AdamergeError(f"--{name.replace('_', '-')} {value!r}: expected one of {', '.join(choices)}")
 
 
+def _channel_values(settings: Any, name: str) -> None:
+    """``--image-mean`` / ``--image-std``: three finite numbers (standard deviations > 0), or unset."""
+    values = getattr(settings, name, None)
+    if values is None:
+        return
+    option = "--" + name.replace("_", "-")
+    numbers = list(values) if isinstance(values, (list, tuple)) else None
+    if (
+        numbers is None
+        or len(numbers) != 3
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers)
+        or (name == "image_std" and min(numbers) <= 0)
+    ):
+        expected = "three numbers > 0" if name == "image_std" else "three finite numbers"
+        raise AdamergeError(f"{option} {values!r}: expected {expected}, one per RGB channel (e.g. {option} 0.5 0.5 0.5)")
+
+
 def check_common_settings(settings: Any) -> None:
     """The options ``fit`` and ``merge`` share."""
     if not settings.experts:
         raise AdamergeError("--experts: no expert given; expected NAME=REF [NAME=REF ...]")
     check_task_names(settings.experts)
-    for name in ("batch_size", "eval_batch_size", "image_size", "max_length"):
+    for name in ("batch_size", "eval_batch_size", "max_length"):
         _at_least(settings, name, 1)
+    _at_least(settings, "image_size", 1, optional=True)
+    for name in ("image_mean", "image_std"):
+        _channel_values(settings, name)
     _choice(settings, "batchnorm", BATCHNORM_POLICIES)
     if not isinstance(settings.base_kwargs, dict):
         raise AdamergeError(f"--base-kwargs {settings.base_kwargs!r}: expected a mapping, e.g. {{num_classes: 10}}")
@@ -77,6 +97,9 @@ def check_fit_settings(settings: Any) -> None:
         _finite(settings, name)
     for name in ("lr", "temperature"):
         _finite(settings, name, positive=True)
+    holdout = settings.holdout
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
+        raise AdamergeError(f"--holdout {holdout!r}: expected a share of the calibration inputs, 0 <= holdout < 1 (0: no safeguard)")
     threshold = settings.pseudo_label_threshold
     if not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
         raise AdamergeError(f"--pseudo-label-threshold {threshold!r}: expected a probability in [0, 1]")

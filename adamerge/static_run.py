@@ -22,6 +22,7 @@ from adamerge.batchnorm import (
     batchnorm_layers,
     per_task_running_stats,
     reestimate_running_stats,
+    resolve_policy,
 )
 from adamerge.data import build_datamodule
 from adamerge.errors import AdamergeError
@@ -59,10 +60,14 @@ class MergeSettings:
         head_pattern: regex of task-specific tensors (never merged).
         task_specific: merged tensors each task keeps from its own expert (``batchnorm``,
             ``norm`` or a regex; see :mod:`adamerge.experts.task_specific`).
-        batchnorm: ``reestimate`` or ``per-task`` (both need ``calib``), ``base`` or ``merge``.
+        batchnorm: ``auto`` (``per-task`` when every task has its own head, else
+            ``reestimate``), ``reestimate`` or ``per-task`` (all three need ``calib`` for a model
+            with BatchNorm layers), ``base`` or ``merge``.
         batch_size: inputs per batch for BatchNorm re-estimation.
         eval_batch_size: inputs per evaluation batch.
-        image_size: square input side (image experts).
+        image_size: square input side of image experts (``None``: found as ``fit`` finds it).
+        image_mean: per-channel normalisation mean (``None``: the model's, else ImageNet's).
+        image_std: per-channel normalisation standard deviation (as ``image_mean``).
         max_length: tokens per example (text experts).
         seed: seed of random strategies (DARE).
         overwrite: replace an existing output folder.
@@ -79,10 +84,12 @@ class MergeSettings:
     eval: Path | None = None
     head_pattern: str | None = None
     task_specific: str | None = None
-    batchnorm: str = "reestimate"
+    batchnorm: str = "auto"
     batch_size: int = 64
     eval_batch_size: int = 128
-    image_size: int = 224
+    image_size: int | None = None
+    image_mean: tuple[float, ...] | None = None
+    image_std: tuple[float, ...] | None = None
     max_length: int = 128
     seed: int = 0
     overwrite: bool = False
@@ -110,16 +117,18 @@ def _merge(settings: MergeSettings, output: OutputFolder, started: float) -> dic
     from adamerge.fit import source_options
 
     experts = keep_task_specific(load_experts(settings.base, settings.experts, source_options(settings)), settings.task_specific)
-    if settings.calib is None and settings.batchnorm in REESTIMATING_POLICIES and batchnorm_layers(experts.model):
+    batchnorm = resolve_policy(settings.batchnorm, experts.tasks, experts.heads, experts.model)
+    if settings.calib is None and batchnorm in REESTIMATING_POLICIES and batchnorm_layers(experts.model):
         raise AdamergeError(
-            f"--batchnorm {settings.batchnorm} re-estimates BatchNorm statistics on --calib data, and none was given: "
+            f"--batchnorm {settings.batchnorm}{' (here ' + batchnorm + ')' if batchnorm != settings.batchnorm else ''} re-estimates BatchNorm statistics on --calib data, and none was given: "
             "pass --calib DIR, or --batchnorm base to keep the base model's statistics"
         )
     data = None
     if settings.calib is not None or settings.eval is not None:
         data = build_datamodule(
             experts, settings.calib or settings.eval, eval_dir=settings.eval, batch_size=settings.batch_size,
-            eval_batch_size=settings.eval_batch_size, image_size=settings.image_size, max_length=settings.max_length,
+            eval_batch_size=settings.eval_batch_size, image_size=settings.image_size, image_mean=settings.image_mean, image_std=settings.image_std,
+            max_length=settings.max_length,
             seed=settings.seed, shuffle=False,
         )
         data.setup("fit")
@@ -140,7 +149,7 @@ def _merge(settings: MergeSettings, output: OutputFolder, started: float) -> dic
     model.eval()
     if settings.eval is not None and data is not None:
         check_eval_classes(data, lambda task, inputs: forward(task)(inputs))
-    if settings.batchnorm in REESTIMATING_POLICIES and settings.calib is not None and data is not None:
+    if batchnorm in REESTIMATING_POLICIES and settings.calib is not None and data is not None:
         loaders = data.statistics_loaders()
 
         def run_batches(tasks: list[str]) -> int:
@@ -153,12 +162,14 @@ def _merge(settings: MergeSettings, output: OutputFolder, started: float) -> dic
                         seen += input_batch_size(inputs)
             return seen
 
-        if settings.batchnorm == "per-task":  # each task's statistics join its head
+        if batchnorm == "per-task":  # each task's statistics join its head
             statistics = per_task_running_stats(model, list(experts.tasks), lambda task: run_batches([task]))
             heads = {task: {**heads.get(task, {}), **statistics[task]} for task in experts.tasks}
         else:
             reestimate_running_stats(model, lambda: run_batches(list(loaders)))
-    metrics: dict[str, Any] = {"tasks": list(experts.tasks), "method": settings.method, "options": options, "accuracy": {}}
+    metrics: dict[str, Any] = {
+        "tasks": list(experts.tasks), "method": settings.method, "options": options, "batchnorm": batchnorm, "accuracy": {}
+    }
     if settings.eval is not None and data is not None:
         loaders = dict(zip(data.tasks, data.evaluation_loaders(), strict=True))
         metrics["accuracy"][settings.method] = with_average({t: accuracy(forward(t), loaders[t]) for t in experts.tasks})

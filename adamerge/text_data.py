@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from adamerge.data import CalibrationView, MultiTaskDataModule, few_shot_indices
+from adamerge.data import CalibrationView, MultiTaskDataModule
 from adamerge.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -315,6 +315,9 @@ class MultiTaskTextDataModule(MultiTaskDataModule):
         group_by_length: shuffled training batches of texts of similar length
             (:class:`LengthGroupedBatches`) instead of uniformly shuffled ones: far fewer pad
             tokens per step. Single-process training only.
+        holdout: share of each task's calibration texts held out of training (for
+            :class:`adamerge.safeguard.KeepBestCoefficients`; see
+            :meth:`~adamerge.data.MultiTaskDataModule.calibration_split`).
     """
 
     def __init__(
@@ -334,10 +337,11 @@ class MultiTaskTextDataModule(MultiTaskDataModule):
         with_index: bool = False,
         num_classes: Mapping[str, int] | None = None,
         group_by_length: bool = False,
+        holdout: float = 0.0,
     ) -> None:
         super().__init__(
             calib_dir, tasks, eval_dir, batch_size, eval_batch_size, num_workers, seed, shuffle, shots,
-            limit_per_task, with_index,
+            limit_per_task, with_index, holdout,
         )
         if tokenizer is None:
             raise DataError("text data needs a tokenizer (the expert source provides the base's)")
@@ -378,11 +382,11 @@ class MultiTaskTextDataModule(MultiTaskDataModule):
         seed = self.seed + 1000 * (position + 1)
         if self.shots is not None:
             labelled = self._tokenized(read_labelled(self.calib_dir, task, self.num_classes.get(task)), task)
-            return CalibrationView(labelled, few_shot_indices(labelled.labels, self.shots, seed), self.with_index)
-        dataset = self._tokenized(read_unlabeled(self.calib_dir, task), task)
-        indices = self.subset_indices(len(dataset), seed)
-        logger.info("calibration %s: %d texts", task, len(indices))
-        return CalibrationView(dataset, indices, self.with_index)
+            return self.calibration_split(task, labelled, seed, list(labelled.labels))
+        view = self.calibration_split(task, self._tokenized(read_unlabeled(self.calib_dir, task), task), seed)
+        held = len(self.held_out[task]) if task in self.held_out else 0
+        logger.info("calibration %s: %d texts%s", task, len(view), f" (+{held} held out)" if held else "")
+        return view
 
     def calibration_loaders(self, shuffle: bool | None = None, distributed: bool = False) -> dict[str, DataLoader]:
         """One loader of calibration batches per task; length-grouped when shuffled training

@@ -252,6 +252,18 @@ def test_tower_only_base_falls_back_to_the_file_source(clip_setup):
     assert "conv1.weight" in experts.task_vectors.names
 
 
+def test_image_preprocessing_comes_from_open_clip_config(clip_setup):
+    """Size, mean, std and interpolation of the architecture's preprocess_cfg, for both sources."""
+    files = {"a": str(clip_setup.files["a"]), "b": str(clip_setup.files["b"])}
+    zero_shot = load_experts(clip_setup.spec(), files, _options(clip_setup)).image_preprocessing
+    tower = load_experts(
+        f"open_clip:{ARCH}@{clip_setup.files['base_tower']}", {"b": str(clip_setup.files["b"])}, SourceOptions()
+    ).image_preprocessing
+    for found in (zero_shot, tower):
+        assert found.size == (32, 32) and found.interpolation == "bicubic"
+        assert found.mean == pytest.approx(open_clip.OPENAI_DATASET_MEAN) and found.std == pytest.approx(open_clip.OPENAI_DATASET_STD)
+
+
 def test_expert_of_another_architecture_is_refused(clip_setup):
     with pytest.raises(IncompatibleExpertError, match=r"'class_embedding' has shape \(96,\), the base has \(64,\)"):
         load_open_clip_experts(clip_setup.spec(), {"a": str(clip_setup.files["other"])}, _options(clip_setup))

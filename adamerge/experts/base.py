@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adamerge.image_preprocessing import ImagePreprocessing
 from adamerge.task_vectors import TaskVectors
 
 MODALITIES = ("image", "text")
@@ -60,6 +61,9 @@ class ExpertSet:
             (:func:`adamerge.export.write_merged_model`: ``merged.pt`` + ``heads/<task>.pt``).
         image_transform: the preprocessing the experts expect (``None``: ImageNet statistics at the
             requested size).
+        image_preprocessing: the image size and normalisation the model's own metadata records
+            (:func:`adamerge.image_preprocessing.model_metadata`), or ``None``; with
+            ``image_transform`` set it only describes that transform.
         tokenizer: the base's tokenizer (text sources).
         num_classes: ``{task: classes}`` where the source knows them (labels are range-checked).
         task_specific: ``{task: {name: tensor}}`` of merged tensors each task keeps from its own
@@ -74,6 +78,7 @@ class ExpertSet:
     expert_model: Callable[[str], nn.Module] | None = None
     export: Callable[[Path, Mapping[str, torch.Tensor], Mapping[str, Mapping[str, torch.Tensor]]], dict[str, str]] | None = None
     image_transform: Callable[[Any], torch.Tensor] | None = None
+    image_preprocessing: ImagePreprocessing | None = None
     tokenizer: Any = None
     num_classes: dict[str, int] = field(default_factory=dict)
     task_specific: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)

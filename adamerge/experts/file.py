@@ -16,6 +16,7 @@ from adamerge.architectures import build_architecture
 from adamerge.checkpoints import load_state_dict
 from adamerge.errors import AdamergeError, CheckpointError
 from adamerge.experts.base import ExpertSet
+from adamerge.image_preprocessing import model_metadata
 from adamerge.task_vectors import TaskVectors, check_expert_keys, missing_batch_counters, with_batch_counters
 
 logger = logging.getLogger(__name__)
@@ -182,6 +183,7 @@ def load_file_experts(
         heads,
         sources,
         expert_model=lambda task: load_expert_module(base_arch, paths[task], arch_kwargs, trust_pickles),
+        image_preprocessing=model_metadata(base_arch, model),
     )
 
 

@@ -59,6 +59,7 @@ from adamerge.errors import AdamergeError, ArchitectureError, CheckpointError, D
 from adamerge.experts.base import ExpertSet, SourceOptions
 from adamerge.experts.file import check_state_fits, load_file_experts, parse_base_spec
 from adamerge.export import write_json
+from adamerge.image_preprocessing import open_clip_metadata
 from adamerge.output_dir import inside, umask_mode
 from adamerge.task_vectors import TaskVectors, check_expert_keys
 
@@ -210,6 +211,7 @@ def load_open_clip_experts(base: str, experts: Mapping[str, str], options: Sourc
             directory, merged, task_heads, base_rest, config, heads, logit_scale
         ),
         image_transform=open_clip_transform(preprocess),
+        image_preprocessing=open_clip_metadata(preprocess, f"open_clip's preprocess_cfg of {spec}"),
     )
 
 
