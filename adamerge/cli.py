@@ -123,7 +123,7 @@ def _fit_parser() -> ArgumentParser:
     _flag(parser, "eval-experts", True, "also evaluate each expert alone")
     _flag(parser, "eval-init", True, "also evaluate the initial merge (λ = init)")
     _flag(parser, "group-by-length", False, "text: training batches of texts of similar length")
-    _flag(parser, "progress-bar", True, "show Lightning's progress bar")
+    _flag(parser, "progress-bar", True, "a live bar of the training steps (interactive terminals)")
     parser.add_argument(
         "--holdout", type=float, default=0.1,
         help="share of each task's calibration inputs held out to keep the λ that agrees best with the experts (start included; 0: off)",

@@ -393,7 +393,8 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     def statistics_loaders(self) -> dict[str, DataLoader]:
         """One loader per task over every unlabeled calibration input, in file order, for
-        re-estimating BatchNorm statistics.
+        re-estimating BatchNorm statistics (the held-out inputs too: they are kept from the
+        objective, not from the statistics).
 
         ``limit_per_task`` limits what the objective trains on (Expert Merging's few samples per
         task), not the statistics: running means and variances from 10 images per task are noise
@@ -403,10 +404,9 @@ class MultiTaskDataModule(L.LightningDataModule):
         """
         self.setup("fit")
         views = {
-            task: view if self.shots is not None or self.limit_per_task is None
-            else CalibrationView(view.dataset, range(len(view.dataset)))
+            task: view if self.shots is not None else CalibrationView(view.dataset, range(len(view.dataset)))
             for task, view in self.calibration.items()
-        }  # fmt: skip
+        }  # every input, the held-out ones included (they are only kept from the objective)
         return {task: self._loader(view, self.batch_size, shuffle=False) for task, view in views.items()}
 
     def target_loaders(self) -> dict[str, DataLoader]:

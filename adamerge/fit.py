@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +61,7 @@ from adamerge.objectives import (
 )
 from adamerge.output_dir import OutputFolder
 from adamerge.preprocess import ties
+from adamerge.progress import Stages, quiet_third_party
 from adamerge.resume import ResumeState, save_checkpoint
 from adamerge.run_checks import check_accelerator, check_eval_classes, check_fit_settings, input_paths
 from adamerge.safeguard import KeepBestCoefficients, held_out_batches
@@ -113,7 +113,8 @@ class FitSettings:
             pad tokens per step; see :class:`adamerge.text_data.LengthGroupedBatches`).
         base_kwargs: constructor keyword arguments of the architecture.
         trust_pickles: accept expert files that are pickled modules (they run code when loaded).
-        progress_bar: show Lightning's progress bar.
+        progress_bar: a live bar of the training steps (on an interactive terminal; every stage
+            logs its time when it ends either way).
         shots: few-shot aTLAS: read ``calib`` as ``<task>/<class>/<image>`` and use this many
             labelled images per class (seeded).
         calib_limit: train on this many calibration inputs per task (seeded subset; Expert
@@ -206,6 +207,74 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
 
 
 def _fit(settings: FitSettings, output: OutputFolder, resume: ResumeState, started: float) -> dict[str, Any]:
+    stages = Stages(live=settings.progress_bar)
+    with stages.stage("loading experts and data"):
+        method, experts, data, merged, module, targets, safeguard = _load(settings)
+    metrics: dict[str, Any] = {
+        "tasks": list(experts.tasks),
+        "method": dataclasses.asdict(method),
+        "batchnorm": merged.batchnorm,
+        "accuracy": {},
+        "timing_s": {"load": time.perf_counter() - started},
+    }
+    with output.staging() as staging:
+        if settings.eval is not None:
+            tester = _trainer(settings, staging, None, [])
+            if settings.eval_experts:
+                with stages.stage("evaluating the experts alone"):
+                    alone = evaluate_experts(experts, data, settings)
+                if alone:
+                    metrics["accuracy"]["expert (alone)"] = alone
+            if settings.eval_init:
+                with stages.stage("evaluating the start"):
+                    metrics["accuracy"][_initial_label(method)] = _test(tester, module, data)
+        fit_started = time.perf_counter()
+        with stages.stage("fitting" if not method.refine_chunks else "fitting stage 1", total=settings.steps) as bar:
+            trainer = _trainer(settings, staging, "logs", [safeguard, resume.callback(1), bar])
+            trainer.fit(module, datamodule=data, ckpt_path=resume.resume_from(1))
+            resume.finish_stage(trainer, 1)
+        if safeguard is not None:
+            metrics["safeguard"] = {"stage 1": safeguard.summary()}
+        if method.refine_chunks:
+            if settings.eval is not None:
+                with stages.stage("evaluating stage 1"):
+                    _test_stage_one(trainer, module, data, settings, metrics, time.perf_counter() - fit_started)
+            second = _safeguard(experts, data, settings, "stage 2", safeguard)
+            with stages.stage("fitting stage 2", total=settings.steps) as bar:
+                module, trainer = _refine_in_chunks(
+                    module, method, settings, experts.sources, targets, data, staging, resume, [second, bar]
+                )
+            merged = module.merged
+            if second is not None:
+                metrics["safeguard"]["stage 2"] = second.summary()
+        metrics["timing_s"]["fit"] = time.perf_counter() - fit_started
+        metrics["steps"] = trainer.global_step
+        if settings.eval is not None:
+            with stages.stage("evaluating the merge"):
+                metrics["accuracy"][f"{settings.method} ({settings.granularity})"] = _test(trainer, module, data)
+        elif merged.batchnorm in REESTIMATING_POLICIES:
+            with stages.stage("re-estimating BatchNorm statistics"):
+                trainer.strategy.barrier()
+                module.reestimate_batchnorm()  # exported statistics belong to the learned λ
+        with stages.stage("writing"):
+            save_checkpoint(trainer, staging / "checkpoints" / "last.ckpt")
+            if trainer.is_global_zero:
+                write_coefficients(staging, merged)
+                metrics["files"] = write_merged_model_of(staging, merged, experts.export)
+                metrics["timing_s"]["total"] = time.perf_counter() - started
+                metrics["timing_s"]["stages"] = dict(stages.seconds)
+                write_json(staging / "metrics.json", metrics)
+                write_yaml(staging / "config.yaml", plain_config(dataclasses.asdict(settings)))
+    if metrics["accuracy"]:
+        logger.info("per-task accuracy (%%):\n%s", format_table(metrics["accuracy"], list(experts.tasks)))
+    logger.info("stage times: %s", stages.summary())
+    return metrics
+
+
+def _load(settings: FitSettings) -> tuple[
+    MethodSpec, ExpertSet, L.LightningDataModule, MergedModel, MergingModule, ExpertTargets | None, KeepBestCoefficients | None
+]:
+    """Experts, data, the merged model, its LightningModule and the safeguard of a fit."""
     method = resolve_method(
         settings.method, init=settings.init, constraint=settings.constraint, lr=settings.lr, shots=settings.shots
     )
@@ -248,57 +317,7 @@ def _fit(settings: FitSettings, output: OutputFolder, resume: ResumeState, start
         check_eval_classes(data, lambda task, inputs: merged(inputs, task))
     targets = ExpertTargets(experts, data, merged) if method.objective == "expert-alignment" else None
     module = _module(method, merged, settings, experts.sources, targets)
-    safeguard = _safeguard(experts, data, settings)
-    load_s = time.perf_counter() - started
-
-    metrics: dict[str, Any] = {
-        "tasks": list(experts.tasks),
-        "method": dataclasses.asdict(method),
-        "batchnorm": batchnorm,
-        "accuracy": {},
-        "timing_s": {"load": load_s},
-    }
-    with output.staging() as staging:
-        trainer = _trainer(settings, staging, "logs", resume.callback(1), safeguard)
-        if settings.eval is not None:
-            if settings.eval_experts:
-                alone = evaluate_experts(experts, data, settings)
-                if alone:
-                    metrics["accuracy"]["expert (alone)"] = alone
-            if settings.eval_init:
-                metrics["accuracy"][_initial_label(method)] = _test(trainer, module, data)
-        fit_started = time.perf_counter()
-        trainer.fit(module, datamodule=data, ckpt_path=resume.resume_from(1))
-        resume.finish_stage(trainer, 1)
-        if safeguard is not None:
-            metrics["safeguard"] = {"stage 1": safeguard.summary()}
-        if method.refine_chunks:
-            if settings.eval is not None:
-                _test_stage_one(trainer, module, data, settings, metrics, time.perf_counter() - fit_started)
-            second = _safeguard(experts, data, settings, "stage 2", safeguard)
-            module, trainer = _refine_in_chunks(
-                module, method, settings, experts.sources, targets, data, staging, resume, second
-            )
-            merged = module.merged
-            if second is not None:
-                metrics["safeguard"]["stage 2"] = second.summary()
-        metrics["timing_s"]["fit"] = time.perf_counter() - fit_started
-        metrics["steps"] = trainer.global_step
-        if settings.eval is not None:
-            metrics["accuracy"][f"{settings.method} ({settings.granularity})"] = _test(trainer, module, data)
-        elif merged.batchnorm in REESTIMATING_POLICIES:
-            trainer.strategy.barrier()
-            module.reestimate_batchnorm()  # exported statistics belong to the learned λ
-        save_checkpoint(trainer, staging / "checkpoints" / "last.ckpt")
-        if trainer.is_global_zero:
-            write_coefficients(staging, merged)
-            metrics["files"] = write_merged_model_of(staging, merged, experts.export)
-            metrics["timing_s"]["total"] = time.perf_counter() - started
-            write_json(staging / "metrics.json", metrics)
-            write_yaml(staging / "config.yaml", plain_config(dataclasses.asdict(settings)))
-    if metrics["accuracy"]:
-        logger.info("per-task accuracy (%%):\n%s", format_table(metrics["accuracy"], list(experts.tasks)))
-    return metrics
+    return method, experts, data, merged, module, targets, _safeguard(experts, data, settings)
 
 
 def source_options(settings: Any, dtype: torch.dtype = torch.float32) -> SourceOptions:
@@ -446,7 +465,7 @@ def _refine_in_chunks(
     data: L.LightningDataModule,
     staging: Path,
     resume: ResumeState,
-    safeguard: KeepBestCoefficients | None,
+    callbacks: list[L.Callback | None],
 ) -> tuple[MergingModule, L.Trainer]:
     """Expert Merging++ stage two: importance-guided chunks, initialised at the stage-one λ."""
     first = module.merged
@@ -481,7 +500,7 @@ def _refine_in_chunks(
         sum(m > 0 for m in chunks.values()), len(chunks), sum(chunks.values()), budget, settings.chunk_kappa,
     )
     refined = _module(method, second, settings, sources, targets)
-    trainer = _trainer(settings, staging, "logs_stage2", resume.callback(2), safeguard)
+    trainer = _trainer(settings, staging, "logs_stage2", [callbacks[0], resume.callback(2), *callbacks[1:]])
     trainer.fit(refined, datamodule=data, ckpt_path=resume.resume_from(2))
     resume.finish_stage(trainer, 2)
     return refined, trainer
@@ -515,25 +534,24 @@ def _safeguard(
     )
 
 
-def _trainer(
-    settings: FitSettings, root: Path, log_name: str, checkpoints: L.Callback, safeguard: L.Callback | None = None
-) -> L.Trainer:
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen base: intended
+def _trainer(settings: FitSettings, root: Path, log_name: str | None, callbacks: list[L.Callback | None]) -> L.Trainer:
+    """The run's Lightning ``Trainer``: the losses logged to ``root/log_name`` (``None``: not logged),
+    ``callbacks`` in order (``None`` left out; the safeguard comes before the resume checkpoints, so
+    that they hold its state), adamerge's own progress display."""
+    quiet_third_party()
     return L.Trainer(
         max_steps=settings.steps,
         accelerator=settings.accelerator,
         devices=settings.devices,
         strategy=settings.strategy,
         default_root_dir=root,
-        logger=CSVLogger(root, name=log_name, version=""),
-        callbacks=[c for c in (safeguard, checkpoints) if c is not None],  # the safeguard's state, then saved
+        logger=CSVLogger(root, name=log_name, version="") if log_name is not None else False,
+        callbacks=[c for c in callbacks if c is not None],
         enable_checkpointing=False,  # resume checkpoints: adamerge.resume; the output's last.ckpt: run_fit
         limit_val_batches=0,
         num_sanity_val_steps=0,
         log_every_n_steps=max(1, min(50, settings.steps // 10)),
-        enable_progress_bar=settings.progress_bar,
+        enable_progress_bar=False,  # adamerge.progress: one bar for the steps, one line per stage
         enable_model_summary=False,
     )
 

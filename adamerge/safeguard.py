@@ -136,7 +136,7 @@ class KeepBestCoefficients(L.Callback):
             else f"the λ of step {kept} is kept"
         )
         logger.info(
-            "%sheld-out agreement with each expert (%%, %d inputs per task; %s):\n%s",
+            "%sheld-out agreement with each expert (%%; held-out inputs per task: %d; %s):\n%s",
             self._prefix(), len(self.targets[tasks[0]]) if tasks else 0, verdict, "\n".join(lines),
         )
         for task in tasks:

@@ -304,7 +304,9 @@ def test_non_finite_merge_is_not_written(tiny_setup, tmp_path, caplog):
 
 def test_non_finite_fit_is_not_written(tiny_setup, tmp_path, caplog):
     output = tmp_path / "o"
-    message = run_fails(fit_args(tiny_setup, output, "--constraint", "none", "--init", "1e38", "--batchnorm", "base"), caplog)
+    # without the safeguard: it would keep the (finite) start, λ = 1e38, which is what training diverges from
+    args = fit_args(tiny_setup, output, "--constraint", "none", "--init", "1e38", "--batchnorm", "base", "--holdout", "0")
+    message = run_fails(args, caplog)
     assert "non-finite" in message, message
     assert not output.exists() and leftovers(tmp_path) == []
 
@@ -367,7 +369,7 @@ def test_help_is_fast_and_readable(command):
     elapsed = time.perf_counter() - started
     assert result.returncode == 0
     assert "<function" not in result.stdout and "lambda" not in result.stdout
-    assert "--no-overwrite" in result.stdout and "{reestimate,per-task,base,merge}" in result.stdout
+    assert "--no-overwrite" in result.stdout and "{auto,reestimate,per-task,base,merge}" in result.stdout
     if command == "fit":
         assert "chunk:N" in result.stdout and "partition:N" in result.stdout and "tensor" in result.stdout
         assert "{float32,bfloat16,float16}" in result.stdout

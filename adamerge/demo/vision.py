@@ -519,6 +519,7 @@ def build_vision_demo(
     max_steps: int | None = None,
     seed: int = 0,
     force: bool = False,
+    on_task_done: Callable[[], None] | None = None,
 ) -> DemoAssets:
     """Build (or reuse from the cache) the vision demo's base model, experts and image folders.
 
@@ -542,6 +543,8 @@ def build_vision_demo(
         max_steps: cap on optimiser steps per expert.
         seed: master seed.
         force: rebuild every requested task even if the cache is valid.
+        on_task_done: called once per task when its expert is built or found in the cache (a
+            progress bar's step).
 
     Returns:
         The paths of the assets.
@@ -571,6 +574,8 @@ def build_vision_demo(
         fingerprint = _task_fingerprint(task, settings, base_sha256)
         if not force and _cached_task_is_valid(root, task, manifest["tasks"].get(task, {}), fingerprint):
             logger.info("%s: reusing cached expert (accuracy %.4f)", task, manifest["tasks"][task]["accuracy"])
+            if on_task_done is not None:
+                on_task_done()
             continue
         entry, split = build_task(task, load_vision_task(task, data_root_path), root, settings, root / "base.pth")
         manifest["tasks"][task] = {"fingerprint": fingerprint, **entry}
@@ -578,6 +583,8 @@ def build_vision_demo(
         splits[task] = split
         _write_json_atomic(root / "splits.json", splits)
         _write_json_atomic(root / "manifest.json", manifest)
+        if on_task_done is not None:
+            on_task_done()
     _write_json_atomic(root / "manifest.json", manifest)
     return DemoAssets(
         root=root,
