@@ -117,7 +117,7 @@ def _fit_parser() -> ArgumentParser:
     )
     parser.add_argument("--temperature", type=float, default=1.0, help="expert-merging: distillation T")
     parser.add_argument("--gamma", type=float, default=5.0, help="expert-merging: coefficient regulariser weight")
-    parser.add_argument("--task-weights", type=dict[str, float], default={}, help="expert-merging: β per task")
+    parser.add_argument("--task-weights", type=dict[str, float], default={}, help="weight of each task's loss, e.g. {mnist: 2} (every method; expert-merging's β; default 1)")
     parser.add_argument("--chunk-budget", type=int | None, default=None, help="expert-merging++: chunk budget B")
     parser.add_argument("--chunk-kappa", type=float, default=1.0, help="expert-merging++: importance sharpness κ")
     _flag(parser, "eval-experts", True, "also evaluate each expert alone")

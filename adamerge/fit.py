@@ -56,6 +56,7 @@ from adamerge.objectives import (
     ExpertAlignment,
     Objective,
     PseudoLabel,
+    TaskWeighted,
     as_task_batch,
     collect_outputs,
 )
@@ -124,7 +125,7 @@ class FitSettings:
             ``"<head input>"`` for the features entering the head).
         temperature: Expert Merging distillation temperature T.
         gamma: Expert Merging coefficient-regulariser weight γ.
-        task_weights: Expert Merging task weights β (default 1).
+        task_weights: weight of each task's loss, every method (Expert Merging's β; default 1).
         chunk_budget: Expert Merging++ chunk budget B (default: twice the number of tensors).
         chunk_kappa: Expert Merging++ importance sharpness κ.
         holdout: share of each task's calibration inputs held out of training for the safeguard
@@ -370,16 +371,11 @@ def _module(
 def build_objective(
     method: MethodSpec, merged: MergedModel, settings: FitSettings, targets: ExpertTargets | None
 ) -> Objective:
-    """The method's objective for this model (expert alignment caches the experts' outputs)."""
-    if method.objective == "entropy":
-        return Entropy()
-    if method.objective == "cross-entropy":
-        return CrossEntropy()
-    if method.objective == "pseudo-label":
-        return PseudoLabel(settings.pseudo_label_threshold)
+    """The method's objective for this model (expert alignment caches the experts' outputs), each
+    task's loss weighted by ``--task-weights`` (Expert Merging's β is that weight)."""
     if method.objective == "expert-alignment":
         assert targets is not None
-        objective = ExpertAlignment(
+        alignment = ExpertAlignment(
             merged.coefficients().detach(),
             merged.tasks,
             hidden_modules=settings.align_modules,
@@ -387,9 +383,13 @@ def build_objective(
             gamma=settings.gamma,
             task_weights=settings.task_weights,
         )
-        targets.fill(objective)
-        return objective
-    raise AdamergeError(f"unknown objective {method.objective!r}")
+        targets.fill(alignment)
+        return alignment
+    objectives = {"entropy": Entropy, "cross-entropy": CrossEntropy, "pseudo-label": lambda: PseudoLabel(settings.pseudo_label_threshold)}
+    if method.objective not in objectives:
+        raise AdamergeError(f"unknown objective {method.objective!r}")
+    objective = objectives[method.objective]()
+    return TaskWeighted(objective, merged.tasks, settings.task_weights) if settings.task_weights else objective
 
 
 class ExpertTargets:

@@ -88,6 +88,34 @@ class Objective(nn.Module):
         return None
 
 
+class TaskWeighted(Objective):
+    """Any objective with each task's loss multiplied by a weight (``--task-weights``): a task the
+    objective neglects can be weighted up; unnamed tasks keep 1.
+
+    Args:
+        inner: the objective.
+        tasks: task names.
+        weights: ``{task: weight}``.
+    """
+
+    def __init__(self, inner: Objective, tasks: Sequence[str], weights: Mapping[str, float]) -> None:
+        super().__init__()
+        unknown = set(weights) - set(tasks)
+        if unknown:
+            raise AdamergeError(f"task weights for unknown task(s) {sorted(unknown)}; tasks are {list(tasks)}")
+        self.inner = inner
+        self.weights = {t: float(weights.get(t, 1.0)) for t in tasks}
+        self.hidden_modules = inner.hidden_modules
+        self.needs_labels = inner.needs_labels
+        self.needs_index = inner.needs_index
+
+    def forward(self, task: str, outputs: ModelOutputs, batch: TaskBatch) -> torch.Tensor:
+        return self.weights[task] * self.inner(task, outputs, batch)
+
+    def regularization(self, coefficients: torch.Tensor) -> torch.Tensor | None:
+        return self.inner.regularization(coefficients)
+
+
 class Entropy(Objective):
     """AdaMerging: mean Shannon entropy of the task's predictions."""
 

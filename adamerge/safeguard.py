@@ -144,8 +144,9 @@ class KeepBestCoefficients(L.Callback):
             if drop > DROP_WARNING:
                 logger.warning(
                     "%stask %r: held-out agreement with its expert fell from %.1f %% at the start to %.1f %% at the kept "
-                    "λ while the mean rose: the objective favours the other tasks; check this task on labelled data",
-                    self._prefix(), task, self.history[first][task], self.history[kept][task],
+                    "λ while the mean rose: the objective favours the other tasks; check this task on labelled data, or weight it "
+                    "up (--task-weights '{%s: 2}')",
+                    self._prefix(), task, self.history[first][task], self.history[kept][task], task,
                 )
 
     def _prefix(self) -> str:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from adamerge.batchnorm import per_task_running_stats, running_stat_names
+from adamerge.batchnorm import per_task_running_stats, resolve_policy, running_stat_names
 from adamerge.cli import main
 from adamerge.errors import DataError
 from adamerge.experts import load_file_experts
@@ -194,3 +194,16 @@ def test_statistics_use_every_calibration_image_whatever_the_objective_trains_on
         expected = naive_statistics(model, images, chunks=3)
         for name in ("1.running_mean", "1.running_var", "4.running_mean", "4.running_var"):
             torch.testing.assert_close(head[name], expected[name], rtol=1e-4, atol=1e-5)
+
+
+def test_auto_policy_is_per_task_with_heads_and_pooled_without(tiny_setup, tmp_path):
+    """``--batchnorm auto`` (the default): per-task statistics when every task has its own head."""
+    assert main(fit_args(tiny_setup, tmp_path / "run")) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["batchnorm"] == "per-task"
+    head = torch.load(tmp_path / "run" / "heads" / "alpha.pt", weights_only=True)
+    assert "1.running_mean" in head and "8.weight" in head  # the task's statistics travel with its head
+    model = tiny_convnet()
+    assert resolve_policy("auto", ["a", "b"], {"a": {"8.weight": 1}, "b": {"8.weight": 2}}, model) == "per-task"
+    assert resolve_policy("auto", ["a", "b"], {"a": {"8.weight": 1}}, model) == "reestimate"  # b has no head
+    assert resolve_policy("auto", ["a", "b"], {}, model) == "reestimate"
+    assert resolve_policy("base", ["a", "b"], {}, model) == "base"

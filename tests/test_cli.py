@@ -299,3 +299,12 @@ def test_shipped_configs_parse(config, tiny_setup, tmp_path, capsys):
               "--output", str(tmp_path / "o"), "--print_config"])
     assert exit_info.value.code == 0
     assert "method:" in capsys.readouterr().out
+
+
+def test_task_weights_apply_to_every_method(tiny_setup, tmp_path, caplog):
+    """AdaMerging with beta's entropy weighted 3x learns other λ than with equal weights."""
+    assert main(fit_args(tiny_setup, tmp_path / "w", "--task-weights", "{beta: 3}", "--holdout", "0")) == 0
+    assert main(fit_args(tiny_setup, tmp_path / "u", "--holdout", "0")) == 0
+    weighted, plain = (json.loads((tmp_path / name / "coefficients.json").read_text()) for name in ("w", "u"))
+    assert weighted != plain
+    assert "--task-weights" in run_fails(fit_args(tiny_setup, tmp_path / "x", "--task-weights", "{gamma: 3}"), caplog)

@@ -9,7 +9,8 @@ import torch
 
 from adamerge import losses
 from adamerge.importance import chunk_budget, layer_importance
-from adamerge.objectives import ExpertAlignment, ModelOutputs, TaskBatch
+from adamerge.errors import AdamergeError
+from adamerge.objectives import Entropy, ExpertAlignment, ModelOutputs, TaskBatch, TaskWeighted
 
 
 def test_entropy_matches_per_sample_formula():
@@ -67,3 +68,14 @@ def test_importance_and_chunk_budget_follow_the_formula():
     assert importance == pytest.approx({"a": 0.4, "b": 0.6})
     assert chunk_budget(importance, budget=10, kappa=1.0) == {"a": 4, "b": 6}
     assert chunk_budget(importance, budget=10, kappa=2.0) == {"a": int(10 * 0.16 / 0.52), "b": int(10 * 0.36 / 0.52)}
+
+
+def test_task_weights_scale_any_objective_and_unknown_tasks_are_refused():
+    logits = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    batch = TaskBatch(torch.zeros(5, 3))
+    weighted = TaskWeighted(Entropy(), ["a", "b"], {"b": 2.5})
+    plain = Entropy()("b", ModelOutputs(logits), batch)
+    torch.testing.assert_close(weighted("b", ModelOutputs(logits), batch), 2.5 * plain)
+    torch.testing.assert_close(weighted("a", ModelOutputs(logits), batch), plain)  # unnamed tasks keep 1
+    with pytest.raises(AdamergeError, match=r"unknown task\(s\) \['c'\]"):
+        TaskWeighted(Entropy(), ["a", "b"], {"c": 1.0})
