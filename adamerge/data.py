@@ -317,11 +317,12 @@ class MultiTaskDataModule(L.LightningDataModule):
         """The training view of one task's calibration ``dataset``; its held-out inputs go to
         :attr:`held_out`.
 
-        ``floor(holdout × N)`` seeded items are held out first (none when that is 0 or would leave
-        nothing to train on); the training items are then drawn from the rest: ``shots`` per class
-        when ``labels`` are given (few-shot), else ``limit_per_task`` of them (all without a limit).
-        Without a hold-out the draws are those of :meth:`subset_indices` and
-        :func:`few_shot_indices` over the whole dataset.
+        Unlabeled data: ``floor(holdout × N)`` seeded items are held out first (none when that is
+        0 or would leave nothing to train on), and ``limit_per_task`` of the rest are trained on
+        (all without a limit). Few-shot data (``labels`` given): the ``shots`` per class are drawn
+        first, from every item, so that a hold-out never takes a shot; the held-out items come from
+        the rest of the folder, as far as it goes (their labels are not used). Without a hold-out
+        the draws are those of :meth:`subset_indices` and :func:`few_shot_indices`.
 
         Args:
             task: the task (key of :attr:`held_out`).
@@ -330,19 +331,22 @@ class MultiTaskDataModule(L.LightningDataModule):
             labels: the class of every item (few-shot data), or ``None``.
         """
         size = len(dataset)
-        held = int(self.holdout * size)
-        held_indices: list[int] = []
-        if 0 < held < size:
-            generator = torch.Generator().manual_seed(seed + 1)
-            held_indices = sorted(torch.randperm(size, generator=generator)[:held].tolist())
-            self.held_out[task] = CalibrationView(dataset, held_indices)
-        taken = set(held_indices)
-        rest = [i for i in range(size) if i not in taken]
+        wanted = int(self.holdout * size)
+        generator = torch.Generator().manual_seed(seed + 1)
         if labels is not None:
-            chosen = few_shot_indices([labels[i] for i in rest], self.shots, seed)
+            chosen = few_shot_indices(labels, self.shots, seed)
+            taken = set(chosen)
+            others = [i for i in range(size) if i not in taken]
+            order = torch.randperm(len(others), generator=generator)[:wanted].tolist()
+            held_indices = sorted(others[i] for i in order)
         else:
-            chosen = self.subset_indices(len(rest), seed)
-        return CalibrationView(dataset, [rest[i] for i in chosen], self.with_index)
+            held_indices = sorted(torch.randperm(size, generator=generator)[:wanted].tolist()) if wanted < size else []
+            held = set(held_indices)
+            rest = [i for i in range(size) if i not in held]
+            chosen = [rest[i] for i in self.subset_indices(len(rest), seed)]
+        if held_indices:
+            self.held_out[task] = CalibrationView(dataset, held_indices)
+        return CalibrationView(dataset, chosen, self.with_index)
 
     def holdout_loaders(self) -> dict[str, DataLoader]:
         """One unshuffled loader per task over its held-out calibration inputs (tasks with none

@@ -122,3 +122,16 @@ def test_fit_records_the_safeguard_and_holdout_zero_turns_it_off(tiny_setup, tmp
     with caplog.at_level(logging.ERROR, logger="adamerge"):
         assert main(fit_args(tiny_setup, tmp_path / "bad", "--holdout", "1")) == 2
     assert "--holdout 1.0: expected a share" in caplog.text and not (tmp_path / "bad").exists()
+
+
+def test_few_shot_holdout_never_takes_a_shot(tiny_setup):
+    for task in ("alpha", "beta"):
+        write_images(tiny_setup.calib / task, 24, seed=4, classes=3)  # 8 labelled images per class
+    data = _data(tiny_setup, holdout=0.25, shots=5)
+    plain = _data(tiny_setup, shots=5)
+    for task in ("alpha", "beta"):
+        shots, held = _positions(data.calibration[task]), _positions(data.held_out[task])
+        assert shots == _positions(plain.calibration[task]) and len(shots) == 15  # the same 5 shots per class
+        assert len(held) == 6 and not shots & held
+    exact = _data(tiny_setup, holdout=0.25, shots=8)  # every image is a shot: nothing is held out
+    assert not exact.held_out and len(exact.calibration["alpha"]) == 24
