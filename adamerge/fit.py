@@ -1,8 +1,10 @@
 """The ``adamerge fit`` workflow as a plain function: files in, output folder out.
 
 :func:`run_fit` loads the base and the experts, learns the coefficients with a Lightning
-``Trainer`` on the unlabeled calibration data, evaluates (optionally) on labelled data, and writes
-the output folder atomically:
+``Trainer`` on the unlabeled calibration data, keeps the λ that agrees best with the experts on
+held-out calibration inputs (:mod:`adamerge.safeguard`; the start included), evaluates
+(optionally) on labelled data, logs one line per stage with its time (:mod:`adamerge.progress`),
+and writes the output folder atomically:
 
 - ``coefficients.json`` / ``coefficients.tsv``: learned λ per task and group;
 - the merged model in the expert source's own format, loadable without adamerge: ``merged.pt`` +
@@ -10,7 +12,8 @@ the output folder atomically:
   ``open_clip_model.safetensors`` + ``heads/<task>.pt`` (open_clip), or ``model/`` +
   ``tasks/<task>/`` (transformers ``from_pretrained`` folders);
 - ``metrics.json``: per-task accuracy of each expert alone, the initial merge (task arithmetic at
-  the initial λ) and the learned merge, plus timings;
+  the initial λ) and the learned merge, the BatchNorm policy used, the safeguard's held-out
+  scores and kept step, plus timings (``timing_s``; ``stages``: seconds per stage);
 - ``config.yaml``: the resolved settings; ``checkpoints/last.ckpt``: λ and optimiser state
   (resume with ``ckpt_path``); ``logs/``: the losses per step (CSV).
 """
