@@ -7,9 +7,14 @@ and an optional task-vector preprocessor; the granularity is chosen independentl
 |---|---|---|---|
 | adamerging | clamp / 0.3 | entropy | Adam 1e-3 |
 | adamerging++ | as adamerging, on TIES-trimmed task vectors (top 20 %, elected sign) | | |
-| atlas | none / 0 | pseudo-labels (unlabeled) or cross-entropy (``--shots``) | AdamW wd 0.1, 1e-3 (few-shot 1e-1, cosine) |
+| atlas | none / 0.3 (few-shot: 0) | pseudo-labels (unlabeled) or cross-entropy (``--shots``) | AdamW wd 0.1, 1e-3 (few-shot 1e-1, cosine) |
 | expert-merging | sigmoid / 0.1 | hidden-state MSE + T²·KL to each expert + γ·mean|λ−λ₀| | AdamW 0.5, wd 1e-5, cosine restarts T₀=50 |
 | expert-merging++ | expert-merging, then importance-guided chunks | | |
+
+aTLAS without labels starts where the other unsupervised methods start, at task arithmetic's
+λ = 0.3: from λ = 0 (the pretrained backbone with each expert's head) its confident pseudo-labels
+are too few and too wrong to move anything (vision benchmark: the learned merge is its start,
+33 % normalized accuracy). Few-shot aTLAS keeps the paper's λ = 0, which labels move.
 """
 
 from __future__ import annotations
@@ -112,7 +117,7 @@ METHODS = {
     "atlas": MethodSpec(
         name="atlas",
         constraint="none",
-        init=0.0,
+        init=0.3,
         objective="pseudo-label",
         optimizer="adamw",
         lr=1e-3,
@@ -124,6 +129,7 @@ METHODS = {
     "expert-merging++": replace(EXPERT_MERGING, name="expert-merging++", refine_chunks=True),
 }
 FEW_SHOT_LR = 1e-1  # aTLAS few-shot learning rate (with a cosine schedule)
+FEW_SHOT_INIT = 0.0  # aTLAS few-shot start: the pretrained model
 
 
 def resolve_method(
@@ -135,8 +141,8 @@ def resolve_method(
 ) -> MethodSpec:
     """The method's defaults with the given overrides applied.
 
-    ``shots`` switches aTLAS to its few-shot setting (cross-entropy on labelled shots, lr 1e-1,
-    cosine); other methods refuse it.
+    ``shots`` switches aTLAS to its few-shot setting (cross-entropy on labelled shots, λ = 0, lr
+    1e-1, cosine); other methods refuse it.
     """
     if name not in METHODS:
         raise AdamergeError(f"--method {name!r}: expected one of {', '.join(METHODS)}")
@@ -146,6 +152,6 @@ def resolve_method(
             raise AdamergeError(f"--shots is for --method atlas (few-shot); {name} learns from unlabeled data")
         if shots < 1:
             raise AdamergeError(f"--shots {shots}: expected at least 1 labelled image per class")
-        spec = replace(spec, objective="cross-entropy", lr=FEW_SHOT_LR, scheduler="cosine")
+        spec = replace(spec, init=FEW_SHOT_INIT, objective="cross-entropy", lr=FEW_SHOT_LR, scheduler="cosine")
     overrides = {k: v for k, v in {"init": init, "constraint": constraint, "lr": lr}.items() if v is not None}
     return replace(spec, **overrides)
