@@ -81,6 +81,11 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--workers", type=int, default=1, help="runs side by side (set OMP_NUM_THREADS=1 for more)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--from-metrics", nargs="+", default=[],
+        help="METHOD=metrics.json of runs made earlier: their rows are taken from the file (wall time: the run's own "
+        "timing_s.total), the other --methods are run",
+    )
     args = parser.parse_args()
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -96,52 +101,80 @@ def main() -> None:
         jobs.append((method, argv))
     rows: dict[str, dict] = {}
     experts: dict[str, float] = {}
+    started = time.perf_counter()
 
     def collect(method: str, measured: dict) -> None:
         metrics = json.loads((work / method / "metrics.json").read_text())
         shutil.rmtree(work / method, ignore_errors=True)
-        accuracy = metrics["accuracy"]
-        experts.update(accuracy.get("expert (alone)", {}))
-        start_label = next(k for k in accuracy if k != "expert (alone)")
-        for reported in RUNS[method]:
-            final = next(v for k, v in accuracy.items() if k.startswith(f"{reported} ("))
-            stage = "stage 1" if reported != method or "stage 2" not in metrics.get("safeguard", {}) else "stage 2"
-            guard = metrics.get("safeguard", {}).get(stage, {})
-            rows[reported] = {
-                "start_label": start_label,
-                "start": accuracy[start_label],
-                "learned": final,
-                "kept_step": guard.get("kept_step"),
-                "steps": metrics["steps"] if reported == method else None,
-                "batchnorm": metrics.get("batchnorm"),
-                "wall_s": measured["wall_s"] if reported == method else None,
-                "measured_in": None if reported == method else f"the {method} run (its stage one)",
-            }
+        experts.update(metrics["accuracy"].get("expert (alone)", {}))
+        rows.update(row_entries(method, metrics, measured["wall_s"]))
+        if experts or manifest_experts(manifest, tasks):  # rewritten after every run
+            write(args, tasks, experts or manifest_experts(manifest, tasks), rows, time.perf_counter() - started)
         sys.stderr.write(f"{method:20s} {measured['wall_s']:.0f} s\n")
 
-    started = time.perf_counter()
+    if args.from_metrics:  # runs made earlier (e.g. cut short): their metrics.json, METHOD=PATH
+        for item in args.from_metrics:
+            method, _, path = item.partition("=")
+            metrics = json.loads(Path(path).read_text())
+            experts.update(metrics["accuracy"].get("expert (alone)", {}))
+            rows.update(row_entries(method, metrics, metrics["timing_s"]["total"]))
+        jobs = [job for job in jobs if job[0] not in rows]
     run_all(jobs, args.workers, collect)
     shutil.rmtree(work, ignore_errors=True)
-    if not experts:
-        experts = {t: manifest["tasks"][t]["accuracy"] for t in tasks} if "tasks" in manifest else {}
-    for row in rows.values():
-        for key in ("start", "learned"):
-            row[f"{key}_normalized"] = sum(row[key][t] / experts[t] for t in tasks) / len(tasks)
+    print(markdown(write(args, tasks, experts or manifest_experts(manifest, tasks), rows, time.perf_counter() - started)))
+
+
+def row_entries(method: str, metrics: dict, wall_s: float | None) -> dict[str, dict]:
+    """The table rows one run's ``metrics.json`` gives (two for Expert Merging++: its stage one)."""
+    accuracy = metrics["accuracy"]
+    start_label = next(k for k in accuracy if k != "expert (alone)")
+    entries = {}
+    for reported in RUNS[method]:
+        final = next(v for k, v in accuracy.items() if k.startswith(f"{reported} ("))
+        stage = "stage 1" if reported != method or "stage 2" not in metrics.get("safeguard", {}) else "stage 2"
+        guard = metrics.get("safeguard", {}).get(stage, {})
+        entries[reported] = {
+            "start_label": start_label,
+            "start": accuracy[start_label],
+            "learned": final,
+            "kept_step": guard.get("kept_step"),
+            "steps": metrics["steps"] if reported == method else None,
+            "batchnorm": metrics.get("batchnorm"),
+            "wall_s": wall_s if reported == method else None,
+            "measured_in": None if reported == method else f"the {method} run (its stage one)",
+        }
+    return entries
+
+
+def manifest_experts(manifest: dict, tasks: list[str]) -> dict[str, float]:
+    """The experts' own accuracies from the build's manifest (vision: ``tasks``; text: ``accuracy``)."""
+    if "tasks" in manifest and all(t in manifest["tasks"] for t in tasks):
+        return {t: manifest["tasks"][t]["accuracy"] for t in tasks}
+    return {}
+
+
+def write(args: argparse.Namespace, tasks: list[str], experts: dict, rows: dict, rows_s: float) -> dict:
+    """The results so far as ``--out`` JSON and Markdown (rewritten after every run)."""
     order = ["adamerging", "adamerging++", "atlas", "expert-merging", "expert-merging++"]
-    rows = {name: rows[name] for name in order if name in rows}
+    done = {}
+    for name in order:
+        if name in rows:
+            row = dict(rows[name])
+            for key in ("start", "learned"):
+                row[f"{key}_normalized"] = sum(row[key][t] / experts[t] for t in tasks) / len(tasks)
+            done[name] = row
     payload = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "benchmark": args.benchmark,
         "tasks": tasks,
         "experts": experts,
-        "rows_s": time.perf_counter() - started,
+        "rows_s": rows_s,
         "workers": args.workers,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "rows": rows,
+        "rows": done,
     }
-    table = markdown(payload)
-    write_results(args.out, payload, f"Command: `{payload['command']}`\n\n{table}\n")
-    print(table)
+    write_results(args.out, payload, f"Command: `{payload['command']}`\n\n{markdown(payload)}\n")
+    return payload
 
 
 def markdown(payload: dict) -> str:
