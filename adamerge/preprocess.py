@@ -23,7 +23,10 @@ of the model is ever built besides the result.
 
 Thresholds keep ties: an entry survives a trim if its magnitude is at least the ``n``-th largest
 magnitude, as in the TIES reference code, so slightly more than ``density`` may survive when
-magnitudes repeat.
+magnitudes repeat. How many entries ``n`` a density keeps out of ``P`` follows one of two
+conventions (:data:`TrimCount`): ``"ties"``, ``⌊density · P⌋ + 1``, is the TIES reference code's
+``topk_values_mask`` (also FusionBench's and AdaMerging++'s), the default of the TIES trim;
+``"floor"``, ``max(1, ⌊density · P⌋)``, is mergekit's ``magnitude`` and Breadcrumbs' count.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ __all__ = [
 TaskVectorMap = Mapping[str, torch.Tensor]
 Scope = Literal["model", "tensor"]
 SignRule = Literal["sum", "count"]
+TrimCount = Literal["ties", "floor"]
 LayerOf = Union[Callable[[str], Optional[int]], str, "re.Pattern[str]"]
 
 #: Default LiNeS depth pattern: the integer after a block container name (``blocks.3``,
@@ -156,34 +160,41 @@ def zeros_like_scalar(x: torch.Tensor) -> torch.Tensor:
 # sparsification: magnitude windows (TIES trim, Breadcrumbs) and DARE
 
 
-def kept_count(n: int, density: float) -> int:
-    """Number of entries a ``density`` keeps out of ``n``: ``max(1, ⌊density · n⌋)``.
+def kept_count(n: int, density: float, count: TrimCount = "floor") -> int:
+    """Number of entries a ``density`` keeps out of ``n``, at least one and at most ``n``.
 
-    At least one entry survives, as in the TIES reference code (its threshold becomes the maximum).
+    ``count="floor"``: ``⌊density · n⌋`` (mergekit). ``count="ties"``: ``⌊density · n⌋ + 1``, the
+    TIES reference code's ``topk_values_mask``, whose threshold is the ``(n − ⌊density · n⌋)``-th
+    smallest magnitude and which keeps every entry at or above it.
     """
-    return min(n, max(1, math.floor(density * n + _EPS_COUNT)))
+    if count not in ("ties", "floor"):
+        raise AdamergeError(f"count must be 'ties' or 'floor', got {count!r}")
+    floor = math.floor(density * n + _EPS_COUNT)
+    return min(n, floor + 1 if count == "ties" else max(1, floor))
 
 
-def _window_ranks(n: int, density: float, outlier_fraction: float) -> tuple[int, int]:
+def _window_ranks(n: int, density: float, outlier_fraction: float, count: TrimCount) -> tuple[int, int]:
     """Descending ranks (1-based) bounding the kept window: ``(first kept, last kept)``.
 
     The ``⌊outlier_fraction · n⌋`` largest entries are outliers; the next ``kept_count(n, density)``
     are kept. When both do not fit, fewer outliers are dropped (mergekit's convention), so
     ``density = 1`` keeps every entry.
     """
-    n_keep = kept_count(n, density)
+    n_keep = kept_count(n, density, count)
     n_top = min(math.floor(outlier_fraction * n + _EPS_COUNT), n - n_keep)
     return n_top + 1, n_top + n_keep
 
 
-def _window_of(magnitudes: torch.Tensor, density: float, outlier_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _window_of(
+    magnitudes: torch.Tensor, density: float, outlier_fraction: float, count: TrimCount
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Thresholds ``(lo, hi)`` per row of ``magnitudes`` ``(R, n)``: keep ``lo ≤ |τ| ≤ hi``.
 
     ``hi`` is the magnitude of the first kept rank and ``lo`` of the last, both found exactly with
     ``kthvalue`` (ascending rank ``n − r + 1`` is descending rank ``r``).
     """
     n = magnitudes.shape[-1]
-    first, last = _window_ranks(n, density, outlier_fraction)
+    first, last = _window_ranks(n, density, outlier_fraction, count)
     lo = magnitudes.kthvalue(n - last + 1, dim=-1).values  # (R,)
     hi = magnitudes.kthvalue(n - first + 1, dim=-1).values if first > 1 else magnitudes.amax(dim=-1)  # (R,)
     return lo, hi
@@ -194,6 +205,7 @@ def magnitude_windows(
     density: float,
     outlier_fraction: float = 0.0,
     scope: Scope = "model",
+    count: TrimCount = "floor",
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per tensor, the per-task magnitude thresholds ``(lo (K,), hi (K,))`` of a kept window.
 
@@ -206,6 +218,7 @@ def magnitude_windows(
         density: fraction of entries kept per task, in (0, 1].
         outlier_fraction: fraction of the largest entries dropped first, in [0, 1).
         scope: ``"model"`` or ``"tensor"``.
+        count: how many entries a density keeps (:func:`kept_count`).
 
     Returns:
         ``{name: (lo, hi)}``, float32 ``(K,)`` each; entry ``τ_k`` is kept iff ``lo_k ≤ |τ_k| ≤ hi_k``.
@@ -217,13 +230,13 @@ def magnitude_windows(
         windows = {}
         for name, x in items:
             magnitudes = x.detach().reshape(x.shape[0], -1).abs().float()  # (K, n)
-            windows[name] = _window_of(magnitudes, density, outlier_fraction)
+            windows[name] = _window_of(magnitudes, density, outlier_fraction, count)
         return windows
     num_tasks = items[0][1].shape[0]
     los, his = [], []
     for k in range(num_tasks):
         magnitudes = torch.cat([x[k].detach().reshape(-1).abs().float() for _, x in items])  # (P,)
-        lo, hi = _window_of(magnitudes.unsqueeze(0), density, outlier_fraction)  # (1,) each
+        lo, hi = _window_of(magnitudes.unsqueeze(0), density, outlier_fraction, count)  # (1,) each
         los.append(lo)
         his.append(hi)
         del magnitudes
@@ -239,17 +252,21 @@ def window_tensor(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.
     return torch.where(keep, x, zeros_like_scalar(x))
 
 
-def magnitude_trim(tv: TaskVectorMap, density: float, scope: Scope = "model") -> dict[str, torch.Tensor]:
+def magnitude_trim(
+    tv: TaskVectorMap, density: float, scope: Scope = "model", count: TrimCount = "ties"
+) -> dict[str, torch.Tensor]:
     """Keep the top-``density`` fraction of ``|τ_k|`` per task, zero the rest (TIES "trim").
 
-    By default the ranking runs over the whole model per task, as in the TIES and AdaMerging++
-    reference code (``topk_values_mask`` on the flattened model); ``scope="tensor"`` ranks within
-    each tensor instead (mergekit's per-tensor ``magnitude`` sparsification).
+    By default the ranking runs over the whole model per task and keeps ``⌊density · P⌋ + 1``
+    entries, as the TIES and AdaMerging++ reference code does (``topk_values_mask`` on the
+    flattened model); ``scope="tensor", count="floor"`` is mergekit's per-tensor ``magnitude``
+    sparsification.
 
     Args:
         tv: ``{name: Tensor(K, *shape)}``.
         density: fraction kept per task, in (0, 1]; 1 returns the input tensors unchanged.
         scope: ``"model"`` (default) or ``"tensor"``.
+        count: ``"ties"`` (default) or ``"floor"``, see :func:`kept_count`.
 
     Returns:
         ``{name: Tensor(K, *shape)}`` in the input dtype.
@@ -261,7 +278,7 @@ def magnitude_trim(tv: TaskVectorMap, density: float, scope: Scope = "model") ->
     if check_density(density) == 1.0:
         _check_scope(scope)
         return dict(items)
-    windows = magnitude_windows(tv, density, 0.0, scope)
+    windows = magnitude_windows(tv, density, 0.0, scope, count)
     return {name: window_tensor(x, *windows[name]) for name, x in items}
 
 
@@ -413,6 +430,7 @@ def ties(
     density: float = 0.2,
     rule: SignRule = "sum",
     scope: Scope = "model",
+    count: TrimCount = "ties",
 ) -> dict[str, torch.Tensor]:
     """TIES preprocessing (Yadav et al., 2023): trim, elect the sign, keep the agreeing entries.
 
@@ -426,12 +444,13 @@ def ties(
         density: fraction kept per task (TIES ``k = 20 %``), in (0, 1].
         rule: sign election rule, ``"sum"`` (TIES) or ``"count"``.
         scope: trim ranking over the ``"model"`` (TIES) or per ``"tensor"``.
+        count: entries kept per density, ``"ties"`` (the reference's) or ``"floor"``.
 
     Returns:
         ``{name: Tensor(K, *shape)}`` in the input dtype.
     """
     rule = _check_rule(rule)
-    trimmed = magnitude_trim(tv, density, scope)
+    trimmed = magnitude_trim(tv, density, scope, count)
     result = {}
     for name, x in trimmed.items():
         keep = agreement_tensor(x, elect_sign_tensor(x, rule))  # (K, *shape)

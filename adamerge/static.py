@@ -13,7 +13,9 @@ applied in that order, tensor by tensor:
   over the tasks whose entry survived);
 - ``scale`` λ: one float or one per task;
 - ``lines``: ``(α, β)`` LiNeS depth profile ``s(ℓ) = α + β·ℓ/(L−1)`` (α ``None``: the LiNeS
-  reference code's ``‖Σ_k τ_k‖₁ / (K‖τ_MTL‖₁)``), which replaces ``scale``.
+  reference code's ``‖Σ_k τ_k‖₁ / (K‖τ_MTL‖₁)``), which replaces ``scale``; tensors outside the
+  blocks (embeddings, final norm, projection, head) get α, as in the reference code
+  (``lines_unindexed="position"`` places them by their position instead).
 
 The published methods are presets of :class:`StaticMerge` in :data:`STATIC_METHODS`; run one
 with :func:`static_merge`. Tensors are processed one at a time, so apart from the result only
@@ -46,6 +48,8 @@ _CHOICES = {
     "mask": (None, "tall", "consensus"),
     "aggregate": ("sum", "mean", "disjoint_mean"),
     "scope": (None, "model", "tensor"),
+    "trim_count": (None, "ties", "floor"),
+    "lines_unindexed": ("first", "position"),
 }
 
 
@@ -61,6 +65,10 @@ class StaticMerge:
         density: fraction kept by ``"magnitude"`` and ``"breadcrumbs"``, in (0, 1].
         scope: ranking scope of ``"magnitude"``/``"breadcrumbs"``; ``None`` picks each one's own
             default (magnitude: ``"model"`` as TIES, breadcrumbs: ``"tensor"`` as its paper).
+        trim_count: entries a density keeps out of ``P`` (:func:`adamerge.preprocess.kept_count`):
+            ``"ties"`` ``⌊density·P⌋ + 1`` (the TIES reference code, FusionBench), ``"floor"``
+            ``⌊density·P⌋`` (mergekit); ``None``: ``"ties"`` for magnitude, ``"floor"`` for
+            breadcrumbs.
         outlier_fraction: largest magnitudes dropped by ``"breadcrumbs"``, in [0, 1).
         drop_rate: DARE drop probability, in [0, 1).
         rescale: DARE rescales survivors by 1/(1 − drop_rate).
@@ -76,11 +84,14 @@ class StaticMerge:
         num_layers: LiNeS ``L`` (default: parsed from the names).
         layer_of: LiNeS depth regex (one group) or callable; default
             :data:`adamerge.preprocess.DEFAULT_LAYER_PATTERN`.
+        lines_unindexed: LiNeS depth of tensors outside the blocks: ``"first"`` (α, the reference
+            code's rule) or ``"position"`` (before the first block α, after the last α + β).
     """
 
     sparsify: Sparsify | None = None
     density: float = 0.2
     scope: Literal["model", "tensor"] | None = None
+    trim_count: Literal["ties", "floor"] | None = None
     outlier_fraction: float = 0.01
     drop_rate: float = 0.5
     rescale: bool = True
@@ -94,6 +105,7 @@ class StaticMerge:
     lines: tuple[float | None, float] | None = None
     num_layers: int | None = None
     layer_of: str | Callable[[str], int | None] | None = None
+    lines_unindexed: Literal["first", "position"] = "first"
 
     def __post_init__(self) -> None:
         for field, choices in _CHOICES.items():
@@ -164,7 +176,8 @@ class StaticMerge:
             return None
         outliers = self.outlier_fraction if self.sparsify == "breadcrumbs" else 0.0
         scope = self.scope or ("model" if self.sparsify == "magnitude" else "tensor")
-        return pp.magnitude_windows(tv, self.density, outliers, scope)
+        count = self.trim_count or ("ties" if self.sparsify == "magnitude" else "floor")
+        return pp.magnitude_windows(tv, self.density, outliers, scope, count)
 
     def _rewrite(
         self,
@@ -206,7 +219,7 @@ class StaticMerge:
             if merged_norm == 0.0:
                 raise AdamergeError("the merged vector is all zeros: the automatic LiNeS α is undefined")
             alpha = summed_norm / (num_tasks * merged_norm)
-        scales = pp.lines_scaling(list(delta), alpha, beta, self.num_layers, self.layer_of)
+        scales = pp.lines_scaling(list(delta), alpha, beta, self.num_layers, self.layer_of, self.lines_unindexed)
         low, high = min(scales.values()), max(scales.values())
         logger.info("LiNeS: α = %.4g, β = %.4g, scales from %.4g to %.4g", alpha, beta, low, high)
         return {name: d * scales[name] for name, d in delta.items()}

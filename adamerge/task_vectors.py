@@ -87,6 +87,17 @@ def check_dtype(task: str, name: str, tensor: torch.Tensor, base: torch.Tensor) 
         )
 
 
+def task_difference(expert: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``θ_k − θ_0`` computed in the wider of both dtypes and float32.
+
+    float64 weights subtract in float64 (a difference of 1e-9 on a weight of 3 survives, where a
+    float32 subtraction would return 0); bfloat16/float16 ones in float32. The caller casts the
+    result to its storage dtype.
+    """
+    wide = torch.promote_types(torch.promote_types(expert.dtype, base.dtype), torch.float32)
+    return expert.to(wide) - base.to(wide)
+
+
 def _dtype_name(tensor: torch.Tensor) -> str:
     return str(tensor.dtype).removeprefix("torch.")
 
@@ -393,7 +404,7 @@ class TaskVectors(nn.Module):
                         f"the base has {tuple(base[name].shape)}"
                     )
                 check_dtype(task, name, state[name], base[name])
-                vectors[name][k] = state[name].float() - base[name].float()
+                vectors[name][k] = task_difference(state[name], base[name])
             del state
             logger.debug("task vector of %s computed", task)
         return cls(tasks, vectors)

@@ -199,9 +199,11 @@ def run(argv: list[str]) -> dict:
         process.join()
         output = log.read_text(errors="replace") if log.exists() else ""
     lines = [line for line in output.splitlines() if line.startswith("MEASURE ")]
-    if process.exitcode or not lines or json.loads(lines[-1][8:])["code"] != 0:
+    code = json.loads(lines[-1][8:])["code"] if lines else None
+    if process.exitcode or code != 0:
         sys.stderr.write(output[-6000:])
-        raise SystemExit(f"failed: adamerge {' '.join(argv[:4])} ... (exit code {process.exitcode})")
+        reason = f"exit code {code}" if code is not None else f"measuring process exit code {process.exitcode}"
+        raise SystemExit(f"failed: adamerge {' '.join(argv[:4])} ... ({reason})")
     return json.loads(lines[-1][8:])
 
 

@@ -183,3 +183,15 @@ def test_frozen_coefficients_keep_their_value():
     values = merged.coefficients()[0].detach()
     assert values[1] == pytest.approx(0.3) and values[3] == pytest.approx(0.3)
     assert values[0] != pytest.approx(0.3) and values[2] != pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("storage", [torch.float64, torch.float32])
+def test_float64_weights_subtract_in_float64(storage):
+    base = {"w": torch.full((4,), 3.0, dtype=torch.float64)}
+    expert = {"w": base["w"] + torch.tensor([1e-9, -2e-9, 0.0, 5e-10], dtype=torch.float64)}
+    tv = TaskVectors.from_states(base, {"a": expert}, ["w"], storage)
+    expected = (expert["w"] - base["w"]).to(storage)  # float32 subtraction would give exact zeros
+    assert torch.equal(tv["w"][0], expected) and expected.abs().sum() > 0
+    half = {"w": base["w"].to(torch.bfloat16)}
+    from_half = TaskVectors.from_states(base, {"a": half}, ["w"], storage)  # bf16 expert of a float64 base
+    assert torch.equal(from_half["w"][0], (half["w"].double() - base["w"]).to(storage))

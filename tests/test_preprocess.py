@@ -54,15 +54,16 @@ def cells(tv, k, names):
     return [(n, i, float(v)) for n in names for i, v in enumerate(tv[n][k].reshape(-1).tolist())]
 
 
-def naive_window(tv, density, outlier_fraction, scope):
-    """Per task: drop the ⌊γn⌋ largest |τ|, keep the next max(1, ⌊dn⌋), zero the rest."""
+def naive_window(tv, density, outlier_fraction, scope, count="floor"):
+    """Per task: drop the ⌊γn⌋ largest |τ|, keep the next max(1, ⌊dn⌋) (``count="ties"``: ⌊dn⌋ + 1), zero the rest."""
     out = {n: t.detach().clone().float() for n, t in tv.items()}
     groups = [list(tv)] if scope == "model" else [[n] for n in tv]
     for k in range(K):
         for group in groups:
             entries = cells(tv, k, group)
             n = len(entries)
-            n_keep = min(n, max(1, int(density * n + 1e-9)))
+            floor = int(density * n + 1e-9)
+            n_keep = min(n, floor + 1 if count == "ties" else max(1, floor))
             n_top = min(int(outlier_fraction * n + 1e-9), n - n_keep)
             ranked = sorted(entries, key=lambda c: -abs(c[2]))
             kept = {(c[0], c[1]) for c in ranked[n_top : n_top + n_keep]}
@@ -93,7 +94,7 @@ def per_entry(tv):
 
 
 def naive_ties(tv, density, rule="sum", scope="model"):
-    trimmed = naive_window(tv, density, 0.0, scope)
+    trimmed = naive_window(tv, density, 0.0, scope, count="ties")
     out = {n: torch.zeros_like(t) for n, t in trimmed.items()}
     for name, i, values in per_entry(trimmed):
         elected = naive_elect(values, rule)
@@ -132,7 +133,31 @@ def assert_same(actual: dict, expected: dict, exact: bool = True) -> None:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_magnitude_trim_matches_naive(scope, density, seed):
     tv = make_tv(seed)
-    assert_same(pp.magnitude_trim(tv, density, scope=scope), naive_window(tv, density, 0.0, scope))
+    assert_same(pp.magnitude_trim(tv, density, scope=scope), naive_window(tv, density, 0.0, scope, "ties"))
+    floor = pp.magnitude_trim(tv, density, scope=scope, count="floor")
+    assert_same(floor, naive_window(tv, density, 0.0, scope, "floor"))
+
+
+def reference_topk_values_mask(flat: torch.Tensor, density: float) -> torch.Tensor:
+    """The TIES reference code's trim rule on ``(K, P)``: keep ``|τ| ≥`` the ``(P − ⌊dP⌋)``-th smallest."""
+    k = flat.shape[1] - int(flat.shape[1] * density)
+    kth = flat.abs().kthvalue(k, dim=1, keepdim=True).values  # (K, 1)
+    return flat.abs() >= kth
+
+
+@pytest.mark.parametrize("density", [0.05, 0.2, 0.37, 0.9])
+def test_ties_trim_keeps_the_reference_count(density):
+    tv = make_tv(21)
+    flat = torch.cat([t.reshape(K, -1) for t in tv.values()], dim=1)  # (K, P)
+    expected = reference_topk_values_mask(flat, density)
+    trimmed = pp.magnitude_trim(tv, density)
+    kept = torch.cat([t.reshape(K, -1) != 0 for t in trimmed.values()], dim=1)
+    assert torch.equal(kept, expected)
+    assert kept.sum(dim=1).tolist() == [int(flat.shape[1] * density) + 1] * K
+    floor = pp.magnitude_trim(tv, density, count="floor")
+    assert [sum(int((t[k] != 0).sum()) for t in floor.values()) for k in range(K)] == [int(flat.shape[1] * density)] * K
+    with pytest.raises(AdamergeError, match="count"):
+        pp.magnitude_trim(tv, density, count="ceil")
 
 
 @pytest.mark.parametrize("scope", ["model", "tensor"])
@@ -144,7 +169,7 @@ def test_breadcrumbs_matches_naive(scope, density, outliers):
 
 def test_trim_default_scope_is_model_breadcrumbs_default_is_tensor():
     tv = make_tv(4)
-    assert_same(pp.magnitude_trim(tv, 0.3), naive_window(tv, 0.3, 0.0, "model"))
+    assert_same(pp.magnitude_trim(tv, 0.3), naive_window(tv, 0.3, 0.0, "model", "ties"))
     assert_same(pp.breadcrumbs(tv, 0.3, 0.1), naive_window(tv, 0.3, 0.1, "tensor"))
 
 
@@ -153,7 +178,7 @@ def test_model_scope_keeps_exact_fraction_per_task():
     total = sum(t[0].numel() for t in tv.values())
     trimmed = pp.magnitude_trim(tv, 0.2)
     for k in range(K):
-        assert sum(int((t[k] != 0).sum()) for t in trimmed.values()) == int(0.2 * total)
+        assert sum(int((t[k] != 0).sum()) for t in trimmed.values()) == int(0.2 * total) + 1
 
 
 @pytest.mark.parametrize("scope", ["model", "tensor"])
@@ -168,6 +193,7 @@ def test_trim_keeps_ties_and_at_least_one_entry():
     # n = 1 in "b" and density 0.2: still one entry kept; the tie at |1.0| in "a" is kept whole
     expected = {"a": tv["a"] * torch.tensor([1.0, 1, 1, 0]), "b": tv["b"]}
     assert_same(pp.magnitude_trim(tv, 0.2, scope="tensor"), expected)
+    assert_same(pp.magnitude_trim(tv, 0.2, scope="tensor", count="floor"), expected)
 
 
 @pytest.mark.parametrize("density", [0.0, -0.1, 1.5, float("nan")])
@@ -461,7 +487,7 @@ def test_bf16_input_matches_float_reference(device):
     as_float = {n: t.float().cpu() for n, t in tv.items()}
     trimmed = pp.magnitude_trim(tv, 0.2)
     assert all(t.dtype == torch.bfloat16 and t.device.type == device for t in trimmed.values())
-    assert_same(trimmed, naive_window(as_float, 0.2, 0.0, "model"))
+    assert_same(trimmed, naive_window(as_float, 0.2, 0.0, "model", "ties"))
     assert_same(pp.breadcrumbs(tv, 0.4, 0.1), naive_window(as_float, 0.4, 0.1, "tensor"))
     assert_same(pp.ties(tv, 0.3), naive_ties(as_float, 0.3))
     assert_same(pp.tall_masks(tv), naive_tall(as_float, [0.4] * K))

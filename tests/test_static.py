@@ -20,13 +20,13 @@ SHAPES = {
     "blocks.2.attn.weight": (2, 2),
     "head.weight": (4,),
 }
-DEPTH = {  # LiNeS depth, L = 3
+DEPTH = {  # LiNeS depth, L = 3, by the reference code's rule: tensors outside the blocks get α
     "embed.weight": 0,
     "blocks.0.attn.weight": 0,
     "blocks.0.mlp.weight": 0,
     "blocks.1.attn.weight": 1,
     "blocks.2.attn.weight": 2,
-    "head.weight": 2,
+    "head.weight": 0,
 }
 
 
@@ -43,16 +43,20 @@ def sign(v: float) -> float:
     return float((v > 0) - (v < 0))
 
 
-def naive_trim(tv, density, scope="model", outliers=0.0):
-    """Per task, rank |τ| over the model (or tensor) and keep ranks [⌊γn⌋, ⌊γn⌋ + ⌊dn⌋)."""
+def naive_trim(tv, density, scope="model", outliers=0.0, count="ties"):
+    """Per task, rank |τ| over the model (or tensor) and keep ranks [⌊γn⌋, ⌊γn⌋ + n_keep).
+
+    ``n_keep`` is ``⌊dn⌋ + 1`` for ``count="ties"`` (the TIES reference), ``max(1, ⌊dn⌋)`` for ``"floor"``.
+    """
     out = {n: t.clone().float() for n, t in tv.items()}
     groups = [list(tv)] if scope == "model" else [[n] for n in tv]
-    for k in range(K):
+    for k in range(next(iter(tv.values())).shape[0]):
         for group in groups:
             entries = [(n, i, abs(v)) for n in group for i, v in enumerate(tv[n][k].reshape(-1).tolist())]
-            count = len(entries)
-            keep = min(count, max(1, int(density * count + 1e-9)))
-            top = min(int(outliers * count + 1e-9), count - keep)
+            size = len(entries)
+            floor = int(density * size + 1e-9)
+            keep = min(size, floor + 1 if count == "ties" else max(1, floor))
+            top = min(int(outliers * size + 1e-9), size - keep)
             kept = {(n, i) for n, i, _ in sorted(entries, key=lambda e: -e[2])[top : top + keep]}
             for n, i, _ in entries:
                 if (n, i) not in kept:
@@ -179,9 +183,9 @@ def test_dare_ties_combination():
 @pytest.mark.parametrize("scope", [None, "tensor", "model"])
 def test_breadcrumbs_preset_matches_naive(scope):
     tv = make_tv(8)
-    expected = scaled(naive_merge(naive_trim(tv, 0.15, scope or "tensor", outliers=0.006)), 0.2)
+    expected = scaled(naive_merge(naive_trim(tv, 0.15, scope or "tensor", outliers=0.006, count="floor")), 0.2)
     assert_close(static_merge("breadcrumbs", tv, scope=scope), expected)
-    wide = scaled(naive_merge(naive_trim(tv, 0.5, scope or "tensor", outliers=0.1)), 0.2)
+    wide = scaled(naive_merge(naive_trim(tv, 0.5, scope or "tensor", outliers=0.1, count="floor")), 0.2)
     assert_close(static_merge("breadcrumbs", tv, scope=scope, density=0.5, outlier_fraction=0.1), wide)
 
 
@@ -211,6 +215,27 @@ def test_lines_preset_scales_task_arithmetic_by_depth():
     tv = make_tv(12)
     factor = {n: 1 / K + 0.5 * DEPTH[n] / 2 for n in tv}  # automatic α = 1/K for task arithmetic
     assert_close(static_merge("lines", tv), scaled({n: t.sum(0) for n, t in tv.items()}, factor))
+
+
+def test_lines_reference_rule_and_position_rule():
+    tv = make_tv(16)
+    summed = {n: t.sum(0) for n, t in tv.items()}
+    # the reference: "head.weight", after the last block, keeps α (not α + β)
+    reference = static_merge("lines", tv, lines=(0.125, 0.5))
+    torch.testing.assert_close(reference["head.weight"], 0.125 * summed["head.weight"])
+    position = static_merge("lines", tv, lines=(0.125, 0.5), lines_unindexed="position")
+    torch.testing.assert_close(position["head.weight"], 0.625 * summed["head.weight"])
+    torch.testing.assert_close(position["blocks.1.attn.weight"], reference["blocks.1.attn.weight"])
+
+
+def test_ties_trim_count_options():
+    tv = make_tv(17)
+    total = sum(t[0].numel() for t in tv.values())
+    for count, kept in (("ties", int(0.2 * total) + 1), ("floor", int(0.2 * total))):
+        merge = StaticMerge(sparsify="magnitude", density=0.2, trim_count=count, scale=1.0)
+        delta = merge.merged_delta({n: t[:1] for n, t in tv.items()})  # one task: the trim alone
+        assert sum(int((d != 0).sum()) for d in delta.values()) == kept
+        assert_close(delta, {n: t.sum(0) for n, t in naive_trim({n: t[:1] for n, t in tv.items()}, 0.2, count=count).items()})
 
 
 def test_lines_explicit_alpha_and_automatic_alpha_after_ties():

@@ -33,7 +33,14 @@ from torch import nn
 
 from adamerge.checkpoints import check_finite_tensors
 from adamerge.errors import AdamergeError, CheckpointError, IncompatibleExpertError
-from adamerge.task_vectors import FactoredDelta, LowRankFactor, StateSource, TaskVectors, check_expert_keys
+from adamerge.task_vectors import (
+    FactoredDelta,
+    LowRankFactor,
+    StateSource,
+    TaskVectors,
+    check_expert_keys,
+    task_difference,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +337,7 @@ def _read_dense(
         state = source() if callable(source) else source
         check_expert_keys(base_state, state, task, head_names)
         for name in names:
-            rows[name][j] = state[name].float() - base_state[name].float()
+            rows[name][j] = task_difference(state[name], base_state[name])
         heads[task] = {n: state[n].detach().clone() for n in head_names}
         del state
     return rows, heads
