@@ -18,3 +18,5 @@ TASK_VECTOR_DTYPES = ("float32", "bfloat16", "float16")
 CONSTRAINTS = ("none", "clamp", "sigmoid")
 #: The forms ``--granularity`` accepts (see :func:`adamerge.granularity.parse_granularity`).
 GRANULARITY_FORMS = ("task", "layer", "tensor", "group:REGEX[;REGEX...]", "chunk:N", "partition:N")
+#: ``--align-modules`` name of the features entering a task's head (see :mod:`adamerge.hooks`).
+HEAD_INPUT = "<head input>"

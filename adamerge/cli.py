@@ -1,8 +1,9 @@
 """The ``adamerge`` command line (jsonargparse: typed options, ``--config FILE.yaml``,
 ``--print_config``). Nothing imports this module; the work is done by importable functions.
 
-The parser is built from torch-free modules only (:mod:`adamerge.choices`, the method
-registries' names), so ``adamerge fit --help`` answers at once. Boolean options take the bare
+The parser is derived from the settings dataclasses (:mod:`adamerge.settings`: one option per
+field, its help the field's docstring entry) and built from torch-free modules only (the method
+registry's names), so ``adamerge fit --help`` answers at once. Boolean options take the bare
 flag (``--overwrite``), its negation (``--no-overwrite``) or a value (``--overwrite true``, as YAML
 writes it). SIGTERM, SIGHUP and SIGINT (Ctrl-C) stop a run alike: the temporary output is removed,
 the error line says what was kept, and the exit code is 128 + the signal number.
@@ -11,9 +12,12 @@ the error line says what was kept, and the exit code is 128 + the signal number.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
+import types
+import typing
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,8 +25,8 @@ from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from adamerge.choices import BATCHNORM_POLICIES, CONSTRAINTS, GRANULARITY_FORMS, TASK_VECTOR_DTYPES
 from adamerge.errors import AdamergeError, Terminated
+from adamerge.settings import FitSettings, MergeSettings, field_help
 
 logger = logging.getLogger("adamerge")
 
@@ -40,106 +44,74 @@ def _choices(names: Sequence[str]) -> Any:
     return Literal[tuple(names)]  # help shows {a,b,c}
 
 
-def _common_arguments(parser: ArgumentParser) -> None:
+def _method_help(help: str, learned: bool) -> str:
+    from adamerge.methods import method_names
+
+    return f"{help} {{{','.join(method_names(learned))}}}"
+
+
+def add_settings_arguments(parser: ArgumentParser, settings: type, learned: bool) -> None:
+    """One option per field of the settings dataclass ``settings``, in declaration order.
+
+    The help is the field's docstring entry, the type and default the field's, the choices and
+    the command-line shape (``nargs``, ``metavar``) its :func:`adamerge.settings.option` metadata;
+    booleans take ``--name``, ``--no-name`` or ``--name true|false``.
+    """
+    hints = typing.get_type_hints(settings)
+    helps = field_help(settings)
+    for spec in dataclasses.fields(settings):
+        name, hint, meta = spec.name, hints[spec.name], spec.metadata
+        flag = name.replace("_", "-")
+        text = helps[name].replace("``", "")  # the docstring's RST literals, plain on a terminal
+        help = text if name != "method" else _method_help(text, learned)
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        required = default is dataclasses.MISSING
+        if hint is bool:
+            _flag(parser, flag, bool(default), help)
+            continue
+        optional = type(None) in typing.get_args(hint)
+        if meta.get("choices"):
+            kind: Any = _choices(meta["choices"]) | None if optional else _choices(meta["choices"])
+        elif meta.get("nargs") is not None:
+            element = typing.get_args(hint)[0] if typing.get_origin(hint) in (tuple, typing.Union, types.UnionType) else str
+            kind = typing.get_args(element)[0] if typing.get_origin(element) is tuple else element
+            kind = str if kind is str or typing.get_origin(hint) is dict else kind
+        else:
+            kind = hint
+        extra = {k: meta[k] for k in ("nargs", "metavar") if meta.get(k) is not None}
+        if required:
+            parser.add_argument(f"--{flag}", type=kind, required=True, help=help, **extra)
+        else:
+            parser.add_argument(f"--{flag}", type=kind, default=list(default) if isinstance(default, tuple) else default, help=help, **extra)
+
+
+def _parser(settings: type, description: str, learned: bool) -> ArgumentParser:
+    parser = ArgumentParser(description=description)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of these options")
-    parser.add_argument(
-        "--base", type=str, required=True, help="ARCH@WEIGHTS (torchvision:mobilenet_v2@base.pth), open_clip:ARCH@FILE or hf:DIR"
-    )
-    parser.add_argument("--base-kwargs", type=dict, default={}, help="constructor keyword arguments of ARCH")
-    parser.add_argument(
-        "--experts", type=str, nargs="+", required=True,
-        help="NAME=PATH (or NAME=hf:DIR, NAME=peft:ADAPTER_DIR) per expert; NAME: letters, digits, _ . + - (1-64)",
-    )
-    _flag(parser, "trust-pickles", False, "accept checkpoint files holding pickled Python objects (whole modules): "
-          "loading them runs code from the file, so only for files you trust")
-    parser.add_argument("--eval", type=Path | None, default=None, help="folder <task>/<class>/<file> of labelled data")
-    parser.add_argument("--head-pattern", type=str | None, default=None, help="regex of task-specific tensors")
-    parser.add_argument(
-        "--task-specific", type=str | None, default=None,
-        help="merged tensors each task keeps from its own expert: batchnorm (every BatchNorm layer's weight and bias), norm, or a regex",
-    )
-    parser.add_argument(
-        "--batchnorm", type=_choices(BATCHNORM_POLICIES), default="auto",
-        help="BatchNorm statistics policy (auto: per-task when every task has its own head, else reestimate)",
-    )
-    parser.add_argument(
-        "--image-size", type=int | None, default=None,
-        help="square input side of image experts (default: the model's metadata, else the calibration images' common size, else 224)",
-    )
-    parser.add_argument("--image-mean", type=float, default=None, nargs=3, help="normalisation mean per RGB channel (default: the model's, else ImageNet's)")
-    parser.add_argument("--image-std", type=float, default=None, nargs=3, help="normalisation std per RGB channel (default: the model's, else ImageNet's)")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per example (text experts)")
-    parser.add_argument("--eval-batch-size", type=int, default=128, help="inputs per evaluation batch")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, required=True, help="output folder (refused if it exists)")
-    _flag(parser, "overwrite", False, "replace an existing output folder")
-
-
-def _merge_parser() -> ArgumentParser:
-    from adamerge.static_presets import STATIC_PRESETS
-
-    parser = ArgumentParser(description="Merge experts with a static method (no training).")
-    _common_arguments(parser)
-    parser.add_argument("--method", type=_choices(sorted(STATIC_PRESETS)), required=True, help="static merge")
-    parser.add_argument("--options", type=dict, default={}, help="method options, e.g. {scale: 0.4, density: 0.2}")
-    parser.add_argument(
-        "--calib", type=Path | None, default=None,
-        help="unlabeled data per task, for BatchNorm statistics (needed by models with BatchNorm under "
-        "--batchnorm reestimate / per-task)",
-    )
-    parser.add_argument("--batch-size", type=int, default=64, help="inputs per batch of BatchNorm re-estimation")
+    add_settings_arguments(parser, settings, learned)
     return parser
 
 
-def _fit_parser() -> ArgumentParser:
-    from adamerge.methods import METHODS
-
-    parser = ArgumentParser(description="Learn merging coefficients of fine-tuned experts on unlabeled data.")
-    _common_arguments(parser)
-    parser.add_argument("--calib", type=Path, required=True, help="folder with one sub-folder of unlabeled data per expert")
-    parser.add_argument("--method", type=_choices(sorted(METHODS)), default="adamerging", help="learned-coefficient method")
-    parser.add_argument("--granularity", type=str, default="layer", help=" | ".join(GRANULARITY_FORMS) + " (layer = one λ per tensor)")
-    parser.add_argument("--init", type=float | None, default=None, help="initial λ (method default)")
-    parser.add_argument("--constraint", type=_choices(CONSTRAINTS) | None, default=None, help="constraint g of λ (method default)")
-    parser.add_argument("--task-vector-dtype", type=_choices(TASK_VECTOR_DTYPES), default="float32", help="storage of the task vectors")
-    parser.add_argument("--steps", type=int, default=500, help="optimisation steps")
-    parser.add_argument("--lr", type=float | None, default=None, help="learning rate (method default)")
-    parser.add_argument("--batch-size", type=int, default=16, help="calibration inputs per task per step")
-    parser.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
-    parser.add_argument("--accelerator", type=str, default="auto", help="Lightning accelerator: auto, cpu, gpu, ...")
-    parser.add_argument("--devices", type=int | str, default="auto", help="Lightning devices")
-    parser.add_argument("--strategy", type=str, default="auto", help="Lightning strategy: auto, ddp, ...")
-    parser.add_argument("--shots", type=int | None, default=None, help="atlas few-shot: labelled images per class")
-    parser.add_argument("--calib-limit", type=int | None, default=None, help="calibration inputs per task the objective trains on (seeded subset; BatchNorm statistics use them all)")
-    parser.add_argument("--pseudo-label-threshold", type=float, default=0.99, help="atlas test-time adaptation")
-    parser.add_argument(
-        "--align-modules", type=list[str], default=["<head input>"], help="expert-merging: hidden states aligned"
-    )
-    parser.add_argument("--temperature", type=float, default=1.0, help="expert-merging: distillation T")
-    parser.add_argument("--gamma", type=float, default=5.0, help="expert-merging: coefficient regulariser weight")
-    parser.add_argument("--task-weights", type=dict[str, float], default={}, help="weight of each task's loss, e.g. {mnist: 2} (every method; expert-merging's β; default 1)")
-    parser.add_argument("--chunk-budget", type=int | None, default=None, help="expert-merging++: chunk budget B")
-    parser.add_argument("--chunk-kappa", type=float, default=1.0, help="expert-merging++: importance sharpness κ")
-    _flag(parser, "eval-experts", True, "also evaluate each expert alone")
-    _flag(parser, "eval-init", True, "also evaluate the initial merge (λ = init)")
-    _flag(parser, "group-by-length", False, "text: training batches of texts of similar length")
-    _flag(parser, "progress-bar", True, "a live bar of the training steps (interactive terminals)")
-    parser.add_argument(
-        "--holdout", type=float, default=0.1,
-        help="share of each task's calibration inputs held out to keep the λ that agrees best with the experts (start included; 0: off)",
-    )
-    _flag(parser, "resume", False, "continue an interrupted fit of the same settings and --output from its last checkpoint")
-    parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between the λ-only resume checkpoints (0: only at the end)")
-    return parser
+def as_settings(settings: type, values: dict[str, Any]) -> Any:
+    """The settings object of parsed option ``values`` (lists back to tuples, experts to a mapping)."""
+    hints = typing.get_type_hints(settings)
+    converted = dict(values)
+    for name, value in values.items():
+        if isinstance(value, list) and tuple in (typing.get_origin(hints[name]), *map(typing.get_origin, typing.get_args(hints[name]))):
+            converted[name] = tuple(value)
+    converted["experts"] = parse_experts(values["experts"])
+    return settings(**converted)
 
 
 def build_parser() -> ArgumentParser:
-    """The top-level parser with its subcommands."""
+    """The top-level parser with its subcommands, derived from :mod:`adamerge.settings`."""
     parser = ArgumentParser(prog="adamerge", description="Test-time adaptive model merging.")
     parser.add_argument("--log-level", type=str, default="INFO", help="DEBUG | INFO | WARNING")
     subcommands = parser.add_subcommands(dest="command")
-    subcommands.add_subcommand("fit", _fit_parser(), help="learn merging coefficients and export the merged model")
-    subcommands.add_subcommand("merge", _merge_parser(), help="static merge (average, task arithmetic, TIES, ...)")
+    fit = _parser(FitSettings, "Learn merging coefficients of fine-tuned experts on unlabeled data.", learned=True)
+    merge = _parser(MergeSettings, "Merge experts with a static method (no training).", learned=False)
+    subcommands.add_subcommand("fit", fit, help="learn merging coefficients and export the merged model")
+    subcommands.add_subcommand("merge", merge, help="static merge (average, task arithmetic, TIES, ...)")
     return parser
 
 
@@ -194,16 +166,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = Path(options["output"])
     try:
         with _signals_as_exceptions():
-            options["experts"] = parse_experts(options["experts"])
             if args.command == "fit":
-                from adamerge.fit import FitSettings, run_fit
+                from adamerge.fit import run_fit
 
-                options["align_modules"] = tuple(options["align_modules"])
-                run_fit(FitSettings(**options))
+                run_fit(as_settings(FitSettings, options))
             else:
-                from adamerge.static_run import MergeSettings, run_merge
+                from adamerge.static_run import run_merge
 
-                run_merge(MergeSettings(**options))
+                run_merge(as_settings(MergeSettings, options))
     except AdamergeError as error:
         logger.error("%s", error)
         return 2

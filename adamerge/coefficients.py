@@ -1,6 +1,6 @@
 """The learnable merging coefficients λ: a ``(K, G)`` parameter and its constraint ``g``.
 
-Constraints (DESIGN §1): ``none`` (aTLAS), ``clamp`` to [0, 1] (AdaMerging: the raw value is
+Constraints: ``none`` (aTLAS), ``clamp`` to [0, 1] (AdaMerging: the raw value is
 clamped in the forward pass, so a coefficient outside the range receives no gradient, as in the
 official code) and ``sigmoid`` (Expert Merging: the raw value is a logit).
 """

@@ -92,10 +92,8 @@ def _decodes(path: Path) -> bool:
     stream); those would fail in ``__getitem__``, mid-training. Decoding every file once while the
     folder is scanned keeps the dataset's items fixed before any sampler, shard or label count is
     built from them (each DDP rank finds the same list), where a fallback at ``__getitem__`` time
-    would have to substitute another image (and, for evaluation, count its label twice). Measured
-    on 500 random-pixel PNGs (one core): 32x32, 17-20 ms with ``verify()`` alone, 40 ms with both;
-    224x224, 50-80 ms alone, 0.41 s with both (under 1 ms per image, paid once when the dataset
-    is built).
+    would have to substitute another image (and, for evaluation, count its label twice). The cost
+    is well under a millisecond per image, paid once when the dataset is built.
 
     Headers declaring more than twice ``Image.MAX_IMAGE_PIXELS`` pixels (PIL's decompression-bomb
     limit) are skipped, naming the declared size; between one and two times the limit PIL only
@@ -402,8 +400,7 @@ class MultiTaskDataModule(L.LightningDataModule):
 
         ``limit_per_task`` limits what the objective trains on (Expert Merging's few samples per
         task), not the statistics: running means and variances from 10 images per task are noise
-        (on the vision benchmark, Expert Merging with 10 images per task: 73.8 % normalized with
-        statistics from those 10, 86.3 % with all 500; see the README's *BatchNorm*). Few-shot
+        (see the README's *BatchNorm*). Few-shot
         data stays the shots: the rest of a labelled folder is not the user's to spend.
         """
         self.setup("fit")

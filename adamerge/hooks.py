@@ -8,9 +8,10 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from adamerge.choices import HEAD_INPUT
 from adamerge.errors import AdamergeError
 
-HEAD_INPUT = "<head input>"
+__all__ = ["HEAD_INPUT", "capture_hidden"]
 
 
 @contextlib.contextmanager

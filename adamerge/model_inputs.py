@@ -93,11 +93,11 @@ def uses_channels_last(module: nn.Module, inputs: Inputs) -> bool:
 
     It does for an image batch ``(B, C, H, W)`` of floats on the CPU into a model with a
     :class:`torch.nn.Conv2d`, while :data:`CHANNELS_LAST_ON_CPU` is on, and then
-    - without gradients (evaluation, BatchNorm statistics, an expert's targets) always: 1.3-1.7×
-      faster for MobileNetV2, EfficientNet-B0, ResNet-18 and VGG-11 (``benchmarks/channels_last.py``);
+    - without gradients (evaluation, BatchNorm statistics, an expert's targets) always: faster for
+      every convolutional network measured (``benchmarks/channels_last.py``);
     - with gradients (a fit's steps) only if a convolution is grouped (depthwise, as in
-      MobileNetV2 and EfficientNet: 1.3× and 1.1× faster), not for dense convolutions only, whose
-      backward is slower in it (ResNet-18 0.74×, VGG-11 0.96×).
+      MobileNetV2 and EfficientNet), not for dense convolutions only, whose backward is slower in
+      it (measurements: ``benchmarks/RESULTS.md``).
 
     On CUDA, cuDNN's float32 convolutions gain little from the layout, so it is left to the user.
     """

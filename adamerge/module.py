@@ -226,13 +226,14 @@ class MergingModule(L.LightningModule):
         self._eval_merged = self.merged.merged_tensors()
 
     @torch.no_grad()
-    def reestimate_batchnorm(self) -> None:
-        """Recompute BatchNorm statistics on the datamodule's calibration data (once per value of λ)."""
+    def reestimate_batchnorm(self, loaders: Mapping[str, Any] | None = None) -> None:
+        """Recompute BatchNorm statistics (once per value of λ) on ``{task: loader}`` of unlabeled
+        inputs, by default the attached trainer's datamodule's calibration data."""
         current = self.merged.coefficients.raw.detach()
         if self._bn_estimated_for is not None and torch.equal(self._bn_estimated_for, current):
             return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        loaders = statistics_loaders_of(datamodule)
+        if loaders is None:
+            loaders = statistics_loaders_of(getattr(self._trainer, "datamodule", None))
         if loaders is None:
             logger.warning(
                 "batchnorm policy %r needs a datamodule with statistics_loaders() or calibration_loaders(); skipped",

@@ -1,4 +1,4 @@
-"""Per-task training objectives for the coefficients (DESIGN §1 "objective").
+"""Per-task training objectives for the coefficients.
 
 An objective turns one task's model outputs on one task batch into a scalar; it may also ask for
 hidden states (``hidden_modules``: outputs of named sub-modules, ``"<head input>"``: the features

@@ -18,7 +18,6 @@ import torch
 from adamerge.choices import BATCHNORM_POLICIES, CONSTRAINTS, TASK_VECTOR_DTYPES
 from adamerge.errors import AdamergeError, DataError
 from adamerge.granularity import parse_granularity
-from adamerge.methods import METHODS
 from adamerge.model_inputs import as_logits
 from adamerge.task_names import check_task_names
 
@@ -84,7 +83,6 @@ def check_common_settings(settings: Any) -> None:
 def check_fit_settings(settings: Any) -> None:
     """Every ``adamerge fit`` option whose value can be checked without loading anything."""
     check_common_settings(settings)
-    _choice(settings, "method", tuple(METHODS))
     _choice(settings, "task_vector_dtype", TASK_VECTOR_DTYPES)
     _choice(settings, "constraint", CONSTRAINTS)
     parse_granularity(settings.granularity)

@@ -2,7 +2,8 @@
 
     θ = θ_0 + merged_delta,    merged_delta = s(ℓ) · AGG_k( λ_k · M_k ⊙ E_k ⊙ S(τ_k) )
 
-applied in that order, tensor by tensor:
+applied in that order, tensor by tensor, which is task arithmetic with fixed λ on rewritten task
+vectors: ``merged_delta = Σ_k λ_k τ'_k`` (:meth:`StaticMerge.rewrite`, :meth:`StaticMerge.coefficients`):
 
 - ``sparsify`` S: none, ``"magnitude"`` (TIES trim), ``"dare"``, ``"breadcrumbs"``;
 - ``sign`` E: none, or keep the entries agreeing with the sign elected (``"sum"``/``"count"``)
@@ -138,10 +139,66 @@ class StaticMerge:
 
     # ------------------------------------------------------------------------------------------
 
+    def is_linear(self) -> bool:
+        """Whether the merge is ``Σ_k c_k τ_k`` of the unchanged task vectors (average, task arithmetic)."""
+        return self.sparsify is None and self.sign is None and self.mask is None and self.lines is None and (
+            self.aggregate != "disjoint_mean"
+        )
+
+    def coefficients(self, num_tasks: int, like: torch.Tensor | None = None) -> torch.Tensor:
+        """The fixed λ ``(K,)`` of the merge ``θ_0 + Σ_k λ_k τ'_k`` over the rewritten vectors τ'.
+
+        ``scale`` per task, divided by K for ``aggregate="mean"``.
+        """
+        like = torch.zeros(()) if like is None else like
+        weights = pp.per_task_values(self.scale, num_tasks, "scale", like).float()  # (K,)
+        return weights / num_tasks if self.aggregate == "mean" else weights
+
+    def rewrite(self, tv: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The rewritten task vectors τ' with ``merged_delta = Σ_k λ_k τ'_k`` (λ: :meth:`coefficients`).
+
+        Sparsification, the sign filter and the masks zero entries of each τ_k; the disjoint mean
+        divides each entry by the number of tasks that kept it; LiNeS multiplies each tensor by
+        its depth scale. So every static merge is task arithmetic, with λ fixed, on its own
+        rewritten vectors, and runs through the same :class:`~adamerge.merged_model.MergedModel`
+        as a learned merge.
+
+        Args:
+            tv: ``{name: Tensor(K, *shape)}`` in model order (a ``TaskVectors`` store works too).
+
+        Returns:
+            ``{name: Tensor(K, *shape)}`` in model order and the input dtype (computed in float32
+            or wider).
+
+        Raises:
+            AdamergeError: invalid ``tv``, or per-task ``scale``/``mask_lambdas`` of the wrong length.
+        """
+        items = pp.as_items(tv)
+        first = items[0][1]
+        num_tasks = first.shape[0]
+        weights = self.coefficients(num_tasks, first)  # (K,)
+        lambdas = pp.per_task_values(self.mask_lambdas, num_tasks, "mask_lambdas", first)  # (K,)
+        windows = self._windows(tv)
+        generator = pp.make_generator(self.seed, first.device) if self.sparsify == "dare" else None
+        rewritten, summed_norm, merged_norm = {}, 0.0, 0.0
+        for name, x in items:
+            y = self._rewrite(name, x, windows, generator, lambdas)  # (K, *shape)
+            if self.aggregate == "disjoint_mean":
+                wide = torch.promote_types(y.dtype, torch.float32)
+                y = y.to(wide) / (y != 0).sum(dim=0).clamp_min(1)  # (K, *shape) / (*shape)
+            if self.lines is not None and self.lines[0] is None:
+                summed_norm += float(x.sum(dim=0, dtype=torch.float32).abs().sum())
+                merged_norm += float(torch.tensordot(weights, y.float(), dims=1).abs().sum())
+            rewritten[name] = y
+        if self.lines is not None:
+            scales = self._lines_scales(list(rewritten), summed_norm, merged_norm, num_tasks)
+            rewritten = {name: y * scales[name] for name, y in rewritten.items()}
+        return {name: y.to(x.dtype) for (name, y), (_, x) in zip(rewritten.items(), items)}
+
     def merged_delta(
         self, tv: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
     ) -> dict[str, torch.Tensor]:
-        """The merged task vector, ``θ = θ_0 + merged_delta``.
+        """The merged task vector, ``θ = θ_0 + merged_delta = θ_0 + Σ_k λ_k τ'_k``.
 
         Args:
             tv: ``{name: Tensor(K, *shape)}`` in model order (a ``TaskVectors`` store works too).
@@ -155,21 +212,10 @@ class StaticMerge:
         """
         items = pp.as_items(tv)
         first = items[0][1]
-        weights = pp.per_task_values(self.scale, first.shape[0], "scale", first)  # (K,)
-        lambdas = pp.per_task_values(self.mask_lambdas, first.shape[0], "mask_lambdas", first)  # (K,)
-        windows = self._windows(tv)
-        generator = pp.make_generator(self.seed, first.device) if self.sparsify == "dare" else None
-        delta, summed_norm, merged_norm = {}, 0.0, 0.0
-        for name, x in items:
-            kept = self._rewrite(name, x, windows, generator, lambdas)  # (K, *shape)
-            delta[name] = self._aggregate(kept, weights)  # (*shape) float32
-            if self.lines is not None and self.lines[0] is None:
-                summed_norm += float(x.sum(dim=0, dtype=torch.float32).abs().sum())
-                merged_norm += float(delta[name].abs().sum())
-        if self.lines is not None:
-            delta = self._apply_lines(delta, summed_norm, merged_norm, first.shape[0])
+        weights = self.coefficients(first.shape[0], first).to(first.device)  # (K,)
         out_dtype = first.dtype if dtype is None else dtype
-        return {name: d.to(out_dtype) for name, d in delta.items()}
+        rewritten = dict(items) if self.is_linear() else self.rewrite(tv)
+        return {name: torch.tensordot(weights, y.float(), dims=1).to(out_dtype) for name, y in rewritten.items()}
 
     def _windows(self, tv: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
         if self.sparsify not in ("magnitude", "breadcrumbs") or self.density == 1.0:
@@ -202,28 +248,18 @@ class StaticMerge:
             y = torch.where(active, y, pp.zeros_like_scalar(y))
         return y
 
-    def _aggregate(self, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Combine ``y`` ``(K, *shape)`` over tasks with per-task ``weights`` ``(K,)``, in float32."""
-        total = torch.tensordot(weights, y.float(), dims=1)  # (*shape)
-        if self.aggregate == "mean":
-            return total / y.shape[0]
-        if self.aggregate == "disjoint_mean":
-            return total / (y != 0).sum(dim=0).clamp_min(1)  # (*shape)
-        return total
-
-    def _apply_lines(
-        self, delta: dict[str, torch.Tensor], summed_norm: float, merged_norm: float, num_tasks: int
-    ) -> dict[str, torch.Tensor]:
+    def _lines_scales(
+        self, names: list[str], summed_norm: float, merged_norm: float, num_tasks: int
+    ) -> dict[str, float]:
         alpha, beta = self.lines
         if alpha is None:
             if merged_norm == 0.0:
                 raise AdamergeError("the merged vector is all zeros: the automatic LiNeS α is undefined")
             alpha = summed_norm / (num_tasks * merged_norm)
-        scales = pp.lines_scaling(list(delta), alpha, beta, self.num_layers, self.layer_of, self.lines_unindexed)
+        scales = pp.lines_scaling(names, alpha, beta, self.num_layers, self.layer_of, self.lines_unindexed)
         low, high = min(scales.values()), max(scales.values())
         logger.info("LiNeS: α = %.4g, β = %.4g, scales from %.4g to %.4g", alpha, beta, low, high)
-        return {name: d * scales[name] for name, d in delta.items()}
-
+        return scales
 
 
 #: One :class:`StaticMerge` per preset of :data:`adamerge.static_presets.STATIC_PRESETS` (the

@@ -423,8 +423,7 @@ class MultiTaskTextDataModule(MultiTaskDataModule):
 
     def evaluation_loaders(self) -> list[DataLoader]:
         """Labelled batches per task, the texts grouped by length: accuracy does not depend on the
-        order, and a batch padded to its longest text then carries little padding (on the text
-        benchmark's six tasks, 2-2.5× fewer tokens than batches in file order)."""
+        order, and a batch padded to its longest text then carries little padding."""
         if self.eval_dir is None:
             return []
         self.setup("test")

@@ -283,10 +283,12 @@ def test_static_task_arithmetic_export_equals_merged_model_at_that_lambda(tiny_s
         torch.testing.assert_close(exported[name], tensor, rtol=1e-5, atol=1e-6)
 
 
-def test_static_merge_refuses_unknown_method(tiny_setup, tmp_path):
-    with pytest.raises(SystemExit):
-        main(["merge", "--method", "magic", "--base", f"tests.tiny:tiny_convnet@{tiny_setup.base}",
-              "--experts", *tiny_setup.expert_args(), "--output", str(tmp_path / "o")])
+def test_static_merge_refuses_unknown_and_learned_methods(tiny_setup, tmp_path, caplog):
+    common = ["--base", f"tests.tiny:tiny_convnet@{tiny_setup.base}", "--experts", *tiny_setup.expert_args(),
+              "--output", str(tmp_path / "o")]  # fmt: skip
+    assert "expected one of average, task-arithmetic, ties" in run_fails(["merge", "--method", "magic", *common], caplog)
+    assert "learned method: run it with adamerge fit" in run_fails(["merge", "--method", "adamerging", *common], caplog)
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)

@@ -339,7 +339,7 @@ def test_expert_targets_are_in_item_order_whatever_the_batches(hf, eval_batch_si
     """Expert Merging's targets are computed in length-sorted batches and put back in item order:
     row i equals the expert run on calibration text i alone."""
     from adamerge.data import build_datamodule
-    from adamerge.fit import ExpertTargets
+    from adamerge.expert_targets import ExpertTargets
     from adamerge.objectives import ExpertAlignment
 
     experts = hf.load()

@@ -103,7 +103,7 @@ def without_weight_init() -> Iterator[None]:
     """Build transformers models without drawing their random initial weights.
 
     Only for a model whose every state-dict tensor is loaded right after (``strict=True``): the
-    draws cost about 0.5 s per MiniLM-sized model, paid once per exported task otherwise.
+    draws would otherwise be paid once per exported task, for nothing.
     transformers 5 keeps the switch in ``transformers.initialization``, 4.x in ``modeling_utils``.
     """
     try:

@@ -4,10 +4,9 @@ A merged model already holds per-task classifier heads (and, with ``--batchnorm 
 BatchNorm statistics). ``--task-specific batchnorm`` goes one step further: each task also keeps
 its expert's own normalisation scale and shift (``weight`` and ``bias`` of every BatchNorm layer),
 which re-centre the merged features for that task (the idea of lightweight task-specific
-modulators, e.g. EMR-Merging's rescalers). They are small (MobileNetV2: 34,112 numbers per task,
-1.5 % of the backbone) and need what the heads need anyway: knowing the task at inference. On
-the vision benchmark's five MobileNetV2 experts they lift task arithmetic (λ = 0.3, per-task
-statistics) from 86.1 % to 88.8 % normalized accuracy, Expert Merging from 89.0 % to 90.9 %.
+modulators, e.g. EMR-Merging's rescalers). They are small (two numbers per channel of each
+normalisation layer) and need what the heads need anyway: knowing the task at inference. What
+they bring on the benchmarks is in ``benchmarks/RESULTS.md``.
 
 Values: ``batchnorm`` (affine tensors of every ``BatchNorm*d`` layer), ``norm`` (also LayerNorm,
 GroupNorm and InstanceNorm layers) or a regex searched in the merged tensors' names.

@@ -1,0 +1,189 @@
+"""Learned-coefficient methods: training stages of the one parametrisation ``θ_0 + Σ_k g(λ_k) ⊙ τ_k``.
+
+A :class:`LearnedMethod` fixes the constraint ``g``, the initial λ, the objective, the optimiser
+and schedule, and optionally a TIES rewrite of the task vectors; the granularity is chosen
+independently. The built-in ones (:mod:`adamerge.methods.builtin`):
+
+| method | g / init | objective | optimiser |
+|---|---|---|---|
+| adamerging | clamp / 0.3 | entropy | Adam 1e-3 |
+| adamerging++ | as adamerging, on TIES-trimmed task vectors (top 20 %, elected sign) | | |
+| atlas | none / 0.3 (few-shot: 0) | pseudo-labels (unlabeled) or cross-entropy (``--shots``) | AdamW wd 0.1, 1e-3 (few-shot 1e-1, cosine) |
+| expert-merging | sigmoid / 0.1 | hidden-state MSE + T²·KL to each expert + γ·mean|λ−λ₀| | AdamW 0.5, wd 1e-5, cosine restarts T₀=50 |
+| expert-merging++ | expert-merging, then importance-guided chunks (:mod:`adamerge.methods.expert_merging`) | | |
+
+aTLAS without labels starts where the other unsupervised methods start, at task arithmetic's
+λ = 0.3: from λ = 0 (the pretrained backbone with each expert's head) its confident pseudo-labels
+are too few and too wrong to move anything. Few-shot aTLAS keeps the paper's λ = 0, which labels
+move.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from adamerge.errors import AdamergeError
+from adamerge.methods.method import Method
+
+if TYPE_CHECKING:  # torch is imported when a factory is built, so that ``--help`` lists the methods fast
+    import torch
+    from torch import nn
+
+    from adamerge.merged_model import MergedModel
+    from adamerge.objectives import Objective
+    from adamerge.task_vectors import TaskVectors
+
+    OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+    SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+else:
+    OptimizerFactory = SchedulerFactory = Any
+
+OBJECTIVES = ("entropy", "pseudo-label", "cross-entropy", "expert-alignment")
+FEW_SHOT_LR = 1e-1  # aTLAS few-shot learning rate (with a cosine schedule)
+FEW_SHOT_INIT = 0.0  # aTLAS few-shot start: the pretrained model
+
+
+@dataclass(frozen=True)
+class LearnedMethod(Method):
+    """A method that learns λ in one training stage.
+
+    Attributes:
+        name: the ``--method`` name.
+        paper: reference.
+        constraint: ``clamp``, ``sigmoid`` or ``none``.
+        init: initial (constrained) λ.
+        objective: ``entropy``, ``pseudo-label``, ``cross-entropy`` or ``expert-alignment``
+            (override :meth:`build_objective` for another).
+        optimizer: ``adam`` or ``adamw``.
+        lr: learning rate.
+        weight_decay: AdamW weight decay.
+        scheduler: ``None``, ``cosine`` or ``cosine-restarts``.
+        trim_density: ``None``, or the TIES rewrite of the task vectors before learning (keep this
+            share per task, elect the sign: AdaMerging++'s 0.2).
+        few_shot: whether ``--shots`` switches the method to its few-shot setting (aTLAS:
+            cross-entropy on labelled shots, λ = 0, lr 1e-1, cosine).
+    """
+
+    constraint: str = "clamp"  # type: ignore[assignment]  (a field here, a property on Method)
+    init: float = 0.3
+    objective: str = "entropy"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    scheduler: str | None = None
+    trim_density: float | None = None
+    few_shot: bool = False
+
+    learned: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES and type(self).build_objective is LearnedMethod.build_objective:
+            raise AdamergeError(f"method {self.name!r}: objective {self.objective!r}, expected one of {', '.join(OBJECTIVES)}")
+
+    # -- configuration -------------------------------------------------------------------------
+    def configured(self, settings: Any = None, **options: Any) -> LearnedMethod:
+        """The method with ``init``, ``constraint``, ``lr`` and ``shots`` applied, from the run's
+        settings or keywords (``get_method("atlas").configured(shots=4)``: few-shot aTLAS)."""
+        method = self
+        value = lambda name: options.get(name, getattr(settings, name, None))  # noqa: E731
+        shots = value("shots")
+        if shots is not None:
+            if not self.few_shot:
+                raise AdamergeError(f"--shots is for a few-shot method (atlas); {self.name} learns from unlabeled data")
+            if shots < 1:
+                raise AdamergeError(f"--shots {shots}: expected at least 1 labelled image per class")
+            method = replace(method, init=FEW_SHOT_INIT, objective="cross-entropy", lr=FEW_SHOT_LR, scheduler="cosine")
+        overrides = {k: value(k) for k in ("init", "constraint", "lr")}
+        method = replace(method, **{k: v for k, v in overrides.items() if v is not None})
+        extra = dict(getattr(settings, "options", None) or {}) | dict(options.get("options") or {})
+        fields = {f.name for f in dataclasses.fields(method)} - {"name", "paper"}
+        unknown = sorted(set(extra) - fields)
+        if unknown:
+            raise AdamergeError(f"--options {unknown}: not options of {self.name!r}; valid: {sorted(fields)}")
+        return replace(method, **extra)
+
+    def rewrite(self, task_vectors: TaskVectors) -> TaskVectors:
+        """The TIES-trimmed task vectors when ``trim_density`` is set, else the experts' own."""
+        if self.trim_density is None:
+            return task_vectors
+        from adamerge.preprocess import ties
+        from adamerge.task_vectors import TaskVectors
+
+        return TaskVectors(task_vectors.tasks, ties(dict(task_vectors.items()), density=self.trim_density))
+
+    def start(self, num_tasks: int) -> float:
+        return self.init
+
+    def start_label(self) -> str:
+        if self.init == 0:
+            return "pretrained (λ=0)"
+        if self.trim_density is not None:
+            return f"TIES-trimmed task arithmetic (λ={self.init:g})"
+        return f"task arithmetic (λ={self.init:g})"
+
+    # -- training ------------------------------------------------------------------------------
+    @property
+    def needs_expert_outputs(self) -> bool:
+        """Whether the objective needs each expert's outputs on the calibration data (cached once)."""
+        return self.objective == "expert-alignment"
+
+    def build_objective(self, merged: MergedModel, settings: Any) -> Objective:
+        """The objective for this model, each task's loss weighted by ``--task-weights``.
+
+        Expert alignment weights its own tasks (Expert Merging's β is that weight) and takes the
+        experts' outputs afterwards (:class:`~adamerge.expert_targets.ExpertTargets`).
+        """
+        from adamerge.objectives import CrossEntropy, Entropy, ExpertAlignment, PseudoLabel, TaskWeighted
+
+        if self.objective == "expert-alignment":
+            return ExpertAlignment(
+                merged.coefficients().detach(),
+                merged.tasks,
+                hidden_modules=settings.align_modules,
+                temperature=settings.temperature,
+                gamma=settings.gamma,
+                task_weights=settings.task_weights,
+            )
+        factories = {
+            "entropy": Entropy,
+            "cross-entropy": CrossEntropy,
+            "pseudo-label": lambda: PseudoLabel(settings.pseudo_label_threshold),
+        }
+        objective = factories[self.objective]()
+        return TaskWeighted(objective, merged.tasks, settings.task_weights) if settings.task_weights else objective
+
+    def optimizer_factory(self) -> OptimizerFactory:
+        """``params -> Optimizer`` with this method's settings."""
+        import torch
+
+        if self.optimizer == "adam":
+            return functools.partial(torch.optim.Adam, lr=self.lr, betas=(0.9, 0.999))
+        if self.optimizer == "adamw":
+            return functools.partial(torch.optim.AdamW, lr=self.lr, weight_decay=self.weight_decay)
+        raise AdamergeError(f"optimizer {self.optimizer!r}: expected 'adam' or 'adamw'")
+
+    def scheduler_factory(self, steps: int) -> SchedulerFactory | None:
+        """Per-step learning-rate schedule over ``steps`` steps (``None``: constant)."""
+        import torch
+
+        if self.scheduler is None:
+            return None
+        if self.scheduler == "cosine":
+            return functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=max(1, steps))
+        if self.scheduler == "cosine-restarts":
+            return functools.partial(torch.optim.lr_scheduler.CosineAnnealingWarmRestarts, T_0=50)
+        raise AdamergeError(f"scheduler {self.scheduler!r}: expected 'cosine' or 'cosine-restarts'")
+
+    # -- stages --------------------------------------------------------------------------------
+    @property
+    def stages(self) -> int:
+        """Training stages (one; Expert Merging++ has two)."""
+        return 1
+
+    def next_stage(self, previous: MergedModel, settings: Any) -> MergedModel:
+        """The model the next stage trains, built from the previous stage's (stages > 1 only)."""
+        raise AdamergeError(f"method {self.name!r} has a single training stage")
