@@ -28,7 +28,6 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from adamerge.choices import BATCHNORM_POLICIES, REESTIMATING_POLICIES
 from adamerge.errors import DataError
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,6 @@ from adamerge.errors import AdamergeError
 from adamerge.granularity import CoefficientLayout
 
 
-
 def constrain(raw: torch.Tensor, constraint: str) -> torch.Tensor:
     """Apply the constraint ``g`` to raw coefficients."""
     if constraint == "none":

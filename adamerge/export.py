@@ -4,46 +4,20 @@ model as plain state dicts. The folder itself is handled by :mod:`adamerge.outpu
 from __future__ import annotations
 
 import csv
-import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from adamerge.checkpoints import save_state_dict
 from adamerge.errors import AdamergeError
+from adamerge.files import write_json
 from adamerge.merged_model import MergedModel
-from adamerge.output_dir import inside, umask_mode
+from adamerge.output_dir import inside
 
 logger = logging.getLogger(__name__)
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
-
-
-def write_yaml(path: Path, payload: Any) -> None:
-    write_text(path, yaml.safe_dump(payload, sort_keys=False))
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write ``text`` atomically (a temporary file beside ``path``, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        tmp = Path(handle.name)
-        try:
-            handle.write(text)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    os.chmod(tmp, umask_mode(0o666))  # temporary files are created 0600
-    os.replace(tmp, path)
 
 
 def write_coefficients(directory: Path, merged: MergedModel) -> None:

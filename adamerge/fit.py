@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +32,10 @@ from lightning.pytorch.loggers import CSVLogger
 
 from adamerge.batchnorm import batchnorm_layers, resolve_policy
 from adamerge.choices import REESTIMATING_POLICIES, TASK_VECTOR_DTYPES
-from adamerge.data import build_datamodule
+from adamerge.datamodules import build_datamodule
 from adamerge.errors import AdamergeError
 from adamerge.evaluation import accuracy, with_average
+from adamerge.expert_targets import ExpertTargets, module_forward
 from adamerge.experts import ExpertSet, SourceOptions, load_experts
 from adamerge.experts.task_specific import keep_task_specific
 from adamerge.export import (
@@ -46,7 +46,6 @@ from adamerge.export import (
     write_merged_model_of,
     write_yaml,
 )
-from adamerge.expert_targets import ExpertTargets, module_forward
 from adamerge.merged_model import MergedModel
 from adamerge.methods import LearnedMethod, Method, get_method
 from adamerge.module import MergingModule, statistics_loaders_of

@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from adamerge.errors import AdamergeError
-from adamerge.export import write_yaml
+from adamerge.files import write_yaml
 from adamerge.output_dir import umask_mode
 
 logger = logging.getLogger(__name__)

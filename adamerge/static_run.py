@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-
 from typing import Any
 
 from adamerge.fit import FitSettings, run_workflow

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 import torchvision
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

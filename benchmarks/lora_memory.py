@@ -114,7 +114,6 @@ def batch(batch_size: int, seq_len: int):
 
 def build_step(mode: str, adapters: dict[str, Path], layers: int = 12):
     """``(step, info)``: a zero-argument function running one forward+backward, and store sizes."""
-    import torch
     from torch.nn import functional as F
 
     from adamerge.experts.peft import load_lora_experts

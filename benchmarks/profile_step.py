@@ -105,7 +105,7 @@ def adamerging_steps(merged, batches, warmup: int, phases: Phases):
             PrecomputedGradient.apply(total, grads, *(merged_t[n] for n in used)).backward()
 
         phases.run("merge_bwd", merge_bwd)
-        del merged_t, leaves, grads, loss
+        merged_t = leaves = grads = loss = None  # this step's tensors freed before the next
 
         def opt():
             optimizer.step()

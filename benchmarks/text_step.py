@@ -39,7 +39,7 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
     """One mode in this process: ``args.steps`` steps after one warm-up step."""
     import torch
 
-    from adamerge.data import build_datamodule
+    from adamerge.datamodules import build_datamodule
     from adamerge.demo.text import build_text_demo
     from adamerge.experts import SourceOptions, load_experts
     from adamerge.losses import entropy

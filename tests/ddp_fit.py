@@ -6,11 +6,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
-
-import functools
 
 import lightning as L
 import torch

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from adamerge.checkpoints import load_state_dict, save_state_dict
 from adamerge.errors import CheckpointError

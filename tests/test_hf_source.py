@@ -26,7 +26,7 @@ from transformers import (  # noqa: E402
 )
 
 from adamerge.cli import main  # noqa: E402
-from adamerge.errors import AdamergeError, CheckpointError, IncompatibleExpertError  # noqa: E402
+from adamerge.errors import CheckpointError, IncompatibleExpertError  # noqa: E402
 from adamerge.experts import load_experts  # noqa: E402
 from adamerge.experts.hf import without_weight_init  # noqa: E402
 from adamerge.export import write_merged_model_of  # noqa: E402
@@ -338,7 +338,7 @@ def test_fit_text_methods_needing_indices_or_labels(hf, tmp_path, method, group_
 def test_expert_targets_are_in_item_order_whatever_the_batches(hf, eval_batch_size):
     """Expert Merging's targets are computed in length-sorted batches and put back in item order:
     row i equals the expert run on calibration text i alone."""
-    from adamerge.data import build_datamodule
+    from adamerge.datamodules import build_datamodule
     from adamerge.expert_targets import ExpertTargets
     from adamerge.objectives import ExpertAlignment
 

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from adamerge.architectures import build_architecture
-from adamerge.data import build_datamodule, list_images
+from adamerge.data import list_images
+from adamerge.datamodules import build_datamodule
 from adamerge.experts import load_file_experts
 from adamerge.image_preprocessing import (
     IMAGENET_MEAN,

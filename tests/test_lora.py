@@ -130,7 +130,6 @@ def test_dense_consumers_get_densified_vectors(bert_setup):
 
 def test_store_memory_is_low_rank():
     torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256))
     ranks = [4, 8, 2, 16]
     tvs = {}
     for k, r in enumerate(ranks):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from adamerge import losses
-from adamerge.importance import chunk_budget, layer_importance
 from adamerge.errors import AdamergeError
+from adamerge.importance import chunk_budget, layer_importance
 from adamerge.objectives import Entropy, ExpertAlignment, ModelOutputs, TaskBatch, TaskWeighted
 
 

@@ -58,7 +58,7 @@ from adamerge.checkpoints import check_finite_tensors, load_state_dict, save_sta
 from adamerge.errors import AdamergeError, ArchitectureError, CheckpointError, DataError, IncompatibleExpertError
 from adamerge.experts.base import ExpertSet, SourceOptions
 from adamerge.experts.file import check_state_fits, load_file_experts, parse_base_spec
-from adamerge.export import write_json
+from adamerge.files import write_json
 from adamerge.image_preprocessing import open_clip_metadata
 from adamerge.output_dir import inside, umask_mode
 from adamerge.task_vectors import TaskVectors, check_expert_keys
