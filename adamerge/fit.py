@@ -38,14 +38,8 @@ from adamerge.evaluation import accuracy, with_average
 from adamerge.expert_targets import ExpertTargets, module_forward
 from adamerge.experts import ExpertSet, SourceOptions, load_experts
 from adamerge.experts.task_specific import keep_task_specific
-from adamerge.export import (
-    format_table,
-    plain_config,
-    write_coefficients,
-    write_json,
-    write_merged_model_of,
-    write_yaml,
-)
+from adamerge.export import format_table, plain_config, write_coefficients, write_merged_model_of
+from adamerge.files import write_json, write_yaml
 from adamerge.merged_model import MergedModel
 from adamerge.methods import LearnedMethod, Method, get_method
 from adamerge.module import MergingModule, statistics_loaders_of

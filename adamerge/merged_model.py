@@ -19,13 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from adamerge.batchnorm import (
-    BATCHNORM_POLICIES,
-    REESTIMATING_POLICIES,
-    batchnorm_layers,
-    per_task_running_stats,
-    reestimate_running_stats,
-)
+from adamerge.batchnorm import batchnorm_layers, per_task_running_stats, reestimate_running_stats
+from adamerge.choices import BATCHNORM_POLICIES, REESTIMATING_POLICIES
 from adamerge.coefficients import Coefficients
 from adamerge.errors import AdamergeError
 from adamerge.granularity import Granularity, TensorWise, parse_granularity

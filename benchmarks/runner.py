@@ -100,7 +100,7 @@ def write_results(out: Path, payload: dict, markdown: str) -> None:
     """``payload`` as JSON to ``out`` and ``markdown`` beside it (``.md``), each written to a
     temporary file and then renamed, so that neither is ever left half-written (adamerge.export's
     writers; imported here, so that scripts that only run rows do not import torch)."""
-    from adamerge.export import write_json, write_text
+    from adamerge.files import write_json, write_text
 
     write_json(out, payload)
     write_text(out.with_suffix(".md"), markdown)

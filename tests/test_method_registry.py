@@ -22,10 +22,13 @@ def common(setup, output) -> list[str]:
             "--image-size", "12", "--output", str(output)]  # fmt: skip
 
 
-def test_builtin_registry_lists_every_method_once_by_kind():
-    assert method_names(learned=False) == ["average", "task-arithmetic", "ties", "dare", "breadcrumbs", "consensus", "lines"]
-    assert method_names(learned=True) == ["adamerging", "adamerging++", "atlas", "expert-merging", "expert-merging++"]
-    assert all(get_method(name).paper for name in method_names())
+def test_builtin_registry_finds_each_method_by_name_and_kind():
+    learned, static = method_names(learned=True), method_names(learned=False)
+    assert learned and static and not set(learned) & set(static) and set(learned) | set(static) == set(method_names())
+    for name in method_names():
+        method = get_method(name)
+        assert method.name == name and method.paper and method.learned == (name in learned)
+        assert isinstance(method, LearnedMethod if method.learned else StaticMethod)
     with pytest.raises(AdamergeError, match="already registered"):
         register_method(LearnedMethod("adamerging"))
     with pytest.raises(AdamergeError, match="static method: run it with adamerge merge"):

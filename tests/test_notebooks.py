@@ -23,5 +23,9 @@ def test_notebook_executes(path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     notebook = nbformat.read(path, as_version=4)
     NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
-    errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
-    assert not errors
+    # execute() raises on a failing cell; what is left to check is that every cell ran and the
+    # notebook showed its results (a table, a figure or printed numbers) rather than nothing
+    code = [c for c in notebook.cells if c.cell_type == "code" and c.source.strip()]
+    assert all(c.get("execution_count") for c in code)
+    shown = [o for c in code for o in c.get("outputs", []) if o.output_type in ("stream", "execute_result", "display_data")]
+    assert shown and not any(o.get("name") == "stderr" and "Traceback" in o.get("text", "") for o in shown)

@@ -121,8 +121,12 @@ def assert_close(actual, expected):
 # presets
 
 
-def test_preset_names():
-    assert set(STATIC_METHODS) == {"average", "task-arithmetic", "ties", "dare", "breadcrumbs", "consensus", "lines"}
+def test_every_preset_is_a_registered_static_method():
+    from adamerge.methods import StaticMethod, get_method
+
+    for name, merge in STATIC_METHODS.items():
+        method = get_method(name, learned=False)
+        assert isinstance(method, StaticMethod) and method.merge() == merge and method.paper
 
 
 @pytest.mark.parametrize("seed", [0, 1])
