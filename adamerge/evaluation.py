@@ -8,16 +8,20 @@ from typing import Any
 import torch
 
 from adamerge.model_inputs import as_logits
+from adamerge.task_types import CLASSIFICATION, TaskType
 
 
 @torch.no_grad()
-def accuracy(forward: Callable[[Any], Any], batches: Iterable[tuple[Any, torch.Tensor]]) -> float:
-    """Fraction of correct top-1 predictions of ``forward`` over labelled ``(inputs, labels)`` batches
-    (``forward`` may return logits or an output with ``.logits``)."""
+def accuracy(
+    forward: Callable[[Any], Any], batches: Iterable[tuple[Any, torch.Tensor]], task_type: TaskType = CLASSIFICATION
+) -> float:
+    """Fraction of correct top-1 predictions of ``forward`` over the scored positions of labelled
+    ``(inputs, labels)`` batches (``forward`` may return logits or an output with ``.logits``)."""
     correct = total = 0
     for inputs, labels in batches:
-        correct += int((as_logits(forward(inputs)).argmax(-1) == labels).sum())
-        total += labels.numel()
+        positions, targets = task_type.scored(as_logits(forward(inputs)), inputs, labels)  # (N, C), (N,)
+        correct += int((positions.argmax(-1) == targets).sum())
+        total += targets.numel()
     return correct / max(total, 1)
 
 

@@ -19,6 +19,8 @@ class ExpertTargets:
     def __init__(self, experts: ExpertSet, data: L.LightningDataModule, merged: MergedModel) -> None:
         if experts.expert_model is None:
             raise AdamergeError("expert-merging needs each expert alone, which this expert source cannot rebuild")
+        if experts.task_type.name != "classification":
+            raise AdamergeError(f"expert-merging caches one output per example: {experts.task_type.name} tasks are not supported yet")
         self.experts = experts
         self.data = data
         self.head_module = merged.head_module

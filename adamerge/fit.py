@@ -166,7 +166,7 @@ def _train(
         guard = _safeguard(experts, data, settings, f"stage {stage}", safeguard)
         with stages.stage(f"fitting stage {stage}", total=settings.steps) as bar:
             module, trainer = _next_stage(
-                module, method, stage, settings, experts.sources, targets, data, staging, resume, [guard, bar]
+                module, method, stage, settings, experts, targets, data, staging, resume, [guard, bar]
             )
         if guard is not None:
             metrics["safeguard"][f"stage {stage}"] = guard.summary()
@@ -208,9 +208,9 @@ def _load(settings: FitSettings) -> tuple[
     if data is not None and settings.eval is not None:
         check_eval_classes(data, lambda task, inputs: merged(inputs, task))
     if not learned:
-        return method, experts, data, merged, MergingModule(merged, sources=experts.sources), None, None
+        return method, experts, data, merged, MergingModule(merged, sources=experts.sources, task_type=experts.task_type), None, None
     targets = ExpertTargets(experts, data, merged) if method.needs_expert_outputs else None
-    module = _module(method, merged, settings, experts.sources, targets)
+    module = _module(method, merged, settings, experts, targets)
     return method, experts, data, merged, module, targets, _safeguard(experts, data, settings)
 
 
@@ -256,7 +256,7 @@ def _module(
     method: LearnedMethod,
     merged: MergedModel,
     settings: FitSettings,
-    sources: dict[str, Any],
+    experts: ExpertSet,
     targets: ExpertTargets | None,
 ) -> MergingModule:
     objective = method.build_objective(merged, settings)
@@ -267,7 +267,8 @@ def _module(
         objective=objective,
         optimizer=method.optimizer_factory(),
         scheduler=method.scheduler_factory(settings.steps),
-        sources=sources,
+        sources=experts.sources,
+        task_type=experts.task_type,
     )
 
 
@@ -297,7 +298,7 @@ def _next_stage(
     method: LearnedMethod,
     stage: int,
     settings: FitSettings,
-    sources: dict[str, Any],
+    experts: ExpertSet,
     targets: ExpertTargets | None,
     data: L.LightningDataModule,
     staging: Path,
@@ -305,7 +306,7 @@ def _next_stage(
     callbacks: list[L.Callback | None],
 ) -> tuple[MergingModule, L.Trainer]:
     """Train stage ``stage`` (2, 3, ...) on the model the method builds from the previous stage's."""
-    refined = _module(method, method.next_stage(module.merged, settings), settings, sources, targets)
+    refined = _module(method, method.next_stage(module.merged, settings), settings, experts, targets)
     trainer = _trainer(settings, staging, f"logs_stage{stage}", [callbacks[0], resume.callback(stage), *callbacks[1:]])
     trainer.fit(refined, datamodule=data, ckpt_path=resume.resume_from(stage))
     resume.finish_stage(trainer, stage)
@@ -374,5 +375,5 @@ def evaluate_experts(experts: ExpertSet, data: L.LightningDataModule, settings: 
         return {}
     loaders = dict(zip(data.tasks, data.evaluation_loaders(), strict=True))
     return with_average(
-        {task: accuracy(module_forward(experts.expert_model(task).eval()), loaders[task]) for task in experts.tasks}
+        {task: accuracy(module_forward(experts.expert_model(task).eval()), loaders[task], experts.task_type) for task in experts.tasks}
     )

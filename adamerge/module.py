@@ -20,6 +20,7 @@ Under DDP only λ is all-reduced: task vectors, heads and frozen base weights ar
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -37,6 +38,7 @@ from adamerge.merged_model import MergedModel
 from adamerge.model_inputs import move_inputs
 from adamerge.objectives import Entropy, ModelOutputs, Objective, TaskBatch, as_task_batch
 from adamerge.row_sparse import coefficient_gradients, sparse_gradients
+from adamerge.task_types import CLASSIFICATION, TaskType
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +84,8 @@ class MergingModule(L.LightningModule):
         sparse_tables: give merged embedding tables row-sparse gradients in the training step
             (default; :mod:`adamerge.row_sparse`); ``False`` keeps their dense gradients (the same
             λ-gradient up to float rounding, more time and memory).
+        task_type: what the tasks' outputs are and how they are scored (default: classification);
+            objectives and accuracy see its scored positions, never the raw logits.
     """
 
     def __init__(
@@ -93,11 +97,13 @@ class MergingModule(L.LightningModule):
         sources: Mapping[str, Any] | None = None,
         low_rank_step: str = "auto",
         sparse_tables: bool = True,
+        task_type: TaskType | None = None,
     ) -> None:
         super().__init__()
         if low_rank_step not in LOW_RANK_STEPS:
             raise AdamergeError(f"low_rank_step={low_rank_step!r}: expected one of {', '.join(LOW_RANK_STEPS)}")
-        self.save_hyperparameters(ignore=["merged", "objective", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["merged", "objective", "optimizer", "scheduler", "task_type"])
+        self.task_type = task_type if task_type is not None else CLASSIFICATION
         self.merged = merged
         self.objective = objective if objective is not None else Entropy()
         self.optimizer_factory = optimizer if optimizer is not None else adam()
@@ -143,7 +149,7 @@ class MergingModule(L.LightningModule):
         with sparse_gradients(self.merged.model, self._row_sparse):  # embedding tables: ∂L/∂E of the rows read
             for task, item in batch.items():
                 task_batch = as_task_batch(item)
-                task_loss = self.objective(task, self._outputs(task_batch, task, leaves), task_batch)
+                task_loss = self.objective(task, *self._outputs(task_batch, task, leaves))
                 task_loss.backward(inputs=list(leaves.values()))  # accumulates ∂L_task/∂θ' in θ'.grad
                 total += task_loss.detach()
                 self._log_training(f"train/loss/{task}", task_loss.detach(), batch_size=task_batch.size)
@@ -186,7 +192,7 @@ class MergingModule(L.LightningModule):
         total = torch.zeros((), device=self.device)
         for task, item in batch.items():
             task_batch = as_task_batch(item)
-            task_loss = self.objective(task, self._outputs(task_batch, task, None), task_batch)
+            task_loss = self.objective(task, *self._outputs(task_batch, task, None))
             (task_grad,) = torch.autograd.grad(task_loss, [raw], allow_unused=True)
             if task_grad is not None:
                 grad += task_grad
@@ -194,12 +200,19 @@ class MergingModule(L.LightningModule):
             self._log_training(f"train/loss/{task}", task_loss.detach(), batch_size=task_batch.size)
         return self._with_regularizer(PrecomputedGradient.apply(total, (grad,), raw))  # hands Σ_task ∂L/∂λ to λ
 
-    def _outputs(self, batch: TaskBatch, task: str, tensors: Mapping[str, torch.Tensor] | None) -> ModelOutputs:
+    def _outputs(
+        self, batch: TaskBatch, task: str, tensors: Mapping[str, torch.Tensor] | None
+    ) -> tuple[ModelOutputs, TaskBatch]:
+        """The task type's scored positions of the merged model on ``batch`` (and the hidden states
+        the objective asks for), with the batch's labels as the positions' targets."""
+        hidden: Mapping[str, torch.Tensor] = {}
         if not self.objective.hidden_modules:
-            return ModelOutputs(self.merged(batch.inputs, task, merged=tensors))
-        with self.merged.capture(self.objective.hidden_modules) as hidden:
             logits = self.merged(batch.inputs, task, merged=tensors)
-        return ModelOutputs(logits, dict(hidden))
+        else:
+            with self.merged.capture(self.objective.hidden_modules) as hidden:
+                logits = self.merged(batch.inputs, task, merged=tensors)
+        positions, targets = self.task_type.scored(logits, batch.inputs, batch.labels)  # (N, C), (N,)
+        return ModelOutputs(positions, dict(hidden)), dataclasses.replace(batch, labels=targets)
 
     def _log_training(self, name: str, value: torch.Tensor, **kwargs: Any) -> None:
         if self._trainer is not None:  # the step also runs outside a Trainer (benchmarks, notebooks)
@@ -257,8 +270,9 @@ class MergingModule(L.LightningModule):
     def _common_eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int) -> None:
         inputs, labels = batch
         task = self.tasks[dataloader_idx]
-        logits = self.merged(inputs, task, merged=self._eval_merged)  # (B, C)
-        self._accuracy(task, logits.shape[-1]).update(logits, labels)
+        logits = self.merged(inputs, task, merged=self._eval_merged)
+        positions, targets = self.task_type.scored(logits, inputs, labels)  # (N, C), (N,)
+        self._accuracy(task, positions.shape[-1]).update(positions, targets)
 
     def _accuracy(self, task: str, num_classes: int) -> MulticlassAccuracy:
         if task not in self.accuracy:

@@ -30,8 +30,9 @@ import lightning as L
 import torch
 from torch import nn
 
-from adamerge.model_inputs import call_module, move_inputs
+from adamerge.model_inputs import as_logits, call_module, move_inputs
 from adamerge.objectives import as_task_batch
+from adamerge.task_types import CLASSIFICATION, TaskType
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class KeepBestCoefficients(L.Callback):
         """``{task: agreement %}`` of ``module.merged`` at its current λ (and ``"mean"``)."""
         merged = module.merged
         if self.targets is None:
-            self.targets = expert_predictions(self.held_out, self.expert_model, module.device)
+            self.targets = expert_predictions(self.held_out, self.expert_model, module.device, module.task_type)
         training = merged.training
         merged.train()  # as a training step runs it: BatchNorm on batch statistics (re-estimating policies)
         try:
@@ -83,8 +84,9 @@ class KeepBestCoefficients(L.Callback):
             for task, batches in self.held_out.items():
                 predictions = []
                 for inputs in batches:
-                    logits = merged(move_inputs(inputs, module.device), task, merged=merged_tensors)
-                    predictions.append(getattr(logits, "logits", logits).argmax(-1).cpu())  # (B,)
+                    inputs = move_inputs(inputs, module.device)
+                    logits = merged(inputs, task, merged=merged_tensors)
+                    predictions.append(module.task_type.predictions(as_logits(logits), inputs).cpu())  # (N,)
                 agree = torch.cat(predictions) == self.targets[task]  # (N,)
                 agreement[task] = 100.0 * agree.float().mean().item()
         finally:
@@ -168,15 +170,18 @@ class KeepBestCoefficients(L.Callback):
 
 @torch.no_grad()
 def expert_predictions(
-    held_out: Mapping[str, Sequence[Any]], expert_model: Callable[[str], nn.Module], device: torch.device
+    held_out: Mapping[str, Sequence[Any]],
+    expert_model: Callable[[str], nn.Module],
+    device: torch.device,
+    task_type: TaskType = CLASSIFICATION,
 ) -> dict[str, torch.Tensor]:
-    """``{task: (N,) classes}`` the task's expert predicts on its held-out inputs (one expert built
-    at a time, in eval mode, on ``device``)."""
+    """``{task: (N,) classes}`` the task's expert predicts at the scored positions of its held-out
+    inputs (one expert built at a time, in eval mode, on ``device``)."""
     predictions = {}
     for task, batches in held_out.items():
         model = expert_model(task).eval().to(device)
-        outputs = [call_module(model, move_inputs(inputs, device)) for inputs in batches]
-        predictions[task] = torch.cat([getattr(o, "logits", o).argmax(-1) for o in outputs]).cpu()
+        moved = [move_inputs(inputs, device) for inputs in batches]
+        predictions[task] = torch.cat([task_type.predictions(call_module(model, inputs), inputs) for inputs in moved]).cpu()
         del model
     return predictions
 

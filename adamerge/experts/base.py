@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from adamerge.image_preprocessing import ImagePreprocessing
+from adamerge.task_types import CLASSIFICATION, TaskType
 from adamerge.task_vectors import TaskVectors
 
 MODALITIES = ("image", "text")
@@ -68,6 +69,7 @@ class ExpertSet:
         num_classes: ``{task: classes}`` where the source knows them (labels are range-checked).
         task_specific: ``{task: {name: tensor}}`` of merged tensors each task keeps from its own
             expert instead (``--task-specific``, :mod:`adamerge.experts.task_specific`).
+        task_type: what the tasks' outputs are and how they are scored (:mod:`adamerge.task_types`).
     """
 
     model: nn.Module
@@ -82,6 +84,7 @@ class ExpertSet:
     tokenizer: Any = None
     num_classes: dict[str, int] = field(default_factory=dict)
     task_specific: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    task_type: TaskType = CLASSIFICATION
 
     @property
     def tasks(self) -> tuple[str, ...]:

@@ -1,0 +1,45 @@
+"""What a task's output is and how it is scored: the one place that knows the shape of logits.
+
+The training step, the objectives, the evaluation and the safeguard never assume ``(B, C)``
+logits: they ask the task type for the **scored positions** of a batch, ``(N, C)`` logits with
+``(N,)`` targets, and work on those. A sequence classifier scores one position per example; a
+token-level task (a language model's next token, a tagger's label per token) scores every
+non-padding token. An objective such as AdaMerging's entropy is then the mean over positions,
+whatever the task.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+
+class TaskType:
+    """Base class of task types (stateless: one instance serves every task of that type)."""
+
+    #: The name of the task type (``--task-type``, ``metrics.json``).
+    name: ClassVar[str] = ""
+    #: The transformers auto-class a Hugging Face source builds for this task type.
+    auto_class: ClassVar[str] = ""
+
+    def scored(
+        self, logits: torch.Tensor, inputs: Any, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The scored positions of one batch.
+
+        Args:
+            logits: the model's logits for the batch.
+            inputs: the batch's inputs (a tensor, or a tokenizer's dict with ``attention_mask``).
+            labels: the batch's labels, if any.
+
+        Returns:
+            ``(positions (N, C), targets (N,) or None)``: the logits of the N scored positions and
+            their target classes (``None`` without labels, unless the task type makes its own,
+            as next-token prediction does).
+        """
+        raise NotImplementedError
+
+    def predictions(self, logits: torch.Tensor, inputs: Any) -> torch.Tensor:
+        """``(N,)`` predicted classes of the scored positions."""
+        return self.scored(logits, inputs)[0].argmax(-1)

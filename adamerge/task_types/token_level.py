@@ -1,0 +1,66 @@
+"""Token-level tasks: a prediction per token, ``(B, T, C)`` logits, padding never scored.
+
+Two uses: a tagger (one label per token, ``labels`` ``(B, T)``, ``-100`` where a token has none,
+the Hugging Face convention) and language modelling (``next_token=True``: position ``t`` predicts
+token ``t + 1`` of ``input_ids``, so the targets come from the inputs and the last position of
+each sequence is not scored). Positions where ``attention_mask`` is 0 are padding and are
+dropped, so a loss or an accuracy over the scored positions is per real token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from adamerge.errors import AdamergeError
+from adamerge.task_types.task_type import TaskType
+
+IGNORE_INDEX = -100  # a token without a label (Hugging Face's convention)
+
+
+@dataclass(frozen=True)
+class TokenLevel(TaskType):
+    """Every non-padding token is a scored position.
+
+    Attributes:
+        next_token: language modelling: the target of position ``t`` is input token ``t + 1``.
+    """
+
+    next_token: bool = False
+
+    name: ClassVar[str] = "token"
+    auto_class: ClassVar[str] = "AutoModelForTokenClassification"
+
+    def scored(
+        self, logits: torch.Tensor, inputs: Any, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if logits.dim() != 3:
+            raise AdamergeError(f"a token-level task expects (batch, tokens, classes) logits, got shape {tuple(logits.shape)}")
+        batch, tokens = logits.shape[:2]
+        mask = _attention_mask(inputs, batch, tokens, logits.device)  # (B, T) bool
+        if self.next_token:
+            if labels is None:
+                labels = _input_ids(inputs)
+            logits, labels = logits[:, :-1], labels[:, 1:]  # (B, T-1, C), (B, T-1): t predicts t + 1
+            mask = mask[:, :-1] & mask[:, 1:]  # both the position and its next token are real
+        if labels is not None:
+            if labels.shape != (logits.shape[0], logits.shape[1]):
+                raise AdamergeError(f"token labels of shape {tuple(labels.shape)} for logits {tuple(logits.shape)}")
+            mask = mask & (labels != IGNORE_INDEX)
+            return logits[mask], labels[mask]  # (N, C), (N,)
+        return logits[mask], None
+
+
+def _attention_mask(inputs: Any, batch: int, tokens: int, device: torch.device) -> torch.Tensor:
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    if mask is None:
+        return torch.ones(batch, tokens, dtype=torch.bool, device=device)
+    return mask.to(device=device, dtype=torch.bool)
+
+
+def _input_ids(inputs: Any) -> torch.Tensor:
+    if not isinstance(inputs, dict) or "input_ids" not in inputs:
+        raise AdamergeError("next-token prediction takes its targets from the inputs' input_ids")
+    return inputs["input_ids"]
