@@ -142,3 +142,13 @@ def test_objectives_see_positions_and_their_targets():
     module.training_step({"t0": batch(0)}, 0)
     shape, labels = seen["t0"]
     assert shape == (6, VOCAB) and labels.tolist() == naive_next_token(torch.zeros(2, 5, VOCAB), batch(0))[1]
+
+
+def test_the_hugging_face_source_builds_the_task_types_auto_class():
+    import transformers
+
+    from adamerge.experts.hf import task_auto_class
+
+    assert task_auto_class(CLASSIFICATION) is transformers.AutoModelForSequenceClassification
+    assert task_auto_class(TokenLevel(next_token=True)) is transformers.AutoModelForCausalLM
+    assert task_auto_class(TokenLevel()) is transformers.AutoModelForTokenClassification

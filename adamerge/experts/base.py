@@ -31,6 +31,7 @@ class SourceOptions:
         eval: the labelled evaluation folder, if any.
         trust_pickles: allow expert files that are pickled modules (unpickling runs code from the
             file: only for files you trust, e.g. the task-vectors / AdaMerging checkpoints).
+        task_type: the tasks' type; a Hugging Face source builds its auto-class.
     """
 
     head_pattern: str | None = None
@@ -40,6 +41,7 @@ class SourceOptions:
     calib: Path | None = None
     eval: Path | None = None
     trust_pickles: bool = False
+    task_type: TaskType = CLASSIFICATION
 
 
 @dataclass

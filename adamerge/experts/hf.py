@@ -41,6 +41,7 @@ from adamerge.errors import AdamergeError, CheckpointError, IncompatibleExpertEr
 from adamerge.experts.base import ExpertSet, SourceOptions
 from adamerge.experts.file import merged_tensor_names, select_heads
 from adamerge.output_dir import inside
+from adamerge.task_types import CLASSIFICATION, TaskType
 from adamerge.task_vectors import TaskVectors
 
 logger = logging.getLogger(__name__)
@@ -266,8 +267,16 @@ def read_expert_configs(paths: Mapping[str, Path], base_config: Any, tokenizer: 
     return configs
 
 
-def task_model_with_base(base_path: Path, config: Any) -> tuple[nn.Module, str, dict[str, str]]:
-    """The task model (``AutoModelForSequenceClassification`` of ``config``) holding the base's encoder.
+def task_auto_class(task_type: TaskType) -> Any:
+    """The transformers auto-class the task type names (``AutoModelForSequenceClassification`` for
+    classification, ``AutoModelForCausalLM`` for next-token prediction, ...)."""
+    import transformers
+
+    return getattr(transformers, task_type.auto_class)
+
+
+def task_model_with_base(base_path: Path, config: Any, task_type: TaskType = CLASSIFICATION) -> tuple[nn.Module, str, dict[str, str]]:
+    """The task model (the task type's auto-class of ``config``) holding the base's encoder.
 
     Returns:
         ``(model, prefix, from_base)``: the model in eval mode, its encoder prefix (``"bert."``), and
@@ -276,13 +285,13 @@ def task_model_with_base(base_path: Path, config: Any) -> tuple[nn.Module, str, 
     Raises:
         IncompatibleExpertError: no base tensor fits the model, or one has another shape.
     """
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers import AutoModel
 
     encoder, not_in_base = load_pretrained(AutoModel, base_path, "--base")
     encoder_state = {k: v for k, v in encoder.state_dict().items() if k not in not_in_base}
     del encoder
     with quiet_transformers():
-        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32).eval()
+        model = task_auto_class(task_type).from_config(config, dtype=torch.float32).eval()
     prefix = encoder_prefix(model)
     task_state = model.state_dict()
     from_base = encoder_to_task_keys(encoder_state, set(task_state), prefix)
@@ -324,7 +333,7 @@ def load_hf_experts(base: str, experts: Mapping[str, str], options: SourceOption
     base_path = hf_dir(base, "--base")
     if any(str(ref).startswith(PEFT_PREFIX) for ref in experts.values()):
         return _load_peft_experts(base_path, experts, options)
-    from transformers import AutoModelForSequenceClassification
+    auto_class = task_auto_class(options.task_type)
 
     base_config = read_config(base_path, "--base")
     tokenizer = load_tokenizer(base_path, "--base")
@@ -332,7 +341,7 @@ def load_hf_experts(base: str, experts: Mapping[str, str], options: SourceOption
     configs = read_expert_configs(paths, base_config, tokenizer)
 
     first = next(iter(configs))
-    model, prefix, from_base = task_model_with_base(base_path, configs[first])
+    model, prefix, from_base = task_model_with_base(base_path, configs[first], options.task_type)
     task_state = model.state_dict()
     head_names = _head_names(list(task_state), set(from_base), options.head_pattern, base_path)
     persistent = set(task_state)
@@ -342,7 +351,7 @@ def load_hf_experts(base: str, experts: Mapping[str, str], options: SourceOption
 
     def read_expert(task: str) -> dict[str, torch.Tensor]:
         path = paths[task]
-        expert, missing = load_pretrained(AutoModelForSequenceClassification, path, f"expert {task!r}")
+        expert, missing = load_pretrained(auto_class, path, f"expert {task!r}")
         state = expert.state_dict()
         lacking = sorted(n for n in missing if n in persistent)
         if lacking:
@@ -376,10 +385,11 @@ def load_hf_experts(base: str, experts: Mapping[str, str], options: SourceOption
         heads,
         sources,
         modality="text",
-        expert_model=lambda task: load_pretrained(AutoModelForSequenceClassification, paths[task], f"expert {task!r}")[0],
-        export=partial(export_hf, base_path=base_path, configs=configs, tokenizer=tokenizer, prefix=prefix),
+        expert_model=lambda task: load_pretrained(auto_class, paths[task], f"expert {task!r}")[0],
+        export=partial(export_hf, base_path=base_path, configs=configs, tokenizer=tokenizer, prefix=prefix, auto_class=auto_class),
         tokenizer=tokenizer,
         num_classes={task: int(config.num_labels) for task, config in configs.items()},
+        task_type=options.task_type,
     )
 
 
@@ -412,8 +422,6 @@ def _load_peft_experts(base_path: Path, experts: Mapping[str, str], options: Sou
     model is the base's ``AutoModelForSequenceClassification`` (a full fine-tune's config if one is
     given); each task's number of labels comes from its own head.
     """
-    from transformers import AutoModelForSequenceClassification
-
     from adamerge.experts.peft import expert_state_dict, load_lora_experts
     from adamerge.merged_model import assign_tensor
 
@@ -423,14 +431,14 @@ def _load_peft_experts(base_path: Path, experts: Mapping[str, str], options: Sou
     dense_paths = {t: hf_dir(str(ref), f"expert {t!r}") for t, ref in experts.items() if t not in adapters}
     dense_configs = read_expert_configs(dense_paths, base_config, tokenizer)
     model_config = next(iter(dense_configs.values()), None) or copy.deepcopy(base_config)
-    model, prefix, from_base = task_model_with_base(base_path, model_config)
+    model, prefix, from_base = task_model_with_base(base_path, model_config, options.task_type)
     task_keys = list(model.state_dict())
     head_names = _head_names(task_keys, set(from_base), options.head_pattern, base_path) if dense_paths else []
     if options.head_pattern and not dense_paths:
         head_names = select_heads(task_keys, options.head_pattern)
 
     def dense_reader(task: str) -> dict[str, torch.Tensor]:
-        expert, _ = load_pretrained(AutoModelForSequenceClassification, dense_paths[task], f"expert {task!r}")
+        expert, _ = load_pretrained(task_auto_class(options.task_type), dense_paths[task], f"expert {task!r}")
         return expert.state_dict()
 
     task_vectors, heads = load_lora_experts(
@@ -447,7 +455,7 @@ def _load_peft_experts(base_path: Path, experts: Mapping[str, str], options: Sou
 
     def expert_model(task: str) -> nn.Module:
         if task in dense_paths:
-            return load_pretrained(AutoModelForSequenceClassification, dense_paths[task], f"expert {task!r}")[0]
+            return load_pretrained(task_auto_class(options.task_type), dense_paths[task], f"expert {task!r}")[0]
         alone = copy.deepcopy(model)
         for name, tensor in expert_state_dict(model, task_vectors, heads, task).items():
             assign_tensor(alone, name, tensor)
@@ -467,9 +475,13 @@ def _load_peft_experts(base_path: Path, experts: Mapping[str, str], options: Sou
         sources,
         modality="text",
         expert_model=expert_model,
-        export=partial(export_hf, base_path=base_path, configs=configs, tokenizer=tokenizer, prefix=prefix),
+        export=partial(
+            export_hf, base_path=base_path, configs=configs, tokenizer=tokenizer, prefix=prefix,
+            auto_class=task_auto_class(options.task_type),
+        ),
         tokenizer=tokenizer,
         num_classes={task: int(config.num_labels) for task, config in configs.items()},
+        task_type=options.task_type,
     )
 
 
@@ -506,6 +518,7 @@ def export_hf(
     configs: Mapping[str, Any],
     tokenizer: Any,
     prefix: str,
+    auto_class: Any = None,
 ) -> dict[str, str]:
     """Write the merge as transformers folders (no adamerge needed to load them).
 
@@ -523,12 +536,14 @@ def export_hf(
         configs: each task's expert config.
         tokenizer: the base's tokenizer.
         prefix: the task model's encoder prefix (``"bert."``), see :func:`encoder_prefix`.
+        auto_class: the task models' transformers auto-class (default: sequence classification).
 
     Returns:
         ``{what: path relative to directory}``.
     """
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers import AutoModel
 
+    auto_class = auto_class or task_auto_class(CLASSIFICATION)
     directory = Path(directory)
     encoder, _ = load_pretrained(AutoModel, base_path, "--base")
     with quiet_transformers():
@@ -541,7 +556,7 @@ def export_hf(
     for task, config in configs.items():
         with quiet_transformers():
             with without_weight_init():  # every tensor is loaded below (strict)
-                model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+                model = auto_class.from_config(config, dtype=torch.float32)
             tensors = {k: v.detach() for k, v in state.items()} | {k: v.detach() for k, v in heads.get(task, {}).items()}
             own = model.state_dict()
             missing = [k for k in own if k not in tensors]

@@ -14,7 +14,10 @@ class Classification(TaskType):
     """One scored position per example: the logits are the positions."""
 
     name: ClassVar[str] = "classification"
-    auto_class: ClassVar[str] = "AutoModelForSequenceClassification"
+
+    @property
+    def auto_class(self) -> str:
+        return "AutoModelForSequenceClassification"
 
     def scored(
         self, logits: torch.Tensor, inputs: Any, labels: torch.Tensor | None = None

@@ -18,10 +18,13 @@ import torch
 class TaskType:
     """Base class of task types (stateless: one instance serves every task of that type)."""
 
-    #: The name of the task type (``--task-type``, ``metrics.json``).
+    #: The name of the task type (``metrics.json``, error messages).
     name: ClassVar[str] = ""
-    #: The transformers auto-class a Hugging Face source builds for this task type.
-    auto_class: ClassVar[str] = ""
+
+    @property
+    def auto_class(self) -> str:
+        """The transformers auto-class a Hugging Face source builds for this task type."""
+        raise NotImplementedError
 
     def scored(
         self, logits: torch.Tensor, inputs: Any, labels: torch.Tensor | None = None

@@ -31,7 +31,10 @@ class TokenLevel(TaskType):
     next_token: bool = False
 
     name: ClassVar[str] = "token"
-    auto_class: ClassVar[str] = "AutoModelForTokenClassification"
+
+    @property
+    def auto_class(self) -> str:
+        return "AutoModelForCausalLM" if self.next_token else "AutoModelForTokenClassification"
 
     def scored(
         self, logits: torch.Tensor, inputs: Any, labels: torch.Tensor | None = None
