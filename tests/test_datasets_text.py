@@ -22,6 +22,8 @@ from adamerge.datasets.vision import DATA_ROOT_ENV
 from adamerge.demo import text as demo
 from adamerge.errors import DataError
 
+pytestmark = pytest.mark.lab  # the demo / data-set readers / notebooks, not the library
+
 DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA_ROOT / "text").is_dir(), reason=f"real text data not found at {DATA_ROOT}")
 

@@ -13,6 +13,8 @@ from adamerge.datasets import VISION_TASKS, ImageArrays, load_vision_task, read_
 from adamerge.datasets.vision import DATA_ROOT_ENV, resolve_data_root
 from adamerge.errors import DataError
 
+pytestmark = pytest.mark.lab  # the demo / data-set readers / notebooks, not the library
+
 DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA_ROOT / "images").is_dir(), reason=f"real data not found at {DATA_ROOT}")
 

@@ -16,10 +16,10 @@ from adamerge.demo import vision as demo
 from adamerge.demo.vision import build_vision_demo, class_folder_names, split_indices, task_seed
 
 DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.lab, pytest.mark.skipif(
     not (DATA_ROOT / "backbones" / "mobilenet_v2-b0353104.pth").is_file(),
     reason=f"real data and mobilenet_v2 weights not found at {DATA_ROOT}",
-)
+)]  # the demo, not the library
 
 TASKS = ("usps", "mnist")
 TINY = dict(image_size=32, finetune_size=64, calib_size=8, test_size=16, epochs=1, batch_size=32, max_steps=1)

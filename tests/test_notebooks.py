@@ -10,6 +10,8 @@ from nbclient import NotebookClient
 
 from tests.conftest import DATA_ROOT, REPO
 
+pytestmark = pytest.mark.lab  # the demo / data-set readers / notebooks, not the library
+
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 # notebooks on the real vision demo (experts fine-tuned from ../shared/data, then cached)
 NEEDS_DATA = {"fewshot.ipynb"}
