@@ -16,7 +16,7 @@ Each mode alternates the two layouts for ``--repeats`` rounds (so that a drift o
 hits both) and reports the median. It also reports the largest difference of the logits and of the
 λ gradient between the layouts (float rounding only).
 
-    OMP_NUM_THREADS=1 python benchmarks/channels_last.py --out benchmarks/results/channels_last.json
+    OMP_NUM_THREADS=1 python -m benchmarks.channels_last --out benchmarks/results/channels_last.json
 """
 
 from __future__ import annotations
@@ -31,13 +31,10 @@ from pathlib import Path
 import torch
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from runner import write_results  # noqa: E402  (benchmarks/runner.py)
-
 from adamerge import model_inputs
 from adamerge.merged_model import MergedModel
 from adamerge.task_vectors import TaskVectors
+from benchmarks.runner import write_results
 
 
 def build(arch: str, experts: int, classes: int) -> MergedModel:
@@ -124,7 +121,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     payload = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.channels_last", *sys.argv[1:]]),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),

@@ -22,9 +22,12 @@ Outputs (under ``--out-dir``):
 - ``fusionbench_probe.json``: the probe's ``RESULT`` line per K plus ``/usr/bin/time -v`` peak RSS;
 - ``step_time_memory.md``: the combined table.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/compare_fusionbench.py --experts 1 2 4 8 --threads 1 \\
-        --fb-python /work/fbvenv/bin/python \\
-        --fb-probe /work/shared/peers/fusionbench_adamerging_probe.py --fb-workdir /tmp/fbprobe
+    .venv/bin/python -m benchmarks.compare_fusionbench --experts 1 2 4 8 --threads 1 \\
+        --fb-python ../fbvenv/bin/python \\
+        --fb-probe ../shared/peers/fusionbench_adamerging_probe.py --fb-workdir /tmp/fbprobe
+
+``--fb-python`` (FusionBench's venv) and ``--fb-probe`` are needed unless ``--no-fusionbench`` or
+``--report-only``; ``--fb-workdir`` defaults to a fresh temporary folder.
 """
 
 from __future__ import annotations
@@ -37,12 +40,14 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STEP_SCRIPT = HERE / "step_time_memory.py"
+REPO = HERE.parent
+STEP_MODULE = "benchmarks.step_time_memory"  # run with -m from the repository root
 NOTES_MARKER = "<!-- everything below this line is kept when compare_fusionbench.py rewrites the file -->"
 
 
@@ -103,17 +108,17 @@ def log(message: str) -> None:
 
 def ours(args: argparse.Namespace, mode: str, k: int, dtype: str) -> dict:
     command = [
-        sys.executable, str(STEP_SCRIPT), "--mode", mode, "--one-experts", str(k), "--dtype", dtype,
+        sys.executable, "-m", STEP_MODULE, "--mode", mode, "--one-experts", str(k), "--dtype", dtype,
         "--arch", args.arch, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
         "--threads", str(args.threads),
     ]
     env = os.environ.copy()
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     load = wait_quiet(args.quiet_load, args.max_wait, args.poll)
     sampler = LoadSampler()
     sampler.start()
     started = time.time()
-    stdout, stderr, code, peak = run_timed(command, env=env)
+    stdout, stderr, code, peak = run_timed(command, env=env, cwd=str(REPO))
     load |= sampler.stop()
     row = result_line(stdout)
     if code or row is None:
@@ -238,9 +243,9 @@ def main() -> None:
     parser.add_argument("--fb-steps", type=int, default=4, help="FusionBench max_steps (first one dropped)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--fb-python", default="/work/fbvenv/bin/python")
-    parser.add_argument("--fb-probe", default="/work/shared/peers/fusionbench_adamerging_probe.py")
-    parser.add_argument("--fb-workdir", default="/tmp/fbprobe")
+    parser.add_argument("--fb-python", default=None, help="python of FusionBench's venv (needed unless --no-fusionbench)")
+    parser.add_argument("--fb-probe", default=None, help="fusionbench_adamerging_probe.py (needed unless --no-fusionbench)")
+    parser.add_argument("--fb-workdir", default=None, help="the probe's working folder (default: a fresh temporary one)")
     parser.add_argument("--no-fusionbench", action="store_true")
     parser.add_argument("--quiet-load", type=float, default=1.3)
     parser.add_argument("--max-wait", type=float, default=600.0)
@@ -251,6 +256,17 @@ def main() -> None:
     parser.add_argument("--update", action="store_true",
                         help="keep the rows of other K already in --out-dir (re-measure only --experts)")
     args = parser.parse_args()
+    if not (args.report_only or args.no_fusionbench):
+        missing = [flag for flag, value in (("--fb-python", args.fb_python), ("--fb-probe", args.fb_probe)) if not value]
+        if missing:
+            parser.error(f"the FusionBench runs need {' and '.join(missing)} (or --no-fusionbench)")
+        # absolute: the probe runs in --fb-workdir (a bare --fb-python name is looked up on PATH)
+        args.fb_python = os.path.abspath(args.fb_python) if os.sep in args.fb_python else args.fb_python
+        args.fb_probe = os.path.abspath(args.fb_probe)
+        if args.fb_workdir is None:
+            args.fb_workdir = tempfile.mkdtemp(prefix="fbprobe-")
+        args.fb_workdir = os.path.abspath(args.fb_workdir)
+        os.makedirs(args.fb_workdir, exist_ok=True)
 
     date = dt.datetime.now().astimezone().isoformat(timespec="minutes")
     rows: list[dict] = []
@@ -272,7 +288,7 @@ def main() -> None:
     if args.report_only:
         write(args, rows, fb_rows, date)
         return
-    args.history.append("PYTHONPATH=. " + " ".join([sys.executable, os.path.relpath(__file__), *sys.argv[1:]]))
+    args.history.append(" ".join([sys.executable, "-m", "benchmarks.compare_fusionbench", *sys.argv[1:]]))
     for i, k in enumerate(args.experts):
         # alternate which library goes first so that a slow drift in background load is shared
         plan = [("plain", "float32")] + [("adamerging", d) for d in args.dtypes]
@@ -286,16 +302,27 @@ def main() -> None:
     print("\n".join(ours_table(rows, args.experts, args.dtypes)))
 
 
+def fusionbench_paths(args: argparse.Namespace, fb_rows: list[dict]) -> tuple[str, str, str]:
+    """``--fb-python``, ``--fb-probe``, ``--fb-workdir``; those not given (``--report-only``) as the last recorded run had them."""
+    recorded = fb_rows[-1]["command"].split() if fb_rows else []  # /usr/bin/time -v PYTHON PROBE ... --workdir DIR
+    if len(recorded) > 3 and "--workdir" in recorded[:-1]:
+        known = recorded[2], recorded[3], recorded[recorded.index("--workdir") + 1]
+    else:
+        known = "FB_PYTHON", "FB_PROBE", "FB_WORKDIR"
+    return args.fb_python or known[0], args.fb_probe or known[1], args.fb_workdir or known[2]
+
+
 def write(args: argparse.Namespace, rows: list[dict], fb_rows: list[dict], date: str) -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     done_k = sorted({r["experts"] for r in rows})
     all_k = sorted(set(args.experts) | set(args.kept_experts))
-    ours_example = (f"PYTHONPATH=. {sys.executable} benchmarks/step_time_memory.py --mode adamerging --one-experts 8 "
+    ours_example = (f"{sys.executable} -m {STEP_MODULE} --mode adamerging --one-experts 8 "
                     f"--dtype float32 --arch {args.arch} --batch-size {args.batch_size} --steps {args.steps} "
                     f"--threads {args.threads}")
-    fb_example = (f"cd {args.fb_workdir} && /usr/bin/time -v {args.fb_python} {args.fb_probe} --size b32 --num-experts 8 "
+    fb_python, fb_probe, fb_workdir = fusionbench_paths(args, fb_rows)
+    fb_example = (f"cd {fb_workdir} && /usr/bin/time -v {fb_python} {fb_probe} --size b32 --num-experts 8 "
                   f"--steps {args.fb_steps} --batch-size {args.batch_size} --threads {args.threads} --reference "
-                  f"--workdir {args.fb_workdir}")
+                  f"--workdir {fb_workdir}")
     commands = {"driver": "\n".join(args.history), "ours_example": ours_example, "fb_example": fb_example}
     table = ours_table(rows, [k for k in all_k if k in done_k and all(
         any(r["experts"] == k and r["mode"] == "adamerging" and r["dtype"] == d for r in rows) for d in args.dtypes)],

@@ -11,8 +11,8 @@ safeguard: all defaults. Each run evaluates its own start (``--eval-init``, on b
 its learned merge on the labelled test split; the table reports both, normalized by the experts'
 own accuracy, and the step the safeguard kept.
 
-    OMP_NUM_THREADS=1 python benchmarks/default_rows.py --benchmark vision --workers 2 --out benchmarks/results/defaults_vision.json
-    OMP_NUM_THREADS=1 python benchmarks/default_rows.py --benchmark text-full --workers 2 --out benchmarks/results/defaults_text_full.json
+    OMP_NUM_THREADS=1 python -m benchmarks.default_rows --benchmark vision --workers 2 --out benchmarks/results/defaults_vision.json
+    OMP_NUM_THREADS=1 python -m benchmarks.default_rows --benchmark text-full --workers 2 --out benchmarks/results/defaults_text_full.json
 
 Expert Merging is Expert Merging++'s stage one (the same defaults; its run reports that stage),
 so four runs give the five rows.
@@ -29,9 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from runner import cpu_slot, run_all, write_results  # noqa: E402  (one fresh, measured process per row)
+from benchmarks.runner import cpu_slot, run_all, write_results  # (one fresh, measured process per row)
 
 # method: what its run reports (the row of its own method, and for ++ its stage one's)
 RUNS = {
@@ -164,7 +162,7 @@ def write(args: argparse.Namespace, tasks: list[str], experts: dict, rows: dict,
                 row[f"{key}_normalized"] = sum(row[key][t] / experts[t] for t in tasks) / len(tasks)
             done[name] = row
     payload = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.default_rows", *sys.argv[1:]]),
         "benchmark": args.benchmark,
         "tasks": tasks,
         "experts": experts,

@@ -19,8 +19,8 @@ epoch and trains ~10 epochs, i.e. >= 100 steps; at 16 shots (160 images a task) 
 exactly 10 epochs. ``--init`` / ``--lr`` override aTLAS's λ = 0 start and lr 1e-1 (e.g. ``--init 0.3
 --lr 0.01``: start at task arithmetic, as the benchmark's ``atlas tta`` row does, with smaller steps).
 
-    python benchmarks/fewshot_curve.py --out benchmarks/results/vision_fewshot.json
-    python benchmarks/fewshot_curve.py --quick --out /tmp/fewshot-quick.json   # a minute or two
+    python -m benchmarks.fewshot_curve --out benchmarks/results/vision_fewshot.json
+    python -m benchmarks.fewshot_curve --quick --out /tmp/fewshot-quick.json   # a minute or two
 
 Writes ``<out>.json``, ``<out>.md`` and ``<name>_fewshot.png`` (``plots.py``) beside it.
 """
@@ -38,10 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plots import load_fewshot, plot_fewshot  # noqa: E402
-from runner import cpu_slot, run_all, write_results  # noqa: E402
-from vision_methods import results_table  # noqa: E402
+from benchmarks.plots import load_fewshot, plot_fewshot
+from benchmarks.runner import cpu_slot, run_all, write_results
+from benchmarks.vision_methods import results_table
 
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
 QUICK_SHOTS = (1, 4)
@@ -246,7 +245,7 @@ def write_curve(args, assets, fixed: dict, curve: dict, pool_record: dict, build
         entry["average"] = entry["per_task"]["average"]
         entry["normalized"] = sum(entry["per_task"][t] / experts[t] for t in tasks) / len(tasks)
     payload = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.fewshot_curve", *sys.argv[1:]]),
         "commit": git_commit(),
         "tasks": tasks,
         "method": "atlas",

@@ -10,7 +10,7 @@ torchvision ``mobilenet_v2`` with ``merged.pt`` and ``heads/<task>.pt``, no adam
 split is scored again the same way, so the table shows both splits side by side. The test-split
 scores also check the export: they must equal the fit's ``metrics.json``.
 
-    python benchmarks/fresh_rows.py --cache-dir /tmp/suite-fresh5/demo-vision \\
+    python -m benchmarks.fresh_rows --cache-dir /tmp/suite-fresh5/demo-vision \\
         --runs chunk64=runs/c64 chunk128=runs/c128 --out benchmarks/results/vision_fresh_rows.json
 
 A task whose data set has no rows left (USPS: 2,007 rows, all in the splits) is left out of the
@@ -32,13 +32,10 @@ import numpy as np
 import torch
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from runner import write_results  # noqa: E402  (benchmarks/runner.py)
-
 from adamerge.datasets.vision import load_vision_task
 from adamerge.demo.vision import DEFAULT_TASKS, accuracy, load_expert, sha256_array, to_input_tensor
 from adamerge.errors import AdamergeError
+from benchmarks.runner import write_results
 
 logger = logging.getLogger("fresh_rows")
 
@@ -167,7 +164,7 @@ def run() -> None:
                 scores["test"][name], scores["test"]["expert (alone)"], tasks
             )
     payload = {
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),  # run names may hold spaces
+        "command": shlex.join([Path(sys.executable).name, "-m", "benchmarks.fresh_rows", *sys.argv[1:]]),  # run names may hold spaces
         "tasks": tasks,
         "shared_tasks": shared,
         "fresh_rows": fresh_counts,

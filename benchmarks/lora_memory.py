@@ -26,7 +26,7 @@ gradients between steps (``zero_grad(set_to_none=True)``, PyTorch's default). St
 ``--steps`` further steps. The dense-task-vector alternative's store size is computed, never
 allocated.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/lora_memory.py --out benchmarks/results/lora_memory
+    .venv/bin/python -m benchmarks.lora_memory --out benchmarks/results/lora_memory
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+REPO = Path(__file__).resolve().parents[1]  # on the children's PYTHONPATH: they run as benchmarks.lora_memory
 logger = logging.getLogger("lora_memory")
 
 TARGETS = ["query", "key", "value", "dense"]
@@ -195,11 +196,12 @@ def child(args: argparse.Namespace) -> None:
 
 def run_child(args: argparse.Namespace, mode: str, adapter_dir: Path) -> dict[str, Any]:
     command = [
-        sys.executable, __file__, "--child", "--mode", mode, "--adapter-dir", str(adapter_dir),
+        sys.executable, "-m", "benchmarks.lora_memory", "--child", "--mode", mode, "--adapter-dir", str(adapter_dir),
         "--adapters", str(args.adapters), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
         "--steps", str(args.steps), "--threads", str(args.threads), "--layers", str(args.layers),
     ]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     load = os.getloadavg()[0]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
@@ -307,7 +309,7 @@ def main() -> None:
         return by_mode[mode][key] / dense[key]
 
     report = {
-        "command": "PYTHONPATH=. .venv/bin/python " + " ".join(["benchmarks/lora_memory.py", *sys.argv[1:]]),
+        "command": " ".join([".venv/bin/python", "-m", "benchmarks.lora_memory", *sys.argv[1:]]),
         "adapters": args.adapters,
         "rank": args.rank,
         "targets": TARGETS,
@@ -325,7 +327,7 @@ def main() -> None:
             "merged_step_time_over_dense": ratio("merged-step", "step_s_median"),
         },
     }
-    from runner import write_results  # here, not at the top: the measured children need not import it
+    from benchmarks.runner import write_results  # here, not at the top: the measured children need not import it
 
     write_results(args.out.with_suffix(".json"), report, markdown(report))
     logger.info("wrote %s.{json,md}", args.out)

@@ -13,7 +13,7 @@
 Variants run round-robin (one repetition of each, then the next round), so background load hits
 all alike; medians are printed. Errors are measured against float64.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/merge_kernels.py --experts 8 --threads 1
+    .venv/bin/python -m benchmarks.merge_kernels --experts 8 --threads 1
 """
 
 from __future__ import annotations
@@ -21,12 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections import defaultdict
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ named ``<name>.json``:
 - ``<name>_fewshot.png``: accuracy vs labelled shots per class, from ``<name>_fewshot.json``
   (``fewshot_curve.py``), with the results' reference rows as horizontal lines.
 
-    python benchmarks/plots.py benchmarks/results/vision.json
-    python benchmarks/plots.py benchmarks/results/vision.json --coefficients runs/ada/coefficients.json
+    python -m benchmarks.plots benchmarks/results/vision.json
+    python -m benchmarks.plots benchmarks/results/vision.json --coefficients runs/ada/coefficients.json
 
 Each figure is written only when its input exists (or was given). Malformed inputs raise
 :class:`PlotInputError` naming the file and the offending field.

@@ -20,8 +20,8 @@ memory, which the kernel zero-fills) and RSS after the phase. ``--mode both`` ru
 adamerge steps alternately in the same process (background load hits both alike; same allocator),
 so use ``--mode adamerging`` alone for peak RSS.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/profile_step.py --experts 8 --dtype float32 --threads 1
-    PYTHONPATH=. .venv/bin/python benchmarks/profile_step.py --experts 8 --dtype float32 --micro
+    .venv/bin/python -m benchmarks.profile_step --experts 8 --dtype float32 --threads 1
+    .venv/bin/python -m benchmarks.profile_step --experts 8 --dtype float32 --micro
 """
 
 from __future__ import annotations
@@ -30,13 +30,10 @@ import argparse
 import json
 import resource
 import statistics
-import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time_memory import build, rss_mb  # noqa: E402
+from benchmarks.step_time_memory import build, rss_mb
 
 
 class Phases:

@@ -9,7 +9,7 @@ training step of the same K × batch images through the unmerged tower (all weig
 
 Every (mode, K) runs in a fresh process so that peak RSS (``ru_maxrss``) is its own.
 
-    python benchmarks/step_time_memory.py --experts 1 2 4 8 --threads 1 \
+    python -m benchmarks.step_time_memory --experts 1 2 4 8 --threads 1 \
         --out benchmarks/results/step_time_memory.json
 """
 
@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]  # on the children's PYTHONPATH: they run as benchmarks.step_time_memory
 
 
 def build(num_experts: int, dtype_name: str, arch: str):
@@ -140,16 +142,18 @@ def main() -> None:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
         return
 
+    env = os.environ.copy()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     rows = []
     for k in args.experts:
         configs = [("plain", "float32")] + [("adamerging", d) for d in args.dtypes]
         for mode, dtype in configs:
             command = [
-                sys.executable, __file__, "--mode", mode, "--one-experts", str(k), "--dtype", dtype,
+                sys.executable, "-m", "benchmarks.step_time_memory", "--mode", mode, "--one-experts", str(k), "--dtype", dtype,
                 "--arch", args.arch, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
                 "--threads", str(args.threads),
             ]
-            done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if done.returncode or not lines:
                 sys.stderr.write(done.stderr[-3000:])
@@ -174,7 +178,8 @@ def main() -> None:
     print("\n".join(table))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows, "table": table}, indent=2) + "\n")
+        invocation = " ".join([Path(sys.executable).name, "-m", "benchmarks.step_time_memory", *sys.argv[1:]])
+        args.out.write_text(json.dumps({"command": invocation, "rows": rows, "table": table}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

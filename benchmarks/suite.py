@@ -16,9 +16,9 @@ the machine runs one single-threaded process per core and no core waits while wo
    rows take both cores once the vision lane is done;
 3. ``plots.py`` draws the figures.
 
-    python benchmarks/suite.py                          # results in benchmarks/results/
-    python benchmarks/suite.py --quick --out-dir /tmp/suite-quick
-    python benchmarks/suite.py --cache-root /tmp/fresh  # experts built from scratch, timed
+    python -m benchmarks.suite                          # results in benchmarks/results/
+    python -m benchmarks.suite --quick --out-dir /tmp/suite-quick
+    python -m benchmarks.suite --cache-root /tmp/fresh  # experts built from scratch, timed
 
 Writes ``suite.json`` / ``suite.md`` (wall time of each step and lane, the machine's load, one
 thread's matmul speed at the start and the end, the total) beside the results.
@@ -37,11 +37,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks.runner import SLOTS_ENV, make_slots, write_results
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-
-from runner import SLOTS_ENV, make_slots, write_results  # noqa: E402
 
 
 def python_env(threads: int | None = None, slots: Path | None = None) -> dict[str, str]:
@@ -79,7 +78,7 @@ def machine_speed(env: dict[str, str]) -> float:
 
 def timed(name: str, command: list[str], steps: dict, env: dict[str, str]) -> None:
     """Run ``command``, record its wall time under ``name``."""
-    sys.stderr.write(f"[suite] {name}: {' '.join(command[1:3])}\n")
+    sys.stderr.write(f"[suite] {name}: {' '.join(command[1:4])}\n")
     load = os.getloadavg()[0]
     started = time.perf_counter()
     code = subprocess.run(command, env=env, cwd=REPO).returncode
@@ -135,27 +134,27 @@ def main() -> None:
         timed("text-experts", [py, "-m", "adamerge.demo.text", *quick, *text_cache, "--threads", "1", *workers], steps, env)
     lanes: dict[str, list[tuple[str, list[str]]]] = {"vision": [], "text": []}
     if "vision" not in args.skip:
-        lanes["vision"].append(("vision", [py, "benchmarks/vision_methods.py", *quick, *vision_cache, *workers,
+        lanes["vision"].append(("vision", [py, "-m", "benchmarks.vision_methods", *quick, *vision_cache, *workers,
                                            "--out", str(out / "vision.json")]))  # fmt: skip
     if "fewshot" not in args.skip:
-        lanes["vision"].append(("fewshot", [py, "benchmarks/fewshot_curve.py", *quick, *vision_cache, *workers,
+        lanes["vision"].append(("fewshot", [py, "-m", "benchmarks.fewshot_curve", *quick, *vision_cache, *workers,
                                             "--reference", str(out / "vision.json"),
                                             "--out", str(out / "vision_fewshot.json")]))  # fmt: skip
     if "text" not in args.skip:
-        lanes["text"].append(("text", [py, "benchmarks/text_methods.py", *quick, *text_cache, *workers,
+        lanes["text"].append(("text", [py, "-m", "benchmarks.text_methods", *quick, *text_cache, *workers,
                                        "--out", str(out / "text.json")]))  # fmt: skip
     lanes = {name: lane for name, lane in lanes.items() if lane}
     lane_walls = run_lanes(lanes, steps, env)
     if "plots" not in args.skip:
-        timed("plots", [py, "benchmarks/plots.py", str(out / "vision.json")], steps, env)
+        timed("plots", [py, "-m", "benchmarks.plots", str(out / "vision.json")], steps, env)
         for flavour in ("full", "lora"):
-            timed(f"plots-text-{flavour}", [py, "benchmarks/plots.py", str(out / "text.json"), "--flavour", flavour,
+            timed(f"plots-text-{flavour}", [py, "-m", "benchmarks.plots", str(out / "text.json"), "--flavour", flavour,
                                             "--name", f"text_{flavour}"], steps, env)  # fmt: skip
     shutil.rmtree(slots, ignore_errors=True)
     total = time.perf_counter() - started
     speed["end"] = machine_speed(env)
     payload = {
-        "command": " ".join([Path(py).name, *sys.argv]),
+        "command": " ".join([Path(py).name, "-m", "benchmarks.suite", *sys.argv[1:]]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "matmul_gflops_1_thread": speed},
         "slots": args.slots,

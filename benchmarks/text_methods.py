@@ -9,12 +9,12 @@ and peak RSS are its own. Results: ``--out`` JSON (per flavour and method: ``per
 ``average``, ``normalized`` = mean over tasks of merged ÷ expert accuracy, ``wall_s``,
 ``peak_rss_mb``; plus the seeds, splits and the assets' manifest) and a Markdown table beside it.
 
-    python benchmarks/text_methods.py --out benchmarks/results/text.json
-    python benchmarks/text_methods.py --quick --out /tmp/text-quick.json      # minutes
+    python -m benchmarks.text_methods --out benchmarks/results/text.json
+    python -m benchmarks.text_methods --quick --out /tmp/text-quick.json      # minutes
 
 Rows of both flavours can run side by side, one single-threaded process per core::
 
-    OMP_NUM_THREADS=1 python benchmarks/text_methods.py --workers 2 --out benchmarks/results/text.json
+    OMP_NUM_THREADS=1 python -m benchmarks.text_methods --workers 2 --out benchmarks/results/text.json
 
 Learned rows train on length-grouped batches (``adamerge fit --group-by-length true``: each
 step's texts per task are a random draw of similar length, so a step pads far less). The experts'
@@ -23,9 +23,9 @@ initial merge (task arithmetic at λ = 0.3) is evaluated once, by the layer-wise
 the Expert Merging row is stage one of the Expert Merging++ run (see ``vision_methods.py``).
 Flavours run separately can be joined::
 
-    python benchmarks/text_methods.py --flavours full --out /tmp/text_full.json
-    python benchmarks/text_methods.py --flavours lora --out /tmp/text_lora.json
-    python benchmarks/text_methods.py --join /tmp/text_full.json /tmp/text_lora.json --out benchmarks/results/text.json
+    python -m benchmarks.text_methods --flavours full --out /tmp/text_full.json
+    python -m benchmarks.text_methods --flavours lora --out /tmp/text_lora.json
+    python -m benchmarks.text_methods --join /tmp/text_full.json /tmp/text_lora.json --out benchmarks/results/text.json
 """
 
 from __future__ import annotations
@@ -39,11 +39,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from runner import cpu_slot, run_all, write_results  # noqa: E402  (one fresh, measured process per row)
-from vision_methods import LEARNED as VISION_LEARNED  # noqa: E402
-from vision_methods import REFERENCE_FIT, STATIC, STEPS, results_table, rows_with_a_run, stage_one_rows  # noqa: E402
+from benchmarks.runner import cpu_slot, run_all, write_results  # (one fresh, measured process per row)
+from benchmarks.vision_methods import LEARNED as VISION_LEARNED
+from benchmarks.vision_methods import REFERENCE_FIT, STATIC, STEPS, results_table, rows_with_a_run, stage_one_rows
 
 # the vision benchmark's rows plus aTLAS few-shot on the labelled 16-per-class pool
 LEARNED = dict(VISION_LEARNED)
@@ -159,7 +157,7 @@ def main() -> None:
             entry["normalized"] = sum(per_task[t] / experts[t] for t in assets.tasks) / len(assets.tasks)
         flavours[flavour] = results
     payload = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.text_methods", *sys.argv[1:]]),
         "tasks": assets.tasks,
         "max_length": assets.max_length,
         "steps": steps,

@@ -14,7 +14,7 @@ benchmark's fits do. Modes, each in a fresh process (peak RSS is the process's `
 - ``lora``: the LoRA adapters, the default ``low_rank_step="auto"`` (here: merged once per step);
 - ``lora-at-use``: the adapters merged per task at use time (``low_rank_step="at-use"``).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/text_step.py --threads 1 --steps 20 --out benchmarks/results/text_step
+    .venv/bin/python -m benchmarks.text_step --threads 1 --steps 20 --out benchmarks/results/text_step
 """
 
 from __future__ import annotations
@@ -28,11 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from lora_memory import proc_status  # noqa: E402  (the /proc/self/status reader, in MiB)
+from benchmarks.lora_memory import proc_status  # (the /proc/self/status reader, in MiB)
 
 MODES = ["plain", "full", "full-dense-tables", "lora", "lora-at-use"]
+REPO = Path(__file__).resolve().parents[1]  # on the children's PYTHONPATH: they run as benchmarks.text_step
 
 
 def measure(mode: str, args: argparse.Namespace) -> dict:
@@ -123,9 +122,10 @@ def main() -> None:
         print(json.dumps(measure(args.child, args)))
         return
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     runs = []
     for mode in args.modes * args.repeats:  # in turn: a drift of the machine's speed hits every mode alike
-        command = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--batch-size",
+        command = [sys.executable, "-m", "benchmarks.text_step", "--child", mode, "--steps", str(args.steps), "--batch-size",
                    str(args.batch_size), "--threads", str(args.threads)]  # fmt: skip
         if args.cache_dir:
             command += ["--cache-dir", args.cache_dir]
@@ -145,7 +145,7 @@ def main() -> None:
         }
     plain = summary.get("plain", {}).get("step_median_s")
     lines = [
-        f"Command: `python benchmarks/text_step.py --threads {args.threads} --steps {args.steps} --repeats "
+        f"Command: `python -m benchmarks.text_step --threads {args.threads} --steps {args.steps} --repeats "
         f"{args.repeats}`: the six MiniLM experts, layer-wise λ, {args.batch_size} texts per task per step "
         f"(length-grouped, {summary[args.modes[0]]['tokens_per_step']} tokens a step), one fresh process per run, "
         f"the modes in turn; the step time is the median over every run's {args.steps} steps after its first.",
@@ -160,7 +160,7 @@ def main() -> None:
     print("\n".join(lines))
     if args.out:
         payload = {"summary": summary, "runs": runs, "threads": args.threads, "steps": args.steps, "batch_size": args.batch_size}
-        from runner import write_results  # here, not at the top: the measured children need not import it
+        from benchmarks.runner import write_results  # here, not at the top: the measured children need not import it
 
         write_results(args.out.with_suffix(".json"), payload, "\n".join(lines) + "\n")
 

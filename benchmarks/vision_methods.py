@@ -5,9 +5,9 @@ The experts, calibration and test folders come from :mod:`adamerge.demo.vision` 
 on first use from ``../shared/data``). Each method runs as ``adamerge merge`` (static) or
 ``adamerge fit`` (learned) in a fresh process, so its wall time and peak RSS are its own.
 
-    python benchmarks/vision_methods.py --out benchmarks/results/vision.json
-    python benchmarks/vision_methods.py --quick --out /tmp/vision-quick.json   # minutes
-    OMP_NUM_THREADS=1 python benchmarks/vision_methods.py --workers 2 --out ...  # one process per core
+    python -m benchmarks.vision_methods --out benchmarks/results/vision.json
+    python -m benchmarks.vision_methods --quick --out /tmp/vision-quick.json   # minutes
+    OMP_NUM_THREADS=1 python -m benchmarks.vision_methods --workers 2 --out ...  # one process per core
 
 The experts alone and the initial merge (task arithmetic at λ = 0.3) are evaluated once, by the
 layer-wise AdaMerging row; the other learned rows evaluate their learned merge only. The Expert
@@ -31,9 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from runner import cpu_slot, run_all, write_results  # noqa: E402  (one fresh, measured process per row)
+from benchmarks.runner import cpu_slot, run_all, write_results  # (one fresh, measured process per row)
 
 PRETRAINED = "pretrained (λ=0, expert heads)"  # the base backbone with each expert's head
 STATIC = ["average", "task-arithmetic", "ties", "dare", "breadcrumbs", "consensus", "lines"]
@@ -97,7 +95,7 @@ def main() -> None:
     with cpu_slot():
         assets = build_vision_demo(data_root=args.data_root, cache_dir=args.cache_dir, quick=args.quick)
     build_s = time.perf_counter() - started
-    steps = args.steps or (20 if args.quick else STEPS)
+    steps = default_steps(args)
     common = [
         "--base", f"torchvision:mobilenet_v2@{assets.base}",
         "--experts", *[f"{t}={p}" for t, p in assets.experts.items()],
@@ -123,7 +121,7 @@ def main() -> None:
             method, granularity, extra = LEARNED.get(row) or BATCHNORM_ROWS[row]
             argv = [
                 "fit", "--method", method, "--granularity", granularity, *common, "--calib", str(assets.calib_dir),
-                "--steps", str(row_steps(row, steps, args)), "--output", str(outputs[row]), "--progress-bar", "false", *extra,
+                "--steps", str(row_steps(row, args)), "--output", str(outputs[row]), "--progress-bar", "false", *extra,
             ]
             if row != REFERENCE_FIT:  # the experts and the initial merge are evaluated once, by this row
                 argv += ["--eval-experts", "false", "--eval-init", "false"]
@@ -166,11 +164,11 @@ def main() -> None:
         entry["average"] = per_task["average"]
         entry["normalized"] = sum(per_task[t] / experts[t] for t in assets.tasks) / len(assets.tasks)
     payload = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.vision_methods", *sys.argv[1:]]),
         "tasks": assets.tasks,
         "image_size": assets.image_size,
         "steps": steps,
-        "row_steps": {row: row_steps(row, steps, args) for row in ROW_STEPS if row in rows},
+        "row_steps": {row: row_steps(row, args) for row in ROW_STEPS if row in rows},
         "batchnorm": args.batchnorm,
         "assets_manifest": manifest,
         "splits": json.loads(Path(assets.splits).read_text()),
@@ -185,8 +183,14 @@ def main() -> None:
     print(table)
 
 
-def row_steps(row: str, steps: int, args: argparse.Namespace) -> int:
-    """A learned row's steps: ``--steps`` or the quick mode's for every row, else its ``ROW_STEPS`` or ``steps``."""
+def default_steps(args: argparse.Namespace) -> int:
+    """The learned rows' steps: ``--steps``, else 20 with ``--quick``, else :data:`STEPS` (``ROW_STEPS``: :func:`row_steps`)."""
+    return args.steps or (20 if args.quick else STEPS)
+
+
+def row_steps(row: str, args: argparse.Namespace) -> int:
+    """A learned row's steps: ``--steps`` or the quick mode's for every row, else its ``ROW_STEPS`` or :func:`default_steps`."""
+    steps = default_steps(args)
     if args.steps is not None or args.quick:
         return steps
     return ROW_STEPS.get(row, steps)

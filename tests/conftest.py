@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -21,12 +20,8 @@ HEAD = r"^8\."  # the classifier of tests.tiny:tiny_convnet
 
 
 def load_benchmark(name: str) -> ModuleType:
-    """``benchmarks/<name>.py`` as a module (benchmarks/ is scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The module ``benchmarks.<name>`` (each benchmark script runs as ``python -m benchmarks.<name>``)."""
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 @dataclass

@@ -185,11 +185,11 @@ def test_vision_row_steps_default_per_row_and_give_way_to_steps_and_quick(steps_
     import argparse
 
     vision = load_benchmark("vision_methods")
-    args = argparse.Namespace(steps=steps_option, quick=quick)
-    steps = steps_option or (20 if quick else vision.STEPS)  # as main() sets it
+    args = argparse.Namespace(steps=steps_option, quick=quick)  # main()'s --steps and --quick
     assert vision.STEPS == 50 and set(vision.ROW_STEPS) <= set(vision.BATCHNORM_ROWS)
-    assert vision.row_steps("expert-merging + expert BatchNorm (chunk:128)", steps, args) == expected_chunk_row
-    assert all(vision.row_steps(row, steps, args) == expected_other_rows for row in vision.LEARNED)
+    assert vision.row_steps("expert-merging + expert BatchNorm (chunk:128)", args) == expected_chunk_row
+    assert all(vision.row_steps(row, args) == expected_other_rows for row in vision.LEARNED)
+    assert vision.default_steps(args) == expected_other_rows  # the payload's "steps"
 
 
 def _row_options(method: str, granularity: str, extra: list[str]) -> dict:
@@ -255,10 +255,39 @@ def test_rows_fork_from_a_server_that_has_done_the_imports_every_row_needs(tmp_p
     assert process.exitcode == 0 and out.read_text().split() == modules
 
 
-def test_the_suite_records_one_threads_matmul_speed_as_its_machine_reference():
+def test_the_suites_machine_speed_is_the_probes_last_printed_number_to_a_tenth(monkeypatch):
     suite = load_benchmark("suite")
-    speed = suite.machine_speed(os.environ.copy())
-    assert isinstance(speed, float) and 0.5 < speed < 5000  # GFLOP/s of one core, any machine this runs on
+    monkeypatch.setattr(suite, "SPEED_PROBE", "print('warmed up'); print(123.456)")
+    assert suite.machine_speed(os.environ.copy()) == 123.5
+    monkeypatch.setattr(suite, "SPEED_PROBE", "import sys; sys.exit('no torch here')")
+    with pytest.raises(subprocess.CalledProcessError):  # a failed probe stops the suite, no made-up speed
+        suite.machine_speed(os.environ.copy())
+
+
+def test_the_speed_probe_is_one_threads_matmul_flops_over_three_seconds(monkeypatch):
+    # the real probe under a clock that reads 0, 0.25, 0.5 ... and a stand-in torch: the products
+    # at readings 0.25 ... 2.75 are counted (11), 3.0 ends the loop and the rate is taken at 3.25
+    stand_ins = textwrap.dedent(
+        """
+        import sys, time, types
+
+        class Matrix:
+            def __matmul__(self, other):
+                return self
+
+        def set_num_threads(count):
+            assert count == 1, count
+
+        torch = types.ModuleType("torch")
+        torch.set_num_threads, torch.randn = set_num_threads, lambda *shape: Matrix()
+        sys.modules["torch"] = torch
+        readings = iter(range(1000))
+        time.perf_counter = lambda: 0.25 * next(readings)
+        """
+    )
+    suite = load_benchmark("suite")
+    monkeypatch.setattr(suite, "SPEED_PROBE", stand_ins + suite.SPEED_PROBE)
+    assert suite.machine_speed(os.environ.copy()) == round(2 * 768 * 384 * 1536 * 11 / 3.25 / 1e9, 1) == 3.1
 
 
 def test_a_forked_row_starts_at_the_servers_resident_size_as_a_fresh_process_would(tmp_path):

@@ -1,0 +1,1 @@
+"""Benchmarks of adamerge: quality tables and performance measurements; run each with `python -m benchmarks.NAME`."""
