@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from adamerge.errors import AdamergeError
-from adamerge.methods.method import Method
+from adamerge.methods.method import Method, check_options
 
 if TYPE_CHECKING:  # torch is imported when a factory is built, so that ``--help`` lists the methods fast
     import torch
@@ -100,10 +100,7 @@ class LearnedMethod(Method):
         overrides = {k: value(k) for k in ("init", "constraint", "lr")}
         method = replace(method, **{k: v for k, v in overrides.items() if v is not None})
         extra = dict(getattr(settings, "options", None) or {}) | dict(options.get("options") or {})
-        fields = {f.name for f in dataclasses.fields(method)} - {"name", "paper"}
-        unknown = sorted(set(extra) - fields)
-        if unknown:
-            raise AdamergeError(f"--options {unknown}: not options of {self.name!r}; valid: {sorted(fields)}")
+        check_options(self.name, extra, {f.name for f in dataclasses.fields(method)} - {"name", "paper"})
         return replace(method, **extra)
 
     def rewrite(self, task_vectors: TaskVectors) -> TaskVectors:

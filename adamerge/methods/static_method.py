@@ -14,8 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from adamerge.errors import AdamergeError
-from adamerge.methods.method import Method
+from adamerge.methods.method import Method, check_options
 
 if TYPE_CHECKING:
     import torch
@@ -51,10 +50,7 @@ class StaticMethod(Method):
         options = dict(getattr(settings, "options", None) or {}) | options
         if self.preset.get("sparsify") == "dare":
             options.setdefault("seed", getattr(settings, "seed", 0))
-        fields = {f.name for f in dataclasses.fields(StaticMerge)}
-        unknown = sorted(set(options) - fields)
-        if unknown:
-            raise AdamergeError(f"--options {unknown}: not options of {self.name!r}; valid: {sorted(fields)}")
+        check_options(self.name, options, (f.name for f in dataclasses.fields(StaticMerge)))
         method = dataclasses.replace(self, preset={**self.preset, **options})
         method.merge()  # invalid values fail here, before anything is loaded
         return method
