@@ -17,13 +17,13 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "AdamergeError": "adamerge.errors",
-    "Coefficients": "adamerge.coefficients",
-    "GroupWise": "adamerge.granularity",
-    "MergedModel": "adamerge.merged_model",
-    "MergingModule": "adamerge.module",
-    "TaskVectors": "adamerge.task_vectors",
-    "TaskWise": "adamerge.granularity",
-    "TensorWise": "adamerge.granularity",
+    "Coefficients": "adamerge.core.coefficients",
+    "GroupWise": "adamerge.core.granularity",
+    "MergedModel": "adamerge.core.merged_model",
+    "MergingModule": "adamerge.run.module",
+    "TaskVectors": "adamerge.core.task_vectors",
+    "TaskWise": "adamerge.core.granularity",
+    "TensorWise": "adamerge.core.granularity",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,22 +1,22 @@
 """Option vocabularies that the command line needs before anything heavy is imported.
 
 Each list is declared here once; the modules that implement the options import it from here
-(``adamerge.batchnorm``, ``adamerge.fit``), and ``adamerge --help`` shows it without importing
+(``adamerge.core.batchnorm``, ``adamerge.run.workflow``), and ``adamerge --help`` shows it without importing
 torch.
 """
 
 from __future__ import annotations
 
-#: BatchNorm running-statistics policies (see :mod:`adamerge.batchnorm`); ``auto`` is resolved to
+#: BatchNorm running-statistics policies (see :mod:`adamerge.core.batchnorm`); ``auto`` is resolved to
 #: ``per-task`` or ``reestimate`` once the experts are loaded.
 BATCHNORM_POLICIES = ("auto", "reestimate", "per-task", "base", "merge")
 #: The policies that recompute statistics on calibration data.
 REESTIMATING_POLICIES = ("reestimate", "per-task")
 #: Storage dtypes of the task vectors (names of ``torch`` dtypes).
 TASK_VECTOR_DTYPES = ("float32", "bfloat16", "float16")
-#: Coefficient constraints ``g`` (see :mod:`adamerge.coefficients`).
+#: Coefficient constraints ``g`` (see :mod:`adamerge.core.coefficients`).
 CONSTRAINTS = ("none", "clamp", "sigmoid")
-#: The forms ``--granularity`` accepts (see :func:`adamerge.granularity.parse_granularity`).
+#: The forms ``--granularity`` accepts (see :func:`adamerge.core.granularity.parse_granularity`).
 GRANULARITY_FORMS = ("task", "layer", "tensor", "group:REGEX[;REGEX...]", "chunk:N", "partition:N")
-#: ``--align-modules`` name of the features entering a task's head (see :mod:`adamerge.hooks`).
+#: ``--align-modules`` name of the features entering a task's head (see :mod:`adamerge.core.hooks`).
 HEAD_INPUT = "<head input>"

@@ -1,7 +1,7 @@
 """The ``adamerge`` command line (jsonargparse: typed options, ``--config FILE.yaml``,
 ``--print_config``). Nothing imports this module; the work is done by importable functions.
 
-The parser is derived from the settings dataclasses (:mod:`adamerge.settings`: one option per
+The parser is derived from the settings dataclasses (:mod:`adamerge.run.settings`: one option per
 field, its help the field's docstring entry) and built from torch-free modules only (the method
 registry's names), so ``adamerge fit --help`` answers at once. Boolean options take the bare
 flag (``--overwrite``), its negation (``--no-overwrite``) or a value (``--overwrite true``, as YAML
@@ -26,7 +26,7 @@ from typing import Any, Literal
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from adamerge.errors import AdamergeError, Terminated
-from adamerge.settings import FitSettings, MergeSettings, field_help
+from adamerge.run.settings import FitSettings, MergeSettings, field_help
 
 logger = logging.getLogger("adamerge")
 
@@ -54,7 +54,7 @@ def add_settings_arguments(parser: ArgumentParser, settings: type, learned: bool
     """One option per field of the settings dataclass ``settings``, in declaration order.
 
     The help is the field's docstring entry, the type and default the field's, the choices and
-    the command-line shape (``nargs``, ``metavar``) its :func:`adamerge.settings.option` metadata;
+    the command-line shape (``nargs``, ``metavar``) its :func:`adamerge.run.settings.option` metadata;
     booleans take ``--name``, ``--no-name`` or ``--name true|false``.
     """
     hints = typing.get_type_hints(settings)
@@ -104,7 +104,7 @@ def as_settings(settings: type, values: dict[str, Any]) -> Any:
 
 
 def build_parser() -> ArgumentParser:
-    """The top-level parser with its subcommands, derived from :mod:`adamerge.settings`."""
+    """The top-level parser with its subcommands, derived from :mod:`adamerge.run.settings`."""
     parser = ArgumentParser(prog="adamerge", description="Test-time adaptive model merging.")
     parser.add_argument("--log-level", type=str, default="INFO", help="DEBUG | INFO | WARNING")
     subcommands = parser.add_subcommands(dest="command")
@@ -117,7 +117,7 @@ def build_parser() -> ArgumentParser:
 
 def parse_experts(items: Sequence[str]) -> dict[str, str]:
     """``["mnist=a.pth", ...]`` -> ``{"mnist": "a.pth"}``, refusing malformed or repeated names (the
-    names' characters are checked by ``run_fit`` / ``run_merge``, :mod:`adamerge.task_names`)."""
+    names' characters are checked by ``run_fit`` / ``run_merge``, :mod:`adamerge.run.task_names`)."""
     experts: dict[str, str] = {}
     for item in items:
         name, sep, path = item.partition("=")
@@ -147,7 +147,7 @@ def _signals_as_exceptions() -> Iterator[None]:
 
 
 def _stopped(output: Path, reason: str) -> str:
-    from adamerge.resume import last_checkpoint_step
+    from adamerge.run.resume import last_checkpoint_step
 
     line = f"{reason}: nothing was written to {output}"
     found = last_checkpoint_step(output)
@@ -167,11 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _signals_as_exceptions():
             if args.command == "fit":
-                from adamerge.fit import run_fit
+                from adamerge.run.fit import run_fit
 
                 run_fit(as_settings(FitSettings, options))
             else:
-                from adamerge.static_run import run_merge
+                from adamerge.run.merge import run_merge
 
                 run_merge(as_settings(MergeSettings, options))
     except AdamergeError as error:

@@ -2,11 +2,11 @@
 """Channels-last against the default layout for convolutional merges on the CPU.
 
 adamerge runs a convolutional model channels-last on the CPU where that is faster
-(``adamerge.model_inputs.uses_channels_last``: every forward without gradients, and training steps
+(``adamerge.core.model_inputs.uses_channels_last``: every forward without gradients, and training steps
 of models with grouped convolutions). This script measures both layouts in both modes, whatever
 that policy picks, on the vision benchmark's shapes:
 a torchvision model (random weights) merged from ``--experts`` random task vectors by a
-:class:`~adamerge.merged_model.MergedModel` (layer-wise λ, per-task heads), at ``--image-size``:
+:class:`~adamerge.core.merged_model.MergedModel` (layer-wise λ, per-task heads), at ``--image-size``:
 
 - ``evaluation``: the merged model's forward on ``--eval-batch`` images, no gradient;
 - ``fit step``: forward and backward to λ of ``--batch`` images per task, every task in turn,
@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 import torchvision
 
-from adamerge import model_inputs
-from adamerge.merged_model import MergedModel
-from adamerge.task_vectors import TaskVectors
+from adamerge.core import model_inputs
+from adamerge.core.merged_model import MergedModel
+from adamerge.core.task_vectors import TaskVectors
 from benchmarks.runner import write_results
 
 

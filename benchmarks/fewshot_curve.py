@@ -99,7 +99,7 @@ def build_shot_pool(assets, data_root: str | None, pool: Path) -> dict:
 
 def drawn_shots(pool: Path, tasks: list[str], shots: int, seed: int) -> tuple[dict, dict]:
     """The rows ``adamerge fit --shots shots --seed seed`` trains on (same draw as its datamodule)."""
-    from adamerge.data import LabelledImageFolder, few_shot_indices
+    from adamerge.data.images import LabelledImageFolder, few_shot_indices
 
     split, seeds = {}, {}
     for position, task in enumerate(tasks):

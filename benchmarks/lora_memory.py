@@ -12,10 +12,10 @@ output, intermediate, output) plus the pooler: 73 weight matrices, 85.6 M entrie
 Modes, each in a fresh process (``MALLOC_MMAP_THRESHOLD_`` fixed so freed tensors leave the RSS):
 
 - ``dense``: one plain forward+backward of the model, every weight requiring grad;
-- ``merged``: one forward+backward to λ of :class:`~adamerge.merged_model.MergedModel` (layer-wise
+- ``merged``: one forward+backward to λ of :class:`~adamerge.core.merged_model.MergedModel` (layer-wise
   λ, the K adapters' factors as task vectors, the first task's head; factored tensors merged at
   use time and re-merged in backward);
-- ``merged-step``: :class:`~adamerge.module.MergingModule`'s training step (merge once into
+- ``merged-step``: :class:`~adamerge.run.module.MergingModule`'s training step (merge once into
   detached leaves θ', backward into θ', then into λ) plus its backward, one task.
 
 Memory per mode: the process's peak RSS of the first step alone (``VmHWM`` reset through
@@ -117,9 +117,9 @@ def build_step(mode: str, adapters: dict[str, Path], layers: int = 12):
     """``(step, info)``: a zero-argument function running one forward+backward, and store sizes."""
     from torch.nn import functional as F
 
-    from adamerge.experts.peft import load_lora_experts
-    from adamerge.merged_model import MergedModel
-    from adamerge.module import MergingModule
+    from adamerge.core.merged_model import MergedModel
+    from adamerge.run.module import MergingModule
+    from adamerge.sources.peft import load_lora_experts
 
     model = bert_base(layers=layers)
     if mode == "dense":

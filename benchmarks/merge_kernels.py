@@ -2,9 +2,9 @@
 """The merge alone, over the ViT-B/32 tensor shapes: forward ``θ = θ_0 + τᵀλ`` and backward
 ``∂L/∂λ = τ g`` per tensor, for the library's kernels and a few alternatives (not used by the library).
 
-- ``fp32 lib``: float32 τ, :func:`adamerge.merge.combine` (``torch.mv`` + ``add_``) and its autograd backward;
+- ``fp32 lib``: float32 τ, :func:`adamerge.core.merge.combine` (``torch.mv`` + ``add_``) and its autograd backward;
 - ``bf16 lib chunk=C``: bfloat16 τ, the library's chunked widening (``_WidenedCombine``) with
-  ``adamerge.merge.CPU_CHUNK = C`` (the library's default is 65536);
+  ``adamerge.core.merge.CPU_CHUNK = C`` (the library's default is 65536);
 - ``fp32 addmv``: alternative, ``torch.addmv(θ_0, τᵀ, λ)`` (one fused pass instead of ``mv`` + ``add_``);
 - ``bf16 gemv``: alternative, ``θ_0 + mv(τᵀ, λ.bf16())`` (the sum over K in one bf16 BLAS gemv, result
   rounded to bf16 before it is added to θ_0) and ``mv(τ, g.bf16())`` backward;
@@ -37,7 +37,7 @@ def main() -> None:
     import open_clip
     import torch
 
-    import adamerge.merge as merge
+    import adamerge.core.merge as merge
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

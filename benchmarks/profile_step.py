@@ -78,9 +78,9 @@ def adamerging_steps(merged, batches, warmup: int, phases: Phases):
     """One adamerge step per iteration (a generator, so that steps can be interleaved)."""
     import torch
 
-    from adamerge.merge import PrecomputedGradient
-    from adamerge.module import MergingModule, adam
-    from adamerge.objectives import as_task_batch
+    from adamerge.core.merge import PrecomputedGradient
+    from adamerge.objectives.task_objectives import as_task_batch
+    from adamerge.run.module import MergingModule, adam
 
     module = MergingModule(merged, optimizer=adam(1e-3))
     module.train()
@@ -140,7 +140,7 @@ def micro(merged, repeats: int) -> dict:
     streaming read of the task vectors (``sum``) and a fresh-memory first touch of P floats, as floors."""
     import torch
 
-    from adamerge.merge import PrecomputedGradient
+    from adamerge.core.merge import PrecomputedGradient
 
     tv_bytes = sum(v.numel() * v.element_size() for _, v in merged.task_vectors.items())
     p = merged.task_vectors.numel()

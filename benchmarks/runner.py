@@ -34,7 +34,7 @@ Key = TypeVar("Key")
 
 # What every row imports before its clock starts (the CLI, torch, Lightning: about 9 s on this
 # machine). A fork server imports it once; each row is a fresh process forked from it.
-PRELOAD = ["adamerge.cli", "adamerge.module"]
+PRELOAD = ["adamerge.cli", "adamerge.run.module"]
 
 # A row, run by ``exec`` in the forked process (code, not a function of this file, so that the fork
 # server need not import this script under any name): ``adamerge ARGV``, its output to ``LOG``,
@@ -98,9 +98,9 @@ sys.stderr.flush()
 
 def write_results(out: Path, payload: dict, markdown: str) -> None:
     """``payload`` as JSON to ``out`` and ``markdown`` beside it (``.md``), each written to a
-    temporary file and then renamed, so that neither is ever left half-written (adamerge.export's
+    temporary file and then renamed, so that neither is ever left half-written (adamerge.run.export's
     writers; imported here, so that scripts that only run rows do not import torch)."""
-    from adamerge.files import write_json, write_text
+    from adamerge.storage.files import write_json, write_text
 
     write_json(out, payload)
     write_text(out.with_suffix(".md"), markdown)

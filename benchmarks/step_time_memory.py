@@ -4,7 +4,7 @@
 Model: open_clip ``ViT-B-32`` image tower (87.8 M parameters, random weights) with a per-task
 linear head (512 -> 10, never merged). K experts = random task vectors. One AdaMerging step sees
 ``--batch-size`` images of every task (K × batch images per step) through adamerge's
-:class:`~adamerge.module.MergingModule` training step plus Adam on λ. The reference is a plain
+:class:`~adamerge.run.module.MergingModule` training step plus Adam on λ. The reference is a plain
 training step of the same K × batch images through the unmerged tower (all weights require grad).
 
 Every (mode, K) runs in a fresh process so that peak RSS (``ru_maxrss``) is its own.
@@ -33,8 +33,8 @@ def build(num_experts: int, dtype_name: str, arch: str):
     import torch
     from torch import nn
 
-    from adamerge.merged_model import MergedModel
-    from adamerge.task_vectors import TaskVectors
+    from adamerge.core.merged_model import MergedModel
+    from adamerge.core.task_vectors import TaskVectors
 
     torch.manual_seed(0)
     visual = open_clip.create_model(arch, pretrained=None).visual
@@ -68,7 +68,7 @@ def rss_mb() -> float:
 def run_one(args: argparse.Namespace) -> dict:
     import torch
 
-    from adamerge.module import MergingModule, adam
+    from adamerge.run.module import MergingModule, adam
 
     if args.threads:
         torch.set_num_threads(args.threads)

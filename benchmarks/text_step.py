@@ -9,7 +9,7 @@ benchmark's fits do. Modes, each in a fresh process (peak RSS is the process's `
 - ``plain``: the reference, a plain forward+backward of the same texts through the base model
   with every weight requiring grad (each task with its own head), i.e. what fine-tuning costs;
 - ``full``: the full experts, adamerge's default step (embedding tables with row-sparse
-  gradients, :mod:`adamerge.row_sparse`);
+  gradients, :mod:`adamerge.core.row_sparse`);
 - ``full-dense-tables``: the same with dense embedding-table gradients (``sparse_tables=False``);
 - ``lora``: the LoRA adapters, the default ``low_rank_step="auto"`` (here: merged once per step);
 - ``lora-at-use``: the adapters merged per task at use time (``low_rank_step="at-use"``).
@@ -38,13 +38,13 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
     """One mode in this process: ``args.steps`` steps after one warm-up step."""
     import torch
 
-    from adamerge.datamodules import build_datamodule
+    from adamerge.core.merged_model import MergedModel
+    from adamerge.core.model_inputs import call_functional
     from adamerge.demo.text import build_text_demo
-    from adamerge.experts import SourceOptions, load_experts
-    from adamerge.losses import entropy
-    from adamerge.merged_model import MergedModel
-    from adamerge.model_inputs import call_functional
-    from adamerge.module import MergingModule
+    from adamerge.objectives.losses import entropy
+    from adamerge.run.datamodules import build_datamodule
+    from adamerge.run.module import MergingModule
+    from adamerge.sources import SourceOptions, load_experts
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -102,7 +102,7 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
 
 def _inputs(item) -> dict:
     """The tokenised inputs of a calibration batch of one task."""
-    from adamerge.objectives import as_task_batch
+    from adamerge.objectives.task_objectives import as_task_batch
 
     return as_task_batch(item).inputs
 

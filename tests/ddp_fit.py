@@ -16,10 +16,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adamerge.data import MultiTaskImageDataModule  # noqa: E402
-from adamerge.experts import load_file_experts  # noqa: E402
-from adamerge.merged_model import MergedModel  # noqa: E402
-from adamerge.module import MergingModule  # noqa: E402
+from adamerge.core.merged_model import MergedModel  # noqa: E402
+from adamerge.data.images import MultiTaskImageDataModule  # noqa: E402
+from adamerge.run.module import MergingModule  # noqa: E402
+from adamerge.sources import load_file_experts  # noqa: E402
 from tests.conftest import HEAD  # noqa: E402
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from adamerge.batchnorm import per_task_running_stats, resolve_policy, running_stat_names
 from adamerge.cli import main
+from adamerge.core.batchnorm import per_task_running_stats, resolve_policy, running_stat_names
+from adamerge.core.merged_model import MergedModel
 from adamerge.errors import DataError
-from adamerge.experts import load_file_experts
-from adamerge.merged_model import MergedModel
+from adamerge.sources import load_file_experts
 from tests.conftest import HEAD
 from tests.test_cli import fit_args
 from tests.tiny import tiny_convnet
@@ -152,7 +152,7 @@ def accuracy_on_folder(model: nn.Module, folder) -> float:
     """Top-1 accuracy on ``folder/<class>/<image>.png`` with adamerge's image transform (12 px)."""
     from PIL import Image
 
-    from adamerge.data import build_image_transform
+    from adamerge.data.images import build_image_transform
 
     transform = build_image_transform(12)
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
@@ -170,7 +170,7 @@ def calibration_images(folder) -> torch.Tensor:
     """Every image of an unlabeled ``folder``, in file order, with adamerge's transform (12 px)."""
     from PIL import Image
 
-    from adamerge.data import build_image_transform
+    from adamerge.data.images import build_image_transform
 
     transform = build_image_transform(12)
     return torch.stack([transform(Image.open(p).convert("RGB")) for p in sorted(folder.iterdir())])  # (N, 3, 12, 12)

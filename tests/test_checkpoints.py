@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adamerge.checkpoints import load_state_dict, save_state_dict
 from adamerge.errors import CheckpointError
+from adamerge.storage.checkpoints import load_state_dict, save_state_dict
 
 
 @pytest.fixture

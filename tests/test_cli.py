@@ -65,8 +65,8 @@ def test_fit_end_to_end_writes_loadable_outputs(tiny_setup, tmp_path):
 
 def test_exported_model_equals_merged_forward(tiny_setup, tmp_path):
     """The exported state dict gives the same logits as adamerge's merged forward at the learned λ."""
-    from adamerge.experts import load_file_experts
-    from adamerge.merged_model import MergedModel
+    from adamerge.core.merged_model import MergedModel
+    from adamerge.sources import load_file_experts
 
     output = tmp_path / "run"
     assert main(fit_args(tiny_setup, output, "--batchnorm", "reestimate")) == 0  # statistics in merged.pt
@@ -268,8 +268,8 @@ def test_static_merge_command_end_to_end(tiny_setup, tmp_path, method):
 
 
 def test_static_task_arithmetic_export_equals_merged_model_at_that_lambda(tiny_setup, tmp_path):
-    from adamerge.experts import load_file_experts
-    from adamerge.merged_model import MergedModel
+    from adamerge.core.merged_model import MergedModel
+    from adamerge.sources import load_file_experts
 
     output = tmp_path / "ta"
     args = ["merge", "--method", "task-arithmetic", "--options", "{scale: 0.4}", "--batchnorm", "base",

@@ -26,11 +26,11 @@ from transformers import (  # noqa: E402
 )
 
 from adamerge.cli import main  # noqa: E402
+from adamerge.core.merged_model import MergedModel  # noqa: E402
 from adamerge.errors import CheckpointError, IncompatibleExpertError  # noqa: E402
-from adamerge.experts import load_experts  # noqa: E402
-from adamerge.experts.hf import without_weight_init  # noqa: E402
-from adamerge.export import write_merged_model_of  # noqa: E402
-from adamerge.merged_model import MergedModel  # noqa: E402
+from adamerge.run.export import write_merged_model_of  # noqa: E402
+from adamerge.sources import load_experts  # noqa: E402
+from adamerge.sources.hf import without_weight_init  # noqa: E402
 
 WORDS = "the a cat dog is good bad movie film great not very plot actor sport game news world team won".split()
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -338,9 +338,9 @@ def test_fit_text_methods_needing_indices_or_labels(hf, tmp_path, method, group_
 def test_expert_targets_are_in_item_order_whatever_the_batches(hf, eval_batch_size):
     """Expert Merging's targets are computed in length-sorted batches and put back in item order:
     row i equals the expert run on calibration text i alone."""
-    from adamerge.datamodules import build_datamodule
-    from adamerge.expert_targets import ExpertTargets
-    from adamerge.objectives import ExpertAlignment
+    from adamerge.objectives.task_objectives import ExpertAlignment
+    from adamerge.run.datamodules import build_datamodule
+    from adamerge.run.expert_targets import ExpertTargets
 
     experts = hf.load()
     data = build_datamodule(experts, hf.calib, max_length=16, with_index=True, eval_batch_size=eval_batch_size)

@@ -9,21 +9,21 @@ import pytest
 import torch
 from PIL import Image
 
-from adamerge.architectures import build_architecture
-from adamerge.data import list_images
-from adamerge.datamodules import build_datamodule
-from adamerge.experts import load_file_experts
-from adamerge.image_preprocessing import (
+from adamerge.data.image_preprocessing import (
     IMAGENET_MEAN,
     ImagePreprocessing,
     model_metadata,
     resolve_image_preprocessing,
 )
+from adamerge.data.images import list_images
+from adamerge.run.datamodules import build_datamodule
+from adamerge.sources import load_file_experts
+from adamerge.sources.architectures import build_architecture
 from tests.conftest import HEAD, write_images
 
 
 def _logged(caplog) -> str:
-    return "\n".join(r.getMessage() for r in caplog.records if r.name == "adamerge.image_preprocessing")
+    return "\n".join(r.getMessage() for r in caplog.records if r.name == "adamerge.data.image_preprocessing")
 
 
 def test_torchvision_metadata_is_its_weights_evaluation_transform():
@@ -60,7 +60,7 @@ def test_import_path_model_with_timm_style_config_and_without_any():
 def test_data_size_is_used_when_the_model_has_no_metadata(tmp_path, caplog):
     write_images(tmp_path / "calib" / "a", 3, seed=0, size=20)
     write_images(tmp_path / "calib" / "b", 3, seed=1, size=20)
-    with caplog.at_level(logging.INFO, logger="adamerge.image_preprocessing"):
+    with caplog.at_level(logging.INFO, logger="adamerge.data.image_preprocessing"):
         chosen = resolve_image_preprocessing(None, list_images(tmp_path / "calib"))
     assert chosen.size is None and chosen.mean == IMAGENET_MEAN
     log = _logged(caplog)
@@ -73,7 +73,7 @@ def test_fallback_224_warns_and_option_overrides(tmp_path, caplog):
     write_images(tmp_path / "a", 2, seed=0, size=20)
     write_images(tmp_path / "b", 2, seed=1, size=28)
     paths = list_images(tmp_path)
-    with caplog.at_level(logging.INFO, logger="adamerge.image_preprocessing"):
+    with caplog.at_level(logging.INFO, logger="adamerge.data.image_preprocessing"):
         chosen = resolve_image_preprocessing(None, paths)
     assert chosen.size == (224, 224)
     assert any(r.levelno == logging.WARNING and "fallback" in r.getMessage() for r in caplog.records)
@@ -84,7 +84,7 @@ def test_fallback_224_warns_and_option_overrides(tmp_path, caplog):
 def test_metadata_wins_over_data_and_a_mismatch_is_named(tmp_path, caplog):
     write_images(tmp_path / "a", 3, seed=0, size=32)
     metadata = model_metadata("torchvision:resnet18", build_architecture("torchvision:resnet18"))
-    with caplog.at_level(logging.INFO, logger="adamerge.image_preprocessing"):
+    with caplog.at_level(logging.INFO, logger="adamerge.data.image_preprocessing"):
         chosen = resolve_image_preprocessing(metadata, list_images(tmp_path))
     assert chosen.size == (224, 224)
     warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -95,7 +95,7 @@ def test_metadata_wins_over_data_and_a_mismatch_is_named(tmp_path, caplog):
 
 def test_datamodule_of_an_import_path_model_uses_the_calibration_size(tiny_setup, caplog):
     experts = load_file_experts("tests.tiny:tiny_convnet", tiny_setup.base, tiny_setup.experts, HEAD)
-    with caplog.at_level(logging.INFO, logger="adamerge.image_preprocessing"):
+    with caplog.at_level(logging.INFO, logger="adamerge.data.image_preprocessing"):
         data = build_datamodule(experts, tiny_setup.calib, eval_dir=tiny_setup.eval, batch_size=4)
     data.setup("fit")
     batch = next(iter(data.calibration_loaders()["alpha"]))

@@ -21,12 +21,12 @@ import pytest
 import torch
 from PIL import Image
 
-from adamerge.checkpoints import load_state_dict
-from adamerge.data import LabelledImageFolder, UnlabeledImageFolder, build_image_transform
+from adamerge.core.task_vectors import TaskVectors, check_expert_keys
+from adamerge.data.images import LabelledImageFolder, UnlabeledImageFolder, build_image_transform
 from adamerge.errors import AdamergeError, CheckpointError, DataError, IncompatibleExpertError
-from adamerge.experts import SourceOptions, load_experts
-from adamerge.experts.file import load_expert_module, load_file_experts, select_heads
-from adamerge.task_vectors import TaskVectors, check_expert_keys
+from adamerge.sources import SourceOptions, load_experts
+from adamerge.sources.file import load_expert_module, load_file_experts, select_heads
+from adamerge.storage.checkpoints import load_state_dict
 from tests.conftest import HEAD, perturbed_expert
 from tests.tiny import tiny_convnet
 

@@ -15,15 +15,15 @@ from torch import nn
 from torch.func import functional_call
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
 
-from adamerge import losses
+from adamerge.core.granularity import ChunkWise, GroupWise, TaskWise, TensorWise
+from adamerge.core.merged_model import MergedModel
+from adamerge.core.task_vectors import FactoredDelta, TaskVectors
 from adamerge.errors import AdamergeError, CheckpointError, IncompatibleExpertError
-from adamerge.experts.peft import expert_state_dict, load_lora_experts
-from adamerge.granularity import ChunkWise, GroupWise, TaskWise, TensorWise
-from adamerge.importance import layer_importance
-from adamerge.merged_model import MergedModel
-from adamerge.module import MergingModule
-from adamerge.preprocess import ties
-from adamerge.task_vectors import FactoredDelta, TaskVectors
+from adamerge.methods.importance import layer_importance
+from adamerge.objectives import losses
+from adamerge.rewrite.operations import ties
+from adamerge.run.module import MergingModule
+from adamerge.sources.peft import expert_state_dict, load_lora_experts
 
 HEAD = ["classifier.weight", "classifier.bias"]
 
@@ -135,7 +135,7 @@ def test_store_memory_is_low_rank():
     for k, r in enumerate(ranks):
         a, b = torch.randn(r, 256), torch.randn(512, r)
         tvs[k] = (b, a)
-    from adamerge.task_vectors import LowRankFactor
+    from adamerge.core.task_vectors import LowRankFactor
 
     delta = FactoredDelta((512, 256), len(ranks), factors=[LowRankFactor(k, b, a, 0.5) for k, (b, a) in tvs.items()])
     store = TaskVectors([f"t{k}" for k in range(len(ranks))], {"0.weight": delta})
@@ -283,9 +283,9 @@ def test_auto_merges_once_per_step_while_the_merged_adapted_weights_are_small(be
     nbytes = sum(weights[name].numel() * 4 for name in adapted)  # float32
     assert merged.use_time_nbytes() == nbytes
     assert not MergingModule(merged).merges_at_use  # a few KiB, far below PER_STEP_MERGE_LIMIT
-    with patch("adamerge.module.PER_STEP_MERGE_LIMIT", 2 * nbytes):  # merged weights + their gradients
+    with patch("adamerge.run.module.PER_STEP_MERGE_LIMIT", 2 * nbytes):  # merged weights + their gradients
         assert not MergingModule(merged).merges_at_use
-    with patch("adamerge.module.PER_STEP_MERGE_LIMIT", 2 * nbytes - 1):
+    with patch("adamerge.run.module.PER_STEP_MERGE_LIMIT", 2 * nbytes - 1):
         assert MergingModule(merged).merges_at_use
     with pytest.raises(AdamergeError, match="low_rank_step='sometimes': expected one of auto, per-step, at-use"):
         MergingModule(merged, low_rank_step="sometimes")
@@ -419,7 +419,7 @@ def test_missing_directory_non_finite_factors_and_base_name_warning(tmp_path, ca
     other = tiny_bert()
     other.name_or_path = "org/other-bert"  # peft records the model's name_or_path
     directory = save_adapter(other, tmp_path / "named", LoraConfig(r=2, target_modules=["query"]))
-    with caplog.at_level(logging.WARNING, logger="adamerge.experts.peft"):
+    with caplog.at_level(logging.WARNING, logger="adamerge.sources.peft"):
         load_lora_experts(base, {"a": directory}, base_name="org/my-bert")
     assert "org/other-bert" in caplog.text and "org/my-bert" in caplog.text
 

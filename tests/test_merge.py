@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adamerge.granularity import TaskWise, TensorWise
-from adamerge.merge import CPU_CHUNK, PrecomputedGradient, combine, merge_tensors
+from adamerge.core.granularity import TaskWise, TensorWise
+from adamerge.core.merge import CPU_CHUNK, PrecomputedGradient, combine, merge_tensors
 
 
 def naive_combine(base: torch.Tensor, tv: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adamerge import losses
+from adamerge.core.granularity import ChunkWise, GroupWise, TaskWise, TensorWise
+from adamerge.core.merged_model import MergedModel
+from adamerge.core.task_vectors import TaskVectors
 from adamerge.errors import AdamergeError
-from adamerge.experts import load_file_experts
-from adamerge.granularity import ChunkWise, GroupWise, TaskWise, TensorWise
-from adamerge.merged_model import MergedModel
-from adamerge.module import MergingModule
-from adamerge.task_vectors import TaskVectors
+from adamerge.objectives import losses
+from adamerge.run.module import MergingModule
+from adamerge.sources import load_file_experts
 from tests.conftest import HEAD
 from tests.tiny import tiny_convnet, tiny_mlp
 

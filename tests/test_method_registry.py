@@ -69,8 +69,8 @@ def test_static_task_arithmetic_equals_the_fit_start_row(tiny_setup, tmp_path, b
 
 
 def test_static_ties_export_equals_the_static_merge_function(tiny_setup, tmp_path):
-    from adamerge.experts import load_file_experts
-    from adamerge.static import static_merge
+    from adamerge.rewrite.static_merge import static_merge
+    from adamerge.sources import load_file_experts
 
     output = tmp_path / "ties"
     args = common(tiny_setup, output)

@@ -16,8 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from adamerge.data import build_image_transform
-from adamerge.fit import FitSettings, run_fit
+from adamerge.data.images import build_image_transform
+from adamerge.run.fit import run_fit
+from adamerge.run.settings import FitSettings
 from tests.conftest import DATA_ROOT, HEAD
 from tests.tiny import tiny_convnet
 

@@ -1,4 +1,4 @@
-"""Channels-last execution of convolutional models on the CPU (adamerge.model_inputs)."""
+"""Channels-last execution of convolutional models on the CPU (adamerge.core.model_inputs)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
-from adamerge import model_inputs
-from adamerge.model_inputs import call_functional, call_module, channels_last_tensors, uses_channels_last
+from adamerge.core import model_inputs
+from adamerge.core.model_inputs import call_functional, call_module, channels_last_tensors, uses_channels_last
 
 
 def _mobilenet(seed: int = 0) -> nn.Module:

@@ -6,11 +6,11 @@ import lightning as L
 import pytest
 import torch
 
-from adamerge.data import MultiTaskImageDataModule
+from adamerge.core.merged_model import MergedModel
+from adamerge.data.images import MultiTaskImageDataModule
 from adamerge.errors import AdamergeError
-from adamerge.experts import load_file_experts
-from adamerge.merged_model import MergedModel
-from adamerge.module import MergingModule
+from adamerge.run.module import MergingModule
+from adamerge.sources import load_file_experts
 from tests.conftest import HEAD
 
 

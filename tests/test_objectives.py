@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from adamerge import losses
 from adamerge.errors import AdamergeError
-from adamerge.importance import chunk_budget, layer_importance
-from adamerge.objectives import Entropy, ExpertAlignment, ModelOutputs, TaskBatch, TaskWeighted
+from adamerge.methods.importance import chunk_budget, layer_importance
+from adamerge.objectives import losses
+from adamerge.objectives.task_objectives import Entropy, ExpertAlignment, ModelOutputs, TaskBatch, TaskWeighted
 
 
 def test_entropy_matches_per_sample_formula():

@@ -20,10 +20,10 @@ from PIL import Image
 from torch import nn
 
 from adamerge.cli import main
+from adamerge.core.merged_model import MergedModel
 from adamerge.errors import CheckpointError, DataError, IncompatibleExpertError
-from adamerge.experts import SourceOptions, load_experts
-from adamerge.experts.open_clip import MERGED_FILE, ZeroShotClassifier, load_open_clip_experts
-from adamerge.merged_model import MergedModel
+from adamerge.sources import SourceOptions, load_experts
+from adamerge.sources.open_clip import MERGED_FILE, ZeroShotClassifier, load_open_clip_experts
 
 ARCH = "TinyCLIP-adamerge-test"
 CONFIG = {

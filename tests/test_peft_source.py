@@ -17,10 +17,10 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model  # noqa: E402
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 
 from adamerge.cli import main  # noqa: E402
+from adamerge.core.merged_model import MergedModel  # noqa: E402
+from adamerge.core.task_vectors import FactoredDelta  # noqa: E402
 from adamerge.errors import IncompatibleExpertError  # noqa: E402
-from adamerge.experts import load_experts  # noqa: E402
-from adamerge.merged_model import MergedModel  # noqa: E402
-from adamerge.task_vectors import FactoredDelta  # noqa: E402
+from adamerge.sources import load_experts  # noqa: E402
 from tests.test_hf_source import CLASSES, HFSetup, hf, one_hot  # noqa: E402,F401  (the tiny BERT fixture)
 
 ADAPTERS = {"polarity": (2, 4, ["query", "value"]), "intent": (3, 8, ["query", "key", "dense"])}

@@ -1,4 +1,4 @@
-"""adamerge.preprocess against naive per-entry references written straight from the papers."""
+"""adamerge.rewrite.operations against naive per-entry references written straight from the papers."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from adamerge import preprocess as pp
 from adamerge.errors import AdamergeError
+from adamerge.rewrite import operations as pp
 
 K = 3
 SHAPES = {

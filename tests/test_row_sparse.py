@@ -8,12 +8,12 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from adamerge import losses
-from adamerge.granularity import ChunkWise, TaskWise, TensorWise
-from adamerge.merged_model import MergedModel
-from adamerge.module import MergingModule
-from adamerge.row_sparse import coefficient_gradient, row_sparse_tables
-from adamerge.task_vectors import TaskVectors
+from adamerge.core.granularity import ChunkWise, TaskWise, TensorWise
+from adamerge.core.merged_model import MergedModel
+from adamerge.core.row_sparse import coefficient_gradient, row_sparse_tables
+from adamerge.core.task_vectors import TaskVectors
+from adamerge.objectives import losses
+from adamerge.run.module import MergingModule
 
 TASKS = ("a", "b", "c")
 TABLES = {
@@ -73,7 +73,7 @@ def test_training_step_gradient_equals_the_dense_backward(granularity):
         return original(grad, task_vectors, chunks)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("adamerge.row_sparse.coefficient_gradient", spy)
+        patch.setattr("adamerge.core.row_sparse.coefficient_gradient", spy)
         module.training_step(inputs, 0).backward()
     assert seen[(50, 16)] == torch.sparse_coo  # the vocabulary table's gradient held only the rows read
     step_grad = merged.coefficients.raw.grad.clone()

@@ -21,7 +21,7 @@ import torch
 
 from adamerge.cli import main
 from adamerge.errors import AdamergeError
-from adamerge.output_dir import inside
+from adamerge.storage.output_folder import inside
 from tests.conftest import HEAD, REPO, write_images
 from tests.test_cli import fit_args, run_fails
 
@@ -72,7 +72,7 @@ def test_task_names_differing_only_by_case_are_refused(tiny_setup, tmp_path, cap
 
 
 def test_task_names_from_a_yaml_recipe_are_checked_too(tiny_setup, tmp_path, caplog):
-    from adamerge.static_run import MergeSettings, run_merge
+    from adamerge.run.merge import MergeSettings, run_merge
 
     settings = MergeSettings(
         base=f"tests.tiny:tiny_convnet@{tiny_setup.base}", experts={"../evil": str(tiny_setup.experts["alpha"])},

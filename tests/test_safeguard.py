@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from adamerge.cli import main
-from adamerge.data import MultiTaskImageDataModule
-from adamerge.experts import load_file_experts
-from adamerge.merged_model import MergedModel
-from adamerge.module import MergingModule
-from adamerge.objectives import Entropy, Objective
-from adamerge.safeguard import KeepBestCoefficients, held_out_batches
+from adamerge.core.merged_model import MergedModel
+from adamerge.data.images import MultiTaskImageDataModule
+from adamerge.objectives.task_objectives import Entropy, Objective
+from adamerge.run.module import MergingModule
+from adamerge.run.safeguard import KeepBestCoefficients, held_out_batches
+from adamerge.sources import load_file_experts
 from tests.conftest import HEAD, write_images
 from tests.test_cli import fit_args
 
@@ -87,7 +87,7 @@ def _fit(setup, tmp_path, objective, steps: int, lr: float = 200.0):
 
 
 def test_training_that_only_hurts_keeps_the_start(tiny_setup, tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="adamerge.safeguard"):
+    with caplog.at_level(logging.INFO, logger="adamerge.run.safeguard"):
         guard, merged, start = _fit(tiny_setup, tmp_path, Diverge(), steps=8, lr=1.0)
     scores = {step: row["mean"] for step, row in guard.history.items()}
     assert sorted(scores) == [0, 2, 4, 6, 8]

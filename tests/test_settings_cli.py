@@ -8,7 +8,7 @@ import re
 import pytest
 
 from adamerge.cli import _parser, as_settings
-from adamerge.settings import FitSettings, MergeSettings, field_help
+from adamerge.run.settings import FitSettings, MergeSettings, field_help
 
 CASES = [(FitSettings, True), (MergeSettings, False)]
 NOT_SETTINGS = {"help", "config", "print_config"}

@@ -1,4 +1,4 @@
-"""adamerge.static: presets and options against naive per-entry merges."""
+"""adamerge.rewrite.static_merge: presets and options against naive per-entry merges."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from adamerge import preprocess as pp
 from adamerge.errors import AdamergeError
-from adamerge.static import STATIC_METHODS, StaticMerge, static_merge, static_preset
+from adamerge.rewrite import operations as pp
+from adamerge.rewrite.static_merge import STATIC_METHODS, StaticMerge, static_merge, static_preset
 
 K = 3
 SHAPES = {
@@ -329,7 +329,7 @@ def test_per_task_option_lengths_checked_against_k():
 
 
 class ItemsOnly:
-    """A store with ``items()`` only, like ``adamerge.task_vectors.TaskVectors``."""
+    """A store with ``items()`` only, like ``adamerge.core.task_vectors.TaskVectors``."""
 
     def __init__(self, tv):
         self._tv = tv

@@ -10,8 +10,8 @@ from torch import nn
 
 from adamerge.cli import main
 from adamerge.errors import AdamergeError
-from adamerge.experts import load_file_experts
-from adamerge.experts.task_specific import keep_task_specific, task_specific_names
+from adamerge.sources import load_file_experts
+from adamerge.sources.task_specific import keep_task_specific, task_specific_names
 from tests.conftest import HEAD
 from tests.test_batchnorm import accuracy_on_folder, calibration_images, naive_statistics, per_task_merge_args
 from tests.test_cli import fit_args, run_fails

@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
+from adamerge.core.merged_model import MergedModel
+from adamerge.core.task_vectors import TaskVectors
 from adamerge.errors import AdamergeError
-from adamerge.evaluation import accuracy
-from adamerge.merged_model import MergedModel
-from adamerge.module import MergingModule
-from adamerge.objectives import ModelOutputs, TaskBatch
+from adamerge.objectives.task_objectives import ModelOutputs, TaskBatch
+from adamerge.run.evaluation import accuracy
+from adamerge.run.module import MergingModule
 from adamerge.task_types import CLASSIFICATION, IGNORE_INDEX, TokenLevel
-from adamerge.task_vectors import TaskVectors
 
 VOCAB, WIDTH = 11, 6
 
@@ -147,7 +147,7 @@ def test_objectives_see_positions_and_their_targets():
 def test_the_hugging_face_source_builds_the_task_types_auto_class():
     import transformers
 
-    from adamerge.experts.hf import task_auto_class
+    from adamerge.sources.hf import task_auto_class
 
     assert task_auto_class(CLASSIFICATION) is transformers.AutoModelForSequenceClassification
     assert task_auto_class(TokenLevel(next_token=True)) is transformers.AutoModelForCausalLM

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from adamerge.data.texts import LengthGroupedBatches, MultiTaskTextDataModule, PadCollator, read_labelled, read_unlabeled
 from adamerge.errors import DataError
-from adamerge.objectives import as_task_batch
-from adamerge.text_data import LengthGroupedBatches, MultiTaskTextDataModule, PadCollator, read_labelled, read_unlabeled
+from adamerge.objectives.task_objectives import as_task_batch
 
 WORDS = "the a cat dog is good bad movie film great not very plot actor sport game news world".split()
 

@@ -8,11 +8,11 @@ import torch
 
 timm = pytest.importorskip("timm")  # installed with open_clip_torch
 
-from adamerge.checkpoints import save_state_dict  # noqa: E402
+from adamerge.core.merged_model import MergedModel  # noqa: E402
 from adamerge.errors import ArchitectureError  # noqa: E402
-from adamerge.experts import SourceOptions, load_experts  # noqa: E402
-from adamerge.export import write_merged_model_of  # noqa: E402
-from adamerge.merged_model import MergedModel  # noqa: E402
+from adamerge.run.export import write_merged_model_of  # noqa: E402
+from adamerge.sources import SourceOptions, load_experts  # noqa: E402
+from adamerge.storage.checkpoints import save_state_dict  # noqa: E402
 
 ARCH = "test_efficientnet"  # timm's tiny test model
 CLASSES = {"a": 3, "b": 5}

@@ -32,8 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=Path("runs/demo-vision"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from adamerge.fit import FitSettings, run_fit
-    from adamerge.progress import Stages, quiet_third_party
+    from adamerge.run.fit import run_fit
+    from adamerge.run.progress import Stages, quiet_third_party
+    from adamerge.run.settings import FitSettings
 
     quiet_third_party()
     stages = Stages()

@@ -50,7 +50,7 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from adamerge.data import LabelledImageFolder, build_image_transform
+from adamerge.data.images import LabelledImageFolder, build_image_transform
 from adamerge.datasets.vision import VISION_TASKS, ImageArrays, load_vision_task, resolve_data_root
 from adamerge.errors import CheckpointError, DataError
 
@@ -326,7 +326,7 @@ def build_expert_model(base_path: Path, num_classes: int, seed: int) -> nn.Modul
 
 
 def to_input_tensor(images: np.ndarray, image_size: int) -> torch.Tensor:
-    """Apply :func:`adamerge.data.build_image_transform` to PIL images built from uint8 arrays.
+    """Apply :func:`adamerge.data.images.build_image_transform` to PIL images built from uint8 arrays.
 
     Returns:
         (N, 3, S, S) float32, in channels-last memory order.

@@ -1,7 +1,7 @@
 """The built-in methods, one registration each, with the paper each implements.
 
 Static presets carry the published (or reference-code) defaults documented in
-:mod:`adamerge.static_presets`; learned methods the defaults in :mod:`adamerge.methods.learned`.
+:mod:`adamerge.rewrite.presets`; learned methods the defaults in :mod:`adamerge.methods.learned`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from adamerge.methods.expert_merging import ChunkRefinedMethod
 from adamerge.methods.learned import LearnedMethod
 from adamerge.methods.registry import register_method
 from adamerge.methods.static_method import StaticMethod
-from adamerge.static_presets import STATIC_PRESETS as P
+from adamerge.rewrite.presets import STATIC_PRESETS as P
 
 ADAMERGING = "Yang et al., AdaMerging: Adaptive Model Merging for Multi-Task Learning, ICLR 2024"
 ATLAS = "Zhang et al., Knowledge Composition using Task Vectors with Learned Anisotropic Scaling, NeurIPS 2024"

@@ -1,7 +1,7 @@
 """Expert Merging++: Expert Merging, then a second stage on importance-guided chunks.
 
 Stage one is Expert Merging itself (layer-wise λ). Stage two splits each tensor into a number of
-chunks that grows with its importance (:mod:`adamerge.importance`: the stage-one λ times the task
+chunks that grows with its importance (:mod:`adamerge.methods.importance`: the stage-one λ times the task
 vectors' magnitude, a budget ``B`` of chunks shared with sharpness κ), starts every chunk at its
 tensor's stage-one value and trains the chunks that received a share of the budget.
 """
@@ -16,7 +16,7 @@ from adamerge.errors import AdamergeError
 from adamerge.methods.learned import LearnedMethod
 
 if TYPE_CHECKING:
-    from adamerge.merged_model import MergedModel
+    from adamerge.core.merged_model import MergedModel
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +37,9 @@ class ChunkRefinedMethod(LearnedMethod):
         """
         import torch
 
-        from adamerge.granularity import ChunkWise
-        from adamerge.importance import chunk_budget, layer_importance
-        from adamerge.merged_model import MergedModel
+        from adamerge.core.granularity import ChunkWise
+        from adamerge.core.merged_model import MergedModel
+        from adamerge.methods.importance import chunk_budget, layer_importance
 
         if previous.layout.tensor_groups != tuple(range(len(previous.layout.tensor_names))):
             raise AdamergeError(f"{self.name} refines a layer-wise first stage: use --granularity layer")

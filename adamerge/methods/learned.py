@@ -33,9 +33,9 @@ if TYPE_CHECKING:  # torch is imported when a factory is built, so that ``--help
     import torch
     from torch import nn
 
-    from adamerge.merged_model import MergedModel
-    from adamerge.objectives import Objective
-    from adamerge.task_vectors import TaskVectors
+    from adamerge.core.merged_model import MergedModel
+    from adamerge.core.task_vectors import TaskVectors
+    from adamerge.objectives.task_objectives import Objective
 
     OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
     SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -107,8 +107,8 @@ class LearnedMethod(Method):
         """The TIES-trimmed task vectors when ``trim_density`` is set, else the experts' own."""
         if self.trim_density is None:
             return task_vectors
-        from adamerge.preprocess import ties
-        from adamerge.task_vectors import TaskVectors
+        from adamerge.core.task_vectors import TaskVectors
+        from adamerge.rewrite.operations import ties
 
         return TaskVectors(task_vectors.tasks, ties(dict(task_vectors.items()), density=self.trim_density))
 
@@ -132,9 +132,9 @@ class LearnedMethod(Method):
         """The objective for this model, each task's loss weighted by ``--task-weights``.
 
         Expert alignment weights its own tasks (Expert Merging's β is that weight) and takes the
-        experts' outputs afterwards (:class:`~adamerge.expert_targets.ExpertTargets`).
+        experts' outputs afterwards (:class:`~adamerge.run.expert_targets.ExpertTargets`).
         """
-        from adamerge.objectives import CrossEntropy, Entropy, ExpertAlignment, PseudoLabel, TaskWeighted
+        from adamerge.objectives.task_objectives import CrossEntropy, Entropy, ExpertAlignment, PseudoLabel, TaskWeighted
 
         if self.objective == "expert-alignment":
             return ExpertAlignment(

@@ -1,13 +1,13 @@
 """What every merging method is: a task-vector rewrite, a start for λ, and zero or more stages.
 
-A method is one object (:class:`Method`); the workflow (:mod:`adamerge.fit`) asks it, in order:
+A method is one object (:class:`Method`); the workflow (:mod:`adamerge.run.workflow`) asks it, in order:
 
 1. :meth:`Method.configured`: the method with the run's options applied (``--init``,
    ``--options``, ``--shots`` ...);
 2. :meth:`Method.rewrite`: the task vectors it merges (TIES trims them, LiNeS scales them by
    depth; most methods leave them as they are);
 3. :attr:`Method.constraint` and :meth:`Method.start`: the constraint ``g`` and the initial λ of
-   the :class:`~adamerge.merged_model.MergedModel`;
+   the :class:`~adamerge.core.merged_model.MergedModel`;
 4. its training stages: none for a static merge (λ stays at its start), one for AdaMerging, two
    for Expert Merging++ (:class:`~adamerge.methods.learned.LearnedMethod`).
 
@@ -28,7 +28,7 @@ from adamerge.errors import AdamergeError
 if TYPE_CHECKING:  # torch stays unimported until a run starts, so that ``--help`` answers at once
     import torch
 
-    from adamerge.task_vectors import TaskVectors
+    from adamerge.core.task_vectors import TaskVectors
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Static merges as methods: a rewrite of the task vectors and a fixed λ, no training stage.
 
-Every :class:`~adamerge.static.StaticMerge` is task arithmetic with fixed λ on rewritten task
-vectors (:meth:`~adamerge.static.StaticMerge.rewrite`), so ``adamerge merge`` builds the same
-:class:`~adamerge.merged_model.MergedModel` as ``adamerge fit``, with one frozen λ per task, and
+Every :class:`~adamerge.rewrite.static_merge.StaticMerge` is task arithmetic with fixed λ on rewritten task
+vectors (:meth:`~adamerge.rewrite.static_merge.StaticMerge.rewrite`), so ``adamerge merge`` builds the same
+:class:`~adamerge.core.merged_model.MergedModel` as ``adamerge fit``, with one frozen λ per task, and
 evaluates, re-estimates statistics and exports it with the same code.
 """
 
@@ -19,20 +19,20 @@ from adamerge.methods.method import Method, check_options
 if TYPE_CHECKING:
     import torch
 
-    from adamerge.static import StaticMerge
-    from adamerge.task_vectors import TaskVectors
+    from adamerge.core.task_vectors import TaskVectors
+    from adamerge.rewrite.static_merge import StaticMerge
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class StaticMethod(Method):
-    """A static merge: :class:`~adamerge.static.StaticMerge` field values, λ fixed.
+    """A static merge: :class:`~adamerge.rewrite.static_merge.StaticMerge` field values, λ fixed.
 
     Attributes:
         name: the ``--method`` name.
         paper: reference.
-        preset: :class:`~adamerge.static.StaticMerge` field values (plain data: listing the
+        preset: :class:`~adamerge.rewrite.static_merge.StaticMerge` field values (plain data: listing the
             methods imports no torch).
     """
 
@@ -43,9 +43,9 @@ class StaticMethod(Method):
         (DARE's seed defaults to ``--seed``).
 
         Raises:
-            AdamergeError: an option that is not a :class:`~adamerge.static.StaticMerge` field.
+            AdamergeError: an option that is not a :class:`~adamerge.rewrite.static_merge.StaticMerge` field.
         """
-        from adamerge.static import StaticMerge
+        from adamerge.rewrite.static_merge import StaticMerge
 
         options = dict(getattr(settings, "options", None) or {}) | options
         if self.preset.get("sparsify") == "dare":
@@ -56,14 +56,14 @@ class StaticMethod(Method):
         return method
 
     def merge(self) -> StaticMerge:
-        """The :class:`~adamerge.static.StaticMerge` of this preset."""
-        from adamerge.static import StaticMerge
+        """The :class:`~adamerge.rewrite.static_merge.StaticMerge` of this preset."""
+        from adamerge.rewrite.static_merge import StaticMerge
 
         return StaticMerge(**self.preset)
 
     def rewrite(self, task_vectors: TaskVectors) -> TaskVectors:
         """The rewritten vectors τ' (unchanged for the linear merges: LoRA factors stay factored)."""
-        from adamerge.task_vectors import TaskVectors
+        from adamerge.core.task_vectors import TaskVectors
 
         merge = self.merge()
         logger.info("static merge %s: %s", self.name, merge)

@@ -1,0 +1,354 @@
+"""The one workflow of every method, learned or static: files in, output folder out.
+
+:func:`run_workflow` loads the base and the experts, lets the method rewrite the task vectors and
+fix its start, runs the method's training stages with a Lightning ``Trainer`` on the unlabeled
+calibration data (none for a static merge), keeps the λ that agrees best with the experts on
+held-out calibration inputs (:mod:`adamerge.run.safeguard`; the start included), evaluates
+(optionally) on labelled data, logs one line per stage with its time (:mod:`adamerge.run.progress`),
+and writes the output folder atomically:
+
+- ``coefficients.json`` / ``coefficients.tsv``: learned λ per task and group;
+- the merged model in the expert source's own format, loadable without adamerge: ``merged.pt`` +
+  ``heads/<task>.pt`` (plain state dicts for the architecture's ``load_state_dict``),
+  ``open_clip_model.safetensors`` + ``heads/<task>.pt`` (open_clip), or ``model/`` +
+  ``tasks/<task>/`` (transformers ``from_pretrained`` folders);
+- ``metrics.json``: per-task accuracy of each expert alone, the initial merge (task arithmetic at
+  the initial λ) and the learned merge, the BatchNorm policy used, the safeguard's held-out
+  scores and kept step, plus timings (``timing_s``; ``stages``: seconds per stage);
+- ``config.yaml``: the resolved settings; ``checkpoints/last.ckpt``: λ and optimiser state
+  (resume with ``ckpt_path``); ``logs/``: the losses per step (CSV).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from adamerge.choices import REESTIMATING_POLICIES, TASK_VECTOR_DTYPES
+from adamerge.core.batchnorm import batchnorm_layers, resolve_policy
+from adamerge.core.merged_model import MergedModel
+from adamerge.errors import AdamergeError
+from adamerge.methods import LearnedMethod, Method, get_method
+from adamerge.run.checks import check_eval_classes
+from adamerge.run.datamodules import build_datamodule
+from adamerge.run.evaluation import accuracy, with_average
+from adamerge.run.expert_targets import ExpertTargets, module_forward
+from adamerge.run.export import format_table, plain_config, write_coefficients, write_merged_model_of
+from adamerge.run.module import MergingModule, statistics_loaders_of
+from adamerge.run.progress import Stages, quiet_third_party
+from adamerge.run.resume import ResumeState, save_checkpoint
+from adamerge.run.safeguard import KeepBestCoefficients, held_out_batches
+from adamerge.run.settings import FitSettings
+from adamerge.sources import ExpertSet, SourceOptions, load_experts
+from adamerge.sources.task_specific import keep_task_specific
+from adamerge.storage.files import write_json, write_yaml
+from adamerge.storage.output_folder import OutputFolder
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {name: getattr(torch, name) for name in TASK_VECTOR_DTYPES}
+
+
+def run_workflow(settings: FitSettings, output: OutputFolder, resume: ResumeState | None, started: float) -> dict[str, Any]:
+    """The one workflow of every method, learned or static, into a locked output folder.
+
+    Load the sources → the method rewrites τ → :class:`MergedModel` at the method's start → the
+    method's training stages (none for a static merge) → normalisation statistics → evaluation →
+    write. ``resume`` is ``None`` for a method without training stages.
+    """
+    stages = Stages(live=settings.progress_bar)
+    with stages.stage("loading experts and data"):
+        method, experts, data, merged, module, targets, safeguard = _load(settings)
+    metrics: dict[str, Any] = {
+        "tasks": list(experts.tasks),
+        "method": dataclasses.asdict(method),
+        "batchnorm": merged.batchnorm,
+        "accuracy": {},
+        "timing_s": {"load": time.perf_counter() - started},
+    }
+    with output.staging() as staging:
+        tester = _trainer(settings, staging, None, [])
+        if settings.eval is not None:
+            if settings.eval_experts:
+                with stages.stage("evaluating the experts alone"):
+                    alone = evaluate_experts(experts, data, settings)
+                if alone:
+                    metrics["accuracy"]["expert (alone)"] = alone
+            if settings.eval_init and method.learned:
+                with stages.stage("evaluating the start"):
+                    metrics["accuracy"][method.start_label()] = _test(tester, module, data)
+        trainer = tester
+        if isinstance(method, LearnedMethod):
+            module, trainer = _train(method, module, settings, experts, data, targets, safeguard, staging, resume, stages, metrics)
+            merged = module.merged
+            metrics["steps"] = trainer.global_step
+        if settings.eval is not None:
+            with stages.stage("evaluating the merge"):
+                label = f"{settings.method} ({settings.granularity})" if method.learned else settings.method
+                metrics["accuracy"][label] = _test(trainer, module, data)
+        elif merged.batchnorm in REESTIMATING_POLICIES and data is not None:
+            with stages.stage("re-estimating BatchNorm statistics"):
+                trainer.strategy.barrier()
+                module.reestimate_batchnorm(statistics_loaders_of(data))  # exported statistics belong to this λ
+        with stages.stage("writing"):
+            if method.learned:
+                save_checkpoint(trainer, staging / "checkpoints" / "last.ckpt")
+            if trainer.is_global_zero:
+                write_coefficients(staging, merged)
+                metrics["files"] = write_merged_model_of(staging, merged, experts.export)
+                metrics["timing_s"]["total"] = time.perf_counter() - started
+                metrics["timing_s"]["stages"] = dict(stages.seconds)
+                write_json(staging / "metrics.json", metrics)
+                write_yaml(staging / "config.yaml", plain_config(dataclasses.asdict(settings)))
+    if metrics["accuracy"]:
+        logger.info("per-task accuracy (%%):\n%s", format_table(metrics["accuracy"], list(experts.tasks)))
+    logger.info("stage times: %s", stages.summary())
+    return metrics
+
+
+def _train(
+    method: LearnedMethod,
+    module: MergingModule,
+    settings: FitSettings,
+    experts: ExpertSet,
+    data: L.LightningDataModule,
+    targets: ExpertTargets | None,
+    safeguard: KeepBestCoefficients | None,
+    staging: Path,
+    resume: ResumeState,
+    stages: Stages,
+    metrics: dict[str, Any],
+) -> tuple[MergingModule, L.Trainer]:
+    """The method's training stages, each guarded by its own safeguard; the last stage's module."""
+    fit_started = time.perf_counter()
+    with stages.stage("fitting" if method.stages == 1 else "fitting stage 1", total=settings.steps) as bar:
+        trainer = _trainer(settings, staging, "logs", [safeguard, resume.callback(1), bar])
+        trainer.fit(module, datamodule=data, ckpt_path=resume.resume_from(1))
+        resume.finish_stage(trainer, 1)
+    if safeguard is not None:
+        metrics["safeguard"] = {"stage 1": safeguard.summary()}
+    for stage in range(2, method.stages + 1):
+        if settings.eval is not None and stage == 2:
+            with stages.stage("evaluating stage 1"):
+                _test_stage_one(trainer, module, data, settings, metrics, time.perf_counter() - fit_started)
+        guard = _safeguard(experts, data, settings, f"stage {stage}", safeguard)
+        with stages.stage(f"fitting stage {stage}", total=settings.steps) as bar:
+            module, trainer = _next_stage(
+                module, method, stage, settings, experts, targets, data, staging, resume, [guard, bar]
+            )
+        if guard is not None:
+            metrics["safeguard"][f"stage {stage}"] = guard.summary()
+    metrics["timing_s"]["fit"] = time.perf_counter() - fit_started
+    return module, trainer
+
+
+def _load(settings: FitSettings) -> tuple[
+    Method, ExpertSet, L.LightningDataModule, MergedModel, MergingModule, ExpertTargets | None, KeepBestCoefficients | None
+]:
+    """Experts, data, the merged model at the method's start, its LightningModule and the safeguard."""
+    method = get_method(settings.method).configured(settings)
+    L.seed_everything(settings.seed, verbose=False)
+
+    experts = load_experts(settings.base, settings.experts, source_options(settings, DTYPES[settings.task_vector_dtype]))
+    experts = keep_task_specific(experts, settings.task_specific)
+    task_vectors = method.rewrite(experts.task_vectors)
+    batchnorm = resolve_policy(settings.batchnorm, experts.tasks, experts.heads, experts.model)
+    learned = isinstance(method, LearnedMethod)
+    if settings.calib is None and batchnorm in REESTIMATING_POLICIES and batchnorm_layers(experts.model):
+        chosen = settings.batchnorm + (f" (here {batchnorm})" if batchnorm != settings.batchnorm else "")
+        raise AdamergeError(
+            f"--batchnorm {chosen} re-estimates BatchNorm statistics on --calib data, and none was given: "
+            "pass --calib DIR, or --batchnorm base to keep the base model's statistics"
+        )
+    data = None if settings.calib is None and settings.eval is None else _datamodule(settings, experts, method)
+    start = method.start(len(experts.tasks))
+    merged = MergedModel(
+        experts.model,
+        task_vectors,
+        granularity=settings.granularity if learned else "task",
+        constraint=method.constraint,
+        init=start,
+        heads=experts.heads,
+        batchnorm=batchnorm,
+        task_specific=experts.task_specific,
+        trainable=None if learned else torch.zeros(len(experts.tasks), 1, dtype=torch.bool),
+    )
+    if data is not None and settings.eval is not None:
+        check_eval_classes(data, lambda task, inputs: merged(inputs, task))
+    if not learned:
+        return method, experts, data, merged, MergingModule(merged, sources=experts.sources, task_type=experts.task_type), None, None
+    targets = ExpertTargets(experts, data, merged) if method.needs_expert_outputs else None
+    module = _module(method, merged, settings, experts, targets)
+    return method, experts, data, merged, module, targets, _safeguard(experts, data, settings)
+
+
+def _datamodule(settings: FitSettings, experts: ExpertSet, method: Method) -> L.LightningDataModule:
+    """The calibration (else evaluation) and evaluation data, checked before any training."""
+    learned = isinstance(method, LearnedMethod)
+    data = build_datamodule(
+        experts,
+        settings.calib if settings.calib is not None else settings.eval,
+        eval_dir=settings.eval,
+        batch_size=settings.batch_size,
+        eval_batch_size=settings.eval_batch_size,
+        image_size=settings.image_size,
+        image_mean=settings.image_mean,
+        image_std=settings.image_std,
+        max_length=settings.max_length,
+        num_workers=settings.num_workers,
+        seed=settings.seed,
+        shots=settings.shots,
+        limit_per_task=settings.calib_limit,
+        with_index=learned and method.needs_expert_outputs,
+        holdout=settings.holdout if learned else 0.0,
+        **({"group_by_length": True} if settings.group_by_length else {}),
+    )
+    data.setup("fit")  # fail on bad calibration / evaluation folders before any training
+    return data
+
+
+def source_options(settings: Any, dtype: torch.dtype = torch.float32) -> SourceOptions:
+    """The :class:`SourceOptions` of ``fit`` / ``merge`` settings."""
+    return SourceOptions(
+        head_pattern=settings.head_pattern,
+        batchnorm=settings.batchnorm,
+        dtype=dtype,
+        base_kwargs=settings.base_kwargs,
+        calib=settings.calib,
+        eval=settings.eval,
+        trust_pickles=settings.trust_pickles,
+    )
+
+
+def _module(
+    method: LearnedMethod,
+    merged: MergedModel,
+    settings: FitSettings,
+    experts: ExpertSet,
+    targets: ExpertTargets | None,
+) -> MergingModule:
+    objective = method.build_objective(merged, settings)
+    if targets is not None:
+        targets.fill(objective)  # the experts' outputs, once, into the alignment objective
+    return MergingModule(
+        merged,
+        objective=objective,
+        optimizer=method.optimizer_factory(),
+        scheduler=method.scheduler_factory(settings.steps),
+        sources=experts.sources,
+        task_type=experts.task_type,
+    )
+
+
+def _test_stage_one(
+    trainer: L.Trainer,
+    module: MergingModule,
+    data: L.LightningDataModule,
+    settings: FitSettings,
+    metrics: dict[str, Any],
+    fit_s: float,
+) -> None:
+    """Expert Merging++: the accuracy of its stage one, which is Expert Merging itself.
+
+    Stage one runs exactly as ``--method expert-merging`` with the same settings, so its result is
+    reported under that method's name ("did the chunks help?", and one run gives both table rows).
+    The test runs under a forked RNG: stage two draws the same batches as when nothing is tested.
+    """
+    started = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        metrics["accuracy"][f"expert-merging ({settings.granularity})"] = _test(trainer, module, data)
+    metrics["timing_s"]["stage_one_fit"] = fit_s
+    metrics["timing_s"]["stage_one_test"] = time.perf_counter() - started
+
+
+def _next_stage(
+    module: MergingModule,
+    method: LearnedMethod,
+    stage: int,
+    settings: FitSettings,
+    experts: ExpertSet,
+    targets: ExpertTargets | None,
+    data: L.LightningDataModule,
+    staging: Path,
+    resume: ResumeState,
+    callbacks: list[L.Callback | None],
+) -> tuple[MergingModule, L.Trainer]:
+    """Train stage ``stage`` (2, 3, ...) on the model the method builds from the previous stage's."""
+    refined = _module(method, method.next_stage(module.merged, settings), settings, experts, targets)
+    trainer = _trainer(settings, staging, f"logs_stage{stage}", [callbacks[0], resume.callback(stage), *callbacks[1:]])
+    trainer.fit(refined, datamodule=data, ckpt_path=resume.resume_from(stage))
+    resume.finish_stage(trainer, stage)
+    return refined, trainer
+
+
+def _safeguard(
+    experts: ExpertSet,
+    data: L.LightningDataModule,
+    settings: FitSettings,
+    stage: str = "",
+    earlier: KeepBestCoefficients | None = None,
+) -> KeepBestCoefficients | None:
+    """The held-out safeguard of one training stage, or ``None`` (logged) where it cannot run."""
+    if settings.holdout == 0:
+        return None
+    loaders = data.holdout_loaders() if hasattr(data, "holdout_loaders") else {}
+    missing = [task for task in experts.tasks if task not in loaders]
+    if missing or experts.expert_model is None:
+        logger.warning(
+            "safeguard off: %s",
+            f"--holdout {settings.holdout:g} leaves no held-out calibration input for {', '.join(missing)} "
+            "(too few inputs)" if missing else "this expert source cannot rebuild the experts alone",
+        )
+        return None
+    return KeepBestCoefficients(
+        earlier.held_out if earlier is not None else held_out_batches(loaders),
+        experts.expert_model,
+        every=max(1, settings.steps // 10),
+        stage=stage,
+        targets=earlier.targets if earlier is not None else None,
+    )
+
+
+def _trainer(settings: FitSettings, root: Path, log_name: str | None, callbacks: list[L.Callback | None]) -> L.Trainer:
+    """The run's Lightning ``Trainer``: the losses logged to ``root/log_name`` (``None``: not logged),
+    ``callbacks`` in order (``None`` left out; the safeguard comes before the resume checkpoints, so
+    that they hold its state), adamerge's own progress display."""
+    quiet_third_party()
+    return L.Trainer(
+        max_steps=settings.steps,
+        accelerator=settings.accelerator,
+        devices=settings.devices,
+        strategy=settings.strategy,
+        default_root_dir=root,
+        logger=CSVLogger(root, name=log_name, version="") if log_name is not None else False,
+        callbacks=[c for c in callbacks if c is not None],
+        enable_checkpointing=False,  # resume checkpoints: adamerge.run.resume; the output's last.ckpt: run_fit
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=max(1, min(50, settings.steps // 10)),
+        enable_progress_bar=False,  # adamerge.run.progress: one bar for the steps, one line per stage
+        enable_model_summary=False,
+    )
+
+
+def _test(trainer: L.Trainer, module: MergingModule, data: L.LightningDataModule) -> dict[str, float]:
+    trainer.test(module, datamodule=data, verbose=False)
+    return dict(module.results["test"])
+
+
+def evaluate_experts(experts: ExpertSet, data: L.LightningDataModule, settings: FitSettings) -> dict[str, float]:
+    """Accuracy of each expert alone (its own weights, statistics and head) on its own task."""
+    if experts.expert_model is None:
+        logger.warning("this expert source cannot rebuild the experts alone: their accuracy is not reported")
+        return {}
+    loaders = dict(zip(data.tasks, data.evaluation_loaders(), strict=True))
+    return with_average(
+        {task: accuracy(module_forward(experts.expert_model(task).eval()), loaders[task], experts.task_type) for task in experts.tasks}
+    )

@@ -1,0 +1,570 @@
+"""Experts from Hugging Face transformers: ``--base hf:DIR`` and ``--experts NAME=hf:DIR``.
+
+``DIR`` is a ``save_pretrained`` folder (``config.json`` + ``model.safetensors`` or
+``pytorch_model.bin``, sharded or not). The base is the pretrained encoder (e.g. an ``AutoModel``
+with its tokenizer); every expert is an ``AutoModelForSequenceClassification`` fine-tuned from it
+(each may have its own number of labels).
+
+What is merged and what is not:
+
+- the model to merge is the experts' task class (``AutoModelForSequenceClassification``) built from
+  the first expert's config, holding the base's encoder weights (the base's keys are mapped under
+  the model's ``base_model_prefix``, e.g. ``bert.``);
+- tensors of the task model that the base lacks (``classifier.*``, and e.g. ``pooler.*`` when the
+  base was saved without it) are each task's own head, never merged (``--head-pattern`` overrides
+  the choice); every other float tensor gets a task vector ``τ_k = θ_k − θ_0``;
+- the forward returns a ``SequenceClassifierOutput`` whose ``.logits`` MergedModel takes.
+
+Export (:func:`export_hf`) writes ``model/`` (the merged encoder in the base's own ``AutoModel``
+class + tokenizer) and ``tasks/<task>/`` (a complete ``AutoModelForSequenceClassification``:
+merged encoder, the task's head, its ``id2label``, + tokenizer), each loadable by transformers
+alone.
+
+``peft:DIR`` experts (LoRA adapters) are handed to :func:`_load_peft_experts`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterator, Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adamerge.core.task_vectors import TaskVectors
+from adamerge.errors import AdamergeError, CheckpointError, IncompatibleExpertError
+from adamerge.sources.base import ExpertSet, SourceOptions
+from adamerge.sources.file import merged_tensor_names, select_heads
+from adamerge.storage.checkpoints import check_finite_tensors
+from adamerge.storage.output_folder import inside
+from adamerge.task_types import CLASSIFICATION, TaskType
+
+logger = logging.getLogger(__name__)
+
+HF_PREFIX = "hf:"
+PEFT_PREFIX = "peft:"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+# config fields that fix tensor shapes (compared when both configs have them)
+ARCHITECTURE_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "embedding_size",
+    "dim",
+    "hidden_dim",
+    "n_layers",
+    "n_heads",
+    "d_model",
+)
+
+
+# ----------------------------------------------------------------------------- references, files
+
+
+def hf_dir(reference: str, what: str) -> Path:
+    """The folder of ``hf:DIR`` (or a bare ``DIR``), checked for a config and weights.
+
+    Raises:
+        CheckpointError: no such folder, no ``config.json``, or no weights file.
+    """
+    path = Path(reference[len(HF_PREFIX) :] if reference.startswith(HF_PREFIX) else reference)
+    if not path.is_dir():
+        hint = " (a save_pretrained folder)" if path.is_file() else ""
+        raise CheckpointError(f"{what} {reference!r}: folder {path} does not exist{hint}")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{what} {path}: no config.json (save the model with model.save_pretrained(DIR))")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise CheckpointError(
+            f"{what} {path}: no weights ({' / '.join(WEIGHT_FILES)}); save the model with model.save_pretrained(DIR)"
+        )
+    return path
+
+
+@contextlib.contextmanager
+def without_weight_init() -> Iterator[None]:
+    """Build transformers models without drawing their random initial weights.
+
+    Only for a model whose every state-dict tensor is loaded right after (``strict=True``): the
+    draws would otherwise be paid once per exported task, for nothing.
+    transformers 5 keeps the switch in ``transformers.initialization``, 4.x in ``modeling_utils``.
+    """
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        yield
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports and progress bars (adamerge reports problems itself)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def read_config(path: Path, what: str) -> Any:
+    """``AutoConfig`` of a folder, refusing unreadable configs in one line."""
+    from transformers import AutoConfig
+
+    try:
+        with quiet_transformers():
+            return AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as error:  # JSON errors, unknown model_type, ...
+        raise CheckpointError(f"{what} {path}: cannot read config.json: {_first_line(error)}") from None
+
+
+def load_pretrained(auto_class: Any, path: Path, what: str) -> tuple[nn.Module, set[str]]:
+    """``auto_class.from_pretrained(path)`` in float32 and eval mode, refusing mismatched shapes.
+
+    Returns:
+        The model and the names of tensors its checkpoint lacked (newly initialised).
+
+    Raises:
+        CheckpointError: unreadable or corrupt weights; a tensor of another shape than the config says.
+    """
+    try:
+        with quiet_transformers():
+            model, info = auto_class.from_pretrained(
+                path, local_files_only=True, dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True
+            )
+    except Exception as error:  # safetensors header errors, truncated pickles, unknown classes, ...
+        raise CheckpointError(f"{what} {path}: cannot load the weights: {_first_line(error)}") from None
+    mismatched = sorted(info.get("mismatched_keys") or [], key=str)
+    if mismatched:
+        name, stored, expected = mismatched[0]
+        raise CheckpointError(
+            f"{what} {path}: tensor {name!r} has shape {tuple(stored)}, its config.json implies {tuple(expected)}"
+        )
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:
+        logger.debug("%s %s: ignored %d stored tensor(s), e.g. %s", what, path, len(unexpected), unexpected[:3])
+    return model.eval(), set(info.get("missing_keys") or [])
+
+
+def has_tokenizer(path: Path) -> bool:
+    return any((path / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_tokenizer(path: Path, what: str) -> Any:
+    """``AutoTokenizer`` of a folder, refusing a folder without one in one line."""
+    from transformers import AutoTokenizer
+
+    if not has_tokenizer(path):
+        raise CheckpointError(
+            f"{what} {path}: no tokenizer ({' / '.join(TOKENIZER_FILES[:3])}); save it with tokenizer.save_pretrained(DIR)"
+        )
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as error:
+        raise CheckpointError(f"{what} {path}: cannot load the tokenizer: {_first_line(error)}") from None
+
+
+# ----------------------------------------------------------------------------- compatibility
+
+
+def check_architecture(config: Any, base_config: Any, task: str, path: Path) -> None:
+    """Refuse an expert of another model type or size than the base (names the field)."""
+    if config.model_type != base_config.model_type:
+        raise IncompatibleExpertError(
+            f"expert {task!r} ({path}) is a {config.model_type!r} model, the base is {base_config.model_type!r}"
+        )
+    for name in ARCHITECTURE_FIELDS:
+        mine, theirs = getattr(config, name, None), getattr(base_config, name, None)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise IncompatibleExpertError(
+                f"expert {task!r} ({path}) has {name}={mine}, the base has {name}={theirs}: another architecture"
+            )
+
+
+def check_vocabulary(tokenizer: Any, base_tokenizer: Any, task: str, path: Path) -> None:
+    """Refuse an expert whose tokenizer maps tokens to other ids than the base's."""
+    mine, theirs = tokenizer.get_vocab(), base_tokenizer.get_vocab()
+    if mine == theirs:
+        return
+    only_mine = sorted(set(mine) - set(theirs))
+    only_base = sorted(set(theirs) - set(mine))
+    moved = sorted(t for t in set(mine) & set(theirs) if mine[t] != theirs[t])
+    parts = [f"{len(mine)} tokens vs the base's {len(theirs)}"]
+    if only_mine:
+        parts.append(f"{len(only_mine)} not in the base's (e.g. {only_mine[:3]})")
+    if only_base:
+        parts.append(f"{len(only_base)} of the base's missing (e.g. {only_base[:3]})")
+    if moved:
+        parts.append(f"{len(moved)} with another id (e.g. {moved[0]!r}: {mine[moved[0]]} vs {theirs[moved[0]]})")
+    raise IncompatibleExpertError(
+        f"expert {task!r} ({path}): its tokenizer's vocabulary differs from the base's: {'; '.join(parts)}"
+    )
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+def encoder_prefix(model: nn.Module) -> str:
+    """``"bert."`` for a task model whose encoder sits at ``model.bert`` ("" for an encoder itself)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return f"{prefix}." if prefix and isinstance(getattr(model, prefix, None), nn.Module) else ""
+
+
+def encoder_to_task_keys(encoder_state: Mapping[str, torch.Tensor], task_keys: set[str], prefix: str) -> dict[str, str]:
+    """``{task model key: encoder key}`` for the encoder tensors the task model holds."""
+    mapping = {}
+    for key in encoder_state:
+        if f"{prefix}{key}" in task_keys:
+            mapping[f"{prefix}{key}"] = key
+        elif key in task_keys:  # a base saved as a task model keeps the prefix
+            mapping[key] = key
+    return mapping
+
+
+# ----------------------------------------------------------------------------- the source
+
+
+def read_expert_configs(paths: Mapping[str, Path], base_config: Any, tokenizer: Any) -> dict[str, Any]:
+    """Each expert folder's config, refusing another architecture or tokenizer vocabulary than the base's."""
+    configs = {}
+    for task, path in paths.items():
+        configs[task] = read_config(path, f"expert {task!r}")
+        check_architecture(configs[task], base_config, task, path)
+        if has_tokenizer(path):
+            check_vocabulary(load_tokenizer(path, f"expert {task!r}"), tokenizer, task, path)
+        else:
+            logger.info("expert %s (%s) has no tokenizer of its own: using the base's", task, path)
+    return configs
+
+
+def task_auto_class(task_type: TaskType) -> Any:
+    """The transformers auto-class the task type names (``AutoModelForSequenceClassification`` for
+    classification, ``AutoModelForCausalLM`` for next-token prediction, ...)."""
+    import transformers
+
+    return getattr(transformers, task_type.auto_class)
+
+
+def task_model_with_base(base_path: Path, config: Any, task_type: TaskType = CLASSIFICATION) -> tuple[nn.Module, str, dict[str, str]]:
+    """The task model (the task type's auto-class of ``config``) holding the base's encoder.
+
+    Returns:
+        ``(model, prefix, from_base)``: the model in eval mode, its encoder prefix (``"bert."``), and
+        ``{task-model key: base key}`` of the tensors loaded from the base.
+
+    Raises:
+        IncompatibleExpertError: no base tensor fits the model, or one has another shape.
+    """
+    from transformers import AutoModel
+
+    encoder, not_in_base = load_pretrained(AutoModel, base_path, "--base")
+    encoder_state = {k: v for k, v in encoder.state_dict().items() if k not in not_in_base}
+    del encoder
+    with quiet_transformers():
+        model = task_auto_class(task_type).from_config(config, dtype=torch.float32).eval()
+    prefix = encoder_prefix(model)
+    task_state = model.state_dict()
+    from_base = encoder_to_task_keys(encoder_state, set(task_state), prefix)
+    if not from_base:
+        raise IncompatibleExpertError(
+            f"--base {base_path}: none of its tensors fits {type(model).__name__} "
+            f"(e.g. base {list(encoder_state)[:2]}, model {list(task_state)[:2]})"
+        )
+    for key, source in from_base.items():
+        if encoder_state[source].shape != task_state[key].shape:
+            raise IncompatibleExpertError(
+                f"--base {base_path}: tensor {source!r} has shape {tuple(encoder_state[source].shape)}, "
+                f"the experts' {type(model).__name__} expects {tuple(task_state[key].shape)}"
+            )
+    model.load_state_dict({key: encoder_state[source] for key, source in from_base.items()}, strict=False)
+    return model, prefix, from_base
+
+
+def load_hf_experts(base: str, experts: Mapping[str, str], options: SourceOptions) -> ExpertSet:
+    """The :class:`ExpertSet` of a Hugging Face base and its fine-tuned sequence classifiers.
+
+    Args:
+        base: ``hf:DIR`` of the pretrained model (``AutoModel`` weights + tokenizer).
+        experts: ``{task: "hf:DIR"}`` of ``AutoModelForSequenceClassification`` fine-tunes (a bare
+            ``DIR`` works too), or ``{task: "peft:DIR"}`` of adapters.
+        options: ``head_pattern`` (default: tensors the base lacks), ``dtype`` of the task vectors,
+            ``batchnorm`` policy.
+
+    Returns:
+        A text :class:`ExpertSet`: the task model holding θ_0, the task vectors of its encoder, each
+        task's head, the base's tokenizer, the experts alone and the transformers export.
+
+    Raises:
+        AdamergeError: missing folders or files, corrupt weights, an expert of another architecture
+            or vocabulary, a tensor of another shape (each named).
+    """
+    if not experts:
+        raise AdamergeError("no experts given: pass --experts NAME=hf:DIR [NAME=hf:DIR ...]")
+    base_path = hf_dir(base, "--base")
+    if any(str(ref).startswith(PEFT_PREFIX) for ref in experts.values()):
+        return _load_peft_experts(base_path, experts, options)
+    auto_class = task_auto_class(options.task_type)
+
+    base_config = read_config(base_path, "--base")
+    tokenizer = load_tokenizer(base_path, "--base")
+    paths = {task: hf_dir(str(ref), f"expert {task!r}") for task, ref in experts.items()}
+    configs = read_expert_configs(paths, base_config, tokenizer)
+
+    first = next(iter(configs))
+    model, prefix, from_base = task_model_with_base(base_path, configs[first], options.task_type)
+    task_state = model.state_dict()
+    head_names = _head_names(list(task_state), set(from_base), options.head_pattern, base_path)
+    persistent = set(task_state)
+    names = [n for n in merged_tensor_names(model, set(head_names), options.batchnorm) if n in persistent]
+    base_state = model.state_dict()
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+
+    def read_expert(task: str) -> dict[str, torch.Tensor]:
+        path = paths[task]
+        expert, missing = load_pretrained(auto_class, path, f"expert {task!r}")
+        state = expert.state_dict()
+        lacking = sorted(n for n in missing if n in persistent)
+        if lacking:
+            raise IncompatibleExpertError(
+                f"expert {task!r} ({path}) lacks {len(lacking)} tensor(s) of {type(expert).__name__}, e.g. {lacking[:3]} "
+                f"(save the fine-tuned AutoModelForSequenceClassification with save_pretrained)"
+            )
+        foreign = sorted(set(base_state) ^ set(state))
+        if foreign:
+            raise IncompatibleExpertError(
+                f"expert {task!r} ({path}): tensor names differ from the base model's, e.g. {foreign[:3]}"
+            )
+        check_finite_tensors({n: state[n] for n in [*names, *head_names]}, f"expert {task!r} ({path})")
+        heads[task] = {n: state[n].detach().clone() for n in head_names}
+        return state
+
+    task_vectors = TaskVectors.from_states(
+        base_state, {task: partial(read_expert, task) for task in paths}, names, options.dtype
+    )
+    if heads:  # the model's own head: the first task's (never used in a merged forward)
+        model.load_state_dict(heads[first], strict=False)
+    logger.info("task vectors: %s; heads: %s", task_vectors.extra_repr(), head_names)
+    sources = {
+        "base": f"{HF_PREFIX}{base_path.resolve()}",
+        "experts": {task: f"{HF_PREFIX}{path.resolve()}" for task, path in paths.items()},
+        "head_pattern": options.head_pattern,
+    }
+    return ExpertSet(
+        model,
+        task_vectors,
+        heads,
+        sources,
+        modality="text",
+        expert_model=lambda task: load_pretrained(auto_class, paths[task], f"expert {task!r}")[0],
+        export=partial(export_hf, base_path=base_path, configs=configs, tokenizer=tokenizer, prefix=prefix, auto_class=auto_class),
+        tokenizer=tokenizer,
+        num_classes={task: int(config.num_labels) for task, config in configs.items()},
+        task_type=options.task_type,
+    )
+
+
+def _head_names(task_keys: list[str], from_base: set[str], head_pattern: str | None, base_path: Path) -> list[str]:
+    """Task-specific tensors: ``head_pattern``'s matches, or the task model's tensors the base lacks."""
+    if head_pattern:
+        heads = select_heads(task_keys, head_pattern)
+        lacking = [n for n in task_keys if n not in from_base and n not in heads]
+        if lacking:
+            raise IncompatibleExpertError(
+                f"--base {base_path} lacks tensor(s) {lacking[:3]} that --head-pattern {head_pattern!r} does not "
+                "cover: they have no pretrained value to merge from"
+            )
+        return heads
+    heads = [n for n in task_keys if n not in from_base]
+    if not heads:
+        raise IncompatibleExpertError(
+            f"--base {base_path} holds every tensor of the task model (a classifier too?): pass --head-pattern "
+            "(e.g. '^classifier\\.') to name the task-specific tensors"
+        )
+    return heads
+
+
+def _load_peft_experts(base_path: Path, experts: Mapping[str, str], options: SourceOptions) -> ExpertSet:
+    """Experts given as ``peft:DIR`` LoRA adapters over the ``hf:`` base, possibly mixed with
+    ``hf:DIR`` full fine-tunes (see :func:`adamerge.sources.peft.load_lora_experts`).
+
+    The adapters are read with peft's own API and kept low-rank (never K dense deltas); each
+    adapter's ``modules_to_save`` (the sequence-classification head) is its task's head. The task
+    model is the base's ``AutoModelForSequenceClassification`` (a full fine-tune's config if one is
+    given); each task's number of labels comes from its own head.
+    """
+    from adamerge.core.merged_model import assign_tensor
+    from adamerge.sources.peft import expert_state_dict, load_lora_experts
+
+    base_config = read_config(base_path, "--base")
+    tokenizer = load_tokenizer(base_path, "--base")
+    adapters = {t: _peft_dir(str(ref), t) for t, ref in experts.items() if str(ref).startswith(PEFT_PREFIX)}
+    dense_paths = {t: hf_dir(str(ref), f"expert {t!r}") for t, ref in experts.items() if t not in adapters}
+    dense_configs = read_expert_configs(dense_paths, base_config, tokenizer)
+    model_config = next(iter(dense_configs.values()), None) or copy.deepcopy(base_config)
+    model, prefix, from_base = task_model_with_base(base_path, model_config, options.task_type)
+    task_keys = list(model.state_dict())
+    head_names = _head_names(task_keys, set(from_base), options.head_pattern, base_path) if dense_paths else []
+    if options.head_pattern and not dense_paths:
+        head_names = select_heads(task_keys, options.head_pattern)
+
+    def dense_reader(task: str) -> dict[str, torch.Tensor]:
+        expert, _ = load_pretrained(task_auto_class(options.task_type), dense_paths[task], f"expert {task!r}")
+        return expert.state_dict()
+
+    task_vectors, heads = load_lora_experts(
+        model,
+        adapters,
+        {task: partial(dense_reader, task) for task in dense_paths},
+        tasks=list(experts),
+        head_names=head_names,
+        dtype=options.dtype,
+        base_name=str(base_path),
+    )
+    configs = {task: dense_configs.get(task) or _config_for_head(base_config, model, heads.get(task, {})) for task in experts}
+    logger.info("task vectors: %s; heads: %s", task_vectors.extra_repr(), sorted(next(iter(heads.values()), {})))
+
+    def expert_model(task: str) -> nn.Module:
+        if task in dense_paths:
+            return load_pretrained(task_auto_class(options.task_type), dense_paths[task], f"expert {task!r}")[0]
+        alone = copy.deepcopy(model)
+        for name, tensor in expert_state_dict(model, task_vectors, heads, task).items():
+            assign_tensor(alone, name, tensor)
+        alone.config.num_labels = configs[task].num_labels
+        return alone.eval()
+
+    sources = {
+        "base": f"{HF_PREFIX}{base_path.resolve()}",
+        "experts": {t: f"{PEFT_PREFIX}{p.resolve()}" for t, p in adapters.items()}
+        | {t: f"{HF_PREFIX}{p.resolve()}" for t, p in dense_paths.items()},
+        "head_pattern": options.head_pattern,
+    }
+    return ExpertSet(
+        model,
+        task_vectors,
+        heads,
+        sources,
+        modality="text",
+        expert_model=expert_model,
+        export=partial(
+            export_hf, base_path=base_path, configs=configs, tokenizer=tokenizer, prefix=prefix,
+            auto_class=task_auto_class(options.task_type),
+        ),
+        tokenizer=tokenizer,
+        num_classes={task: int(config.num_labels) for task, config in configs.items()},
+        task_type=options.task_type,
+    )
+
+
+def _peft_dir(reference: str, task: str) -> Path:
+    path = Path(reference[len(PEFT_PREFIX) :]).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise CheckpointError(f"expert {task!r}: {path} is not a peft adapter folder (no adapter_config.json)")
+    return path
+
+
+def _config_for_head(base_config: Any, model: nn.Module, head: Mapping[str, torch.Tensor]) -> Any:
+    """The base config with the number of labels of ``head`` (the tensor shaped like the model's
+    ``(num_labels, ...)`` classifier output)."""
+    config = copy.deepcopy(base_config)
+    labels = int(model.config.num_labels)
+    state = model.state_dict()
+    for name, tensor in head.items():
+        if state[name].ndim == tensor.ndim and state[name].shape[0] == labels and tensor.ndim >= 1:
+            config.num_labels = int(tensor.shape[0])
+            break
+    config.architectures = [type(model).__name__]
+    return config
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_hf(
+    directory: Path,
+    state: Mapping[str, torch.Tensor],
+    heads: Mapping[str, Mapping[str, torch.Tensor]],
+    *,
+    base_path: Path,
+    configs: Mapping[str, Any],
+    tokenizer: Any,
+    prefix: str,
+    auto_class: Any = None,
+) -> dict[str, str]:
+    """Write the merge as transformers folders (no adamerge needed to load them).
+
+    - ``model/``: the merged encoder in the base's own ``AutoModel`` class, with the tokenizer
+      (``AutoModel.from_pretrained(directory / "model")``); tensors the task model does not hold
+      (e.g. a pooler the classifier does not use) keep the base's values;
+    - ``tasks/<task>/``: the full ``AutoModelForSequenceClassification`` of each task (merged
+      encoder, the task's head, its config and ``id2label``), with the tokenizer.
+
+    Args:
+        directory: the (staging) output folder.
+        state: merged state dict in the task model's keys.
+        heads: ``{task: {name: tensor}}``.
+        base_path: the base's folder (its class and the tensors the task model lacks).
+        configs: each task's expert config.
+        tokenizer: the base's tokenizer.
+        prefix: the task model's encoder prefix (``"bert."``), see :func:`encoder_prefix`.
+        auto_class: the task models' transformers auto-class (default: sequence classification).
+
+    Returns:
+        ``{what: path relative to directory}``.
+    """
+    from transformers import AutoModel
+
+    auto_class = auto_class or task_auto_class(CLASSIFICATION)
+    directory = Path(directory)
+    encoder, _ = load_pretrained(AutoModel, base_path, "--base")
+    with quiet_transformers():
+        mapping = encoder_to_task_keys(encoder.state_dict(), set(state), prefix)
+        encoder.load_state_dict({source: state[key].detach() for key, source in mapping.items()}, strict=False)
+        encoder.save_pretrained(directory / "model")
+    tokenizer.save_pretrained(directory / "model")
+    files = {"model": "model"}
+    del encoder
+    for task, config in configs.items():
+        with quiet_transformers():
+            with without_weight_init():  # every tensor is loaded below (strict)
+                model = auto_class.from_config(config, dtype=torch.float32)
+            tensors = {k: v.detach() for k, v in state.items()} | {k: v.detach() for k, v in heads.get(task, {}).items()}
+            own = model.state_dict()
+            missing = [k for k in own if k not in tensors]
+            if missing:
+                raise AdamergeError(f"export of task {task!r}: no merged value for tensor(s) {missing[:3]}")
+            model.load_state_dict({k: tensors[k] for k in own}, strict=True)
+            model.eval().save_pretrained(inside(directory, "tasks", task))
+        tokenizer.save_pretrained(inside(directory, "tasks", task))
+        files[f"task/{task}"] = f"tasks/{task}"
+    logger.info("exported transformers folders: %s", ", ".join(files.values()))
+    return files
