@@ -14,6 +14,8 @@ import yaml
 
 from tests.conftest import HEAD, REPO, load_benchmark
 
+pytestmark = pytest.mark.lab  # the benchmarks' own scripts, not the library
+
 runner_module = load_benchmark("runner")
 
 

@@ -14,6 +14,8 @@ from adamerge.demo.vision import build_vision_demo, describe_split, split_indice
 from adamerge.errors import AdamergeError
 from tests.conftest import load_benchmark
 
+pytestmark = pytest.mark.lab  # the benchmarks' own scripts, not the library
+
 DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 fresh_rows = load_benchmark("fresh_rows")
 

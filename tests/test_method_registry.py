@@ -3,6 +3,7 @@ that runs static and learned methods alike (a static merge equals fit's start, t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -90,3 +91,26 @@ def test_bad_static_options_fail_before_anything_is_written(tiny_setup, tmp_path
     assert "--options ['densty']: not options of 'ties'" in message and not output.exists()
     dare = get_method("dare").configured(drop_rate=0.3)
     assert isinstance(dare, StaticMethod) and dare.merge().drop_rate == 0.3 and dare.merge().seed == 0
+
+
+def test_stage_one_row_is_named_by_the_method():
+    assert get_method("expert-merging++").stage_label(1, "layer") == "expert-merging (layer)"
+    assert get_method("expert-merging++").stage_label(2, "layer") == "expert-merging++ stage 2 (layer)"
+    unnamed = dataclasses.replace(get_method("expert-merging++"), name="my-two-stage", stage_one="")
+    assert unnamed.stage_label(1, "layer") == "my-two-stage stage 1 (layer)"
+
+
+def test_an_objective_from_outside_runs_through_fit(tiny_setup, tmp_path):
+    from tests.plugins.my_methods import MaxConfidence
+
+    MaxConfidence.calls = 0
+    output = tmp_path / "fit"
+    assert main(["fit", "--method", "tests.plugins.my_methods:CONFIDENT_MERGING", "--steps", "2", "--batch-size", "4",
+                 "--holdout", "0", *common(tiny_setup, output)]) == 0  # fmt: skip
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["method"]["objective"] == "tests.plugins.my_methods:MaxConfidence" and metrics["steps"] == 2
+    assert MaxConfidence.calls == 2 * 2  # two steps, two tasks
+    with pytest.raises(AdamergeError, match="not an adamerge Objective"):
+        LearnedMethod("x", objective="tests.plugins.my_methods:GENTLE_ADAMERGING").objective_class()
+    with pytest.raises(AdamergeError, match=r"needs labelled calibration data \(--shots N\)"):
+        LearnedMethod("x", objective="cross-entropy").build_objective(None, type("S", (), {"shots": None, "task_weights": None})())

@@ -9,6 +9,8 @@ import pytest
 
 from tests.conftest import load_benchmark
 
+pytestmark = pytest.mark.lab  # the benchmarks' own scripts, not the library
+
 pytest.importorskip("matplotlib")
 
 TASKS = ["mnist", "cifar10", "usps"]

@@ -23,11 +23,23 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ChunkRefinedMethod(LearnedMethod):
-    """A learned method whose second stage refines a layer-wise first stage into chunks."""
+    """A learned method whose second stage refines a layer-wise first stage into chunks.
+
+    Attributes:
+        stage_one: the registered method that stage one is (same objective, options and steps),
+            whose name labels stage one's accuracy; empty: ``"<name> stage 1"``.
+    """
+
+    stage_one: str = ""
 
     @property
     def stages(self) -> int:
         return 2
+
+    def stage_label(self, stage: int, granularity: str) -> str:
+        if stage == 1 and self.stage_one:
+            return f"{self.stage_one} ({granularity})"
+        return super().stage_label(stage, granularity)
 
     def next_stage(self, previous: MergedModel, settings: Any) -> MergedModel:
         """The chunk-wise model of stage two, every chunk starting at its tensor's stage-one λ.

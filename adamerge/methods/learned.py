@@ -42,7 +42,14 @@ if TYPE_CHECKING:  # torch is imported when a factory is built, so that ``--help
 else:
     OptimizerFactory = SchedulerFactory = Any
 
-OBJECTIVES = ("entropy", "pseudo-label", "cross-entropy", "expert-alignment")
+# objective name -> the :class:`~adamerge.objectives.task_objectives.Objective` subclass it builds, as
+# "module:Class" (imported when a run builds it); a method may also name "package.module:Class" itself
+OBJECTIVES: dict[str, str] = {
+    "entropy": "adamerge.objectives.task_objectives:Entropy",
+    "pseudo-label": "adamerge.objectives.task_objectives:PseudoLabel",
+    "cross-entropy": "adamerge.objectives.task_objectives:CrossEntropy",
+    "expert-alignment": "adamerge.objectives.task_objectives:ExpertAlignment",
+}
 FEW_SHOT_LR = 1e-1  # aTLAS few-shot learning rate (with a cosine schedule)
 FEW_SHOT_INIT = 0.0  # aTLAS few-shot start: the pretrained model
 
@@ -81,8 +88,11 @@ class LearnedMethod(Method):
     learned: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES and type(self).build_objective is LearnedMethod.build_objective:
-            raise AdamergeError(f"method {self.name!r}: objective {self.objective!r}, expected one of {', '.join(OBJECTIVES)}")
+        named = self.objective in OBJECTIVES or ":" in self.objective
+        if not named and type(self).build_objective is LearnedMethod.build_objective:
+            raise AdamergeError(
+                f"method {self.name!r}: objective {self.objective!r}, expected one of {', '.join(OBJECTIVES)} or package.module:Class"
+            )
 
     # -- configuration -------------------------------------------------------------------------
     def configured(self, settings: Any = None, **options: Any) -> LearnedMethod:
@@ -123,35 +133,48 @@ class LearnedMethod(Method):
         return f"task arithmetic (λ={self.init:g})"
 
     # -- training ------------------------------------------------------------------------------
+    def objective_class(self) -> type[Objective]:
+        """The :class:`~adamerge.objectives.task_objectives.Objective` subclass ``objective`` names.
+
+        Raises:
+            AdamergeError: the name cannot be imported or is not an objective.
+        """
+        import importlib
+
+        from adamerge.objectives.task_objectives import Objective
+
+        target = OBJECTIVES.get(self.objective, self.objective)
+        module, _, attribute = target.partition(":")
+        try:
+            found = getattr(importlib.import_module(module), attribute)
+        except (ImportError, AttributeError, ValueError) as error:
+            raise AdamergeError(f"method {self.name!r}: objective {target!r} cannot be imported ({error})") from None
+        if not (isinstance(found, type) and issubclass(found, Objective)):
+            raise AdamergeError(f"method {self.name!r}: objective {target!r} is not an adamerge Objective subclass")
+        return found
+
     @property
     def needs_expert_outputs(self) -> bool:
         """Whether the objective needs each expert's outputs on the calibration data (cached once)."""
-        return self.objective == "expert-alignment"
+        return self.objective_class().needs_index
 
     def build_objective(self, merged: MergedModel, settings: Any) -> Objective:
-        """The objective for this model, each task's loss weighted by ``--task-weights``.
+        """The objective for this model (its :meth:`~adamerge.objectives.task_objectives.Objective.for_run`),
+        each task's loss weighted by ``--task-weights`` unless the objective weights tasks itself
+        (Expert Merging's β is that weight).
 
-        Expert alignment weights its own tasks (Expert Merging's β is that weight) and takes the
-        experts' outputs afterwards (:class:`~adamerge.run.expert_targets.ExpertTargets`).
+        Raises:
+            AdamergeError: the objective needs labelled calibration data and the run has none.
         """
-        from adamerge.objectives.task_objectives import CrossEntropy, Entropy, ExpertAlignment, PseudoLabel, TaskWeighted
+        from adamerge.objectives.task_objectives import TaskWeighted
 
-        if self.objective == "expert-alignment":
-            return ExpertAlignment(
-                merged.coefficients().detach(),
-                merged.tasks,
-                hidden_modules=settings.align_modules,
-                temperature=settings.temperature,
-                gamma=settings.gamma,
-                task_weights=settings.task_weights,
-            )
-        factories = {
-            "entropy": Entropy,
-            "cross-entropy": CrossEntropy,
-            "pseudo-label": lambda: PseudoLabel(settings.pseudo_label_threshold),
-        }
-        objective = factories[self.objective]()
-        return TaskWeighted(objective, merged.tasks, settings.task_weights) if settings.task_weights else objective
+        cls = self.objective_class()
+        if cls.needs_labels and getattr(settings, "shots", None) is None:
+            raise AdamergeError(f"method {self.name!r}: objective {self.objective!r} needs labelled calibration data (--shots N)")
+        objective = cls.for_run(merged, settings)
+        if settings.task_weights and not cls.weights_tasks:
+            return TaskWeighted(objective, merged.tasks, settings.task_weights)
+        return objective
 
     def optimizer_factory(self) -> OptimizerFactory:
         """``params -> Optimizer`` with this method's settings."""
@@ -180,6 +203,10 @@ class LearnedMethod(Method):
     def stages(self) -> int:
         """Training stages (one; Expert Merging++ has two)."""
         return 1
+
+    def stage_label(self, stage: int, granularity: str) -> str:
+        """The accuracy table's row name of stage ``stage``'s merge, for methods of several stages."""
+        return f"{self.name} stage {stage} ({granularity})"
 
     def next_stage(self, previous: MergedModel, settings: Any) -> MergedModel:
         """The model the next stage trains, built from the previous stage's (stages > 1 only)."""

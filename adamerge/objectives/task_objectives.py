@@ -11,6 +11,10 @@ granularities are independent choices.
   confident predictions (threshold) on unlabeled data.
 - :class:`ExpertAlignment` — Expert Merging: align the merged model's hidden states and logits to
   each expert's (computed once and cached), plus ``γ · mean|λ − λ_init|``.
+
+A new objective is one subclass (with :meth:`Objective.for_run` when it reads the run's settings)
+and one line in :data:`adamerge.methods.learned.OBJECTIVES`; a method written outside adamerge
+names its own as ``objective="package.module:Class"``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -26,6 +31,9 @@ from adamerge.core.hooks import HEAD_INPUT
 from adamerge.core.model_inputs import Inputs, input_batch_size
 from adamerge.errors import AdamergeError
 from adamerge.objectives import losses
+
+if TYPE_CHECKING:
+    from adamerge.core.merged_model import MergedModel
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +85,17 @@ class Objective(nn.Module):
     no labels, weight every task 1 and add no regulariser."""
 
     hidden_modules: tuple[str, ...] = ()
+    #: Whether it reads labels (``--shots``): a run without labelled calibration data is refused.
     needs_labels: bool = False
+    #: Whether it reads each sample's dataset index (cached per-sample targets, e.g. the experts' outputs).
     needs_index: bool = False
+    #: Whether it weights each task's loss itself (``--task-weights``); otherwise :class:`TaskWeighted` does.
+    weights_tasks: ClassVar[bool] = False
+
+    @classmethod
+    def for_run(cls, merged: MergedModel, settings: Any) -> Objective:
+        """This objective for a run: the model it trains and the run's settings (default: ``cls()``)."""
+        return cls()
 
     def forward(self, task: str, outputs: ModelOutputs, batch: TaskBatch) -> torch.Tensor:
         raise NotImplementedError
@@ -148,6 +165,10 @@ class PseudoLabel(Objective):
             raise AdamergeError(f"pseudo-label threshold {threshold}: expected a value in [0, 1)")
         self.threshold = threshold
 
+    @classmethod
+    def for_run(cls, merged: MergedModel, settings: Any) -> PseudoLabel:
+        return cls(settings.pseudo_label_threshold)
+
     def forward(self, task: str, outputs: ModelOutputs, batch: TaskBatch) -> torch.Tensor:
         return losses.pseudo_label_cross_entropy(outputs.logits, outputs.logits.detach(), self.threshold)
 
@@ -169,6 +190,7 @@ class ExpertAlignment(Objective):
     """
 
     needs_index = True
+    weights_tasks = True
 
     def __init__(
         self,
@@ -191,6 +213,18 @@ class ExpertAlignment(Objective):
         self.task_weights = {t: float(weights.get(t, 1.0)) for t in self.tasks}
         self.register_buffer("init", init.detach().clone(), persistent=False)
         self.targets = nn.ModuleDict()
+
+    @classmethod
+    def for_run(cls, merged: MergedModel, settings: Any) -> ExpertAlignment:
+        """Aligned modules, T, γ and β from the settings; the regulariser pulls towards the start."""
+        return cls(
+            merged.coefficients().detach(),
+            merged.tasks,
+            hidden_modules=settings.align_modules,
+            temperature=settings.temperature,
+            gamma=settings.gamma,
+            task_weights=settings.task_weights,
+        )
 
     @torch.no_grad()
     def cache_targets(self, task: str, logits: torch.Tensor, hidden: Mapping[str, torch.Tensor]) -> None:

@@ -137,7 +137,7 @@ def _train(
     for stage in range(2, method.stages + 1):
         if settings.eval is not None and stage == 2:
             with stages.stage("evaluating stage 1"):
-                _test_stage_one(trainer, module, data, settings, metrics, time.perf_counter() - fit_started)
+                _test_stage_one(method, trainer, module, data, settings, metrics, time.perf_counter() - fit_started)
         guard = _safeguard(experts, data, settings, f"stage {stage}", safeguard)
         with stages.stage(f"fitting stage {stage}", total=settings.steps) as bar:
             module, trainer = _next_stage(
@@ -248,6 +248,7 @@ def _module(
 
 
 def _test_stage_one(
+    method: LearnedMethod,
     trainer: L.Trainer,
     module: MergingModule,
     data: L.LightningDataModule,
@@ -255,15 +256,16 @@ def _test_stage_one(
     metrics: dict[str, Any],
     fit_s: float,
 ) -> None:
-    """Expert Merging++: the accuracy of its stage one, which is Expert Merging itself.
+    """The accuracy of a two-stage method's stage one, under the row name the method gives it.
 
-    Stage one runs exactly as ``--method expert-merging`` with the same settings, so its result is
-    reported under that method's name ("did the chunks help?", and one run gives both table rows).
-    The test runs under a forked RNG: stage two draws the same batches as when nothing is tested.
+    Expert Merging++'s stage one runs exactly as ``--method expert-merging`` with the same
+    settings, so it is reported under that method's name ("did the chunks help?", and one run
+    gives both table rows). The test runs under a forked RNG: stage two draws the same batches as
+    when nothing is tested.
     """
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
-        metrics["accuracy"][f"expert-merging ({settings.granularity})"] = _test(trainer, module, data)
+        metrics["accuracy"][method.stage_label(1, settings.granularity)] = _test(trainer, module, data)
     metrics["timing_s"]["stage_one_fit"] = fit_s
     metrics["timing_s"]["stage_one_test"] = time.perf_counter() - started
 
