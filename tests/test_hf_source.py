@@ -30,7 +30,7 @@ from adamerge.core.merged_model import MergedModel  # noqa: E402
 from adamerge.errors import CheckpointError, IncompatibleExpertError  # noqa: E402
 from adamerge.run.export import write_merged_model_of  # noqa: E402
 from adamerge.sources import load_experts  # noqa: E402
-from adamerge.sources.hf import without_weight_init  # noqa: E402
+from adamerge.sources.transformers_files import without_weight_init  # noqa: E402
 
 WORDS = "the a cat dog is good bad movie film great not very plot actor sport game news world team won".split()
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -147,7 +147,7 @@ def test_objectives_see_positions_and_their_targets():
 def test_the_hugging_face_source_builds_the_task_types_auto_class():
     import transformers
 
-    from adamerge.sources.hf import task_auto_class
+    from adamerge.sources.transformers_files import task_auto_class
 
     assert task_auto_class(CLASSIFICATION) is transformers.AutoModelForSequenceClassification
     assert task_auto_class(TokenLevel(next_token=True)) is transformers.AutoModelForCausalLM

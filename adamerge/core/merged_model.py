@@ -305,6 +305,9 @@ class MergedModel(nn.Module):
         """
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         state.update({k: v.detach().clone() for k, v in self.merged_tensors().items()})
+        for alias, name in tied_aliases(self.model).items():  # a tied LM head is the embedding: merged too
+            if name in state:
+                state[alias] = state[name]
         if task is not None:
             state.update({k: v.detach().clone() for k, v in self.task_tensors(task).items()})
         return state
@@ -439,6 +442,14 @@ def _shared_parameter_names(model: nn.Module) -> frozenset[str]:
     for name, param in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(param), []).append(name)
     return frozenset(name for names in aliases.values() if len(names) > 1 for name in names)
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """``{alias: name}`` of tied parameters: ``name`` is the one ``named_parameters`` lists (and the
+    one merged), ``alias`` another path to it (a tied LM head: ``lm_head.weight`` →
+    ``model.embed_tokens.weight``)."""
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    return {n: canonical[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if canonical[id(p)] != n}
 
 
 def assign_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -1,0 +1,177 @@
+"""Causal language models: tiny Llama (tied head), Mistral (untied) and GPT-2 models built from
+configs (random weights), their fine-tunes saved with save_pretrained, merged by adamerge and
+reloaded by transformers alone.
+
+The tests' tokenizer is a word-level BERT vocabulary. Qwen2 is not among the families: transformers
+5 loads a Qwen2 folder's tokenizer as Qwen2's byte-level BPE whatever its ``tokenizer_class``,
+which turns this vocabulary into two tokens per text.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig  # noqa: E402
+
+from adamerge.cli import main  # noqa: E402
+from adamerge.core.merged_model import MergedModel  # noqa: E402
+from adamerge.run.module import MergingModule  # noqa: E402
+from adamerge.sources import load_experts  # noqa: E402
+from adamerge.task_types import TokenLevel  # noqa: E402
+from tests.test_hf_source import write_tokenizer  # noqa: E402
+
+WORDS = "the a cat dog is good bad movie film great not very plot actor sport game news world team won yes no".split()
+PROMPTS = {
+    "sentiment": ["the movie is good", "a bad film", "great actor", "not a very good plot", "the film is bad"],
+    "topic": ["the team won the game", "world news", "sport news is good", "the game is great", "a team"],
+}
+VOCAB = 5 + len(WORDS)  # the tokenizer's special tokens and words
+CONFIGS = {
+    "llama": lambda: LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                 tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=3),
+    "mistral": lambda: MistralConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                 tie_word_embeddings=False, pad_token_id=0, bos_token_id=2, eos_token_id=3),
+    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=64,
+                               pad_token_id=0, bos_token_id=2, eos_token_id=3),
+}  # fmt: skip
+
+
+@dataclass
+class LMSetup:
+    root: Path
+    base: Path
+    experts: dict[str, Path]
+    calib: Path
+    tokenizer: object
+
+    def expert_args(self) -> list[str]:
+        return [f"{task}=hf:{path}" for task, path in self.experts.items()]
+
+    def load(self):
+        return load_experts(f"hf:{self.base}", {t: f"hf:{p}" for t, p in self.experts.items()})
+
+    def batch(self) -> dict[str, torch.Tensor]:
+        return dict(self.tokenizer(["the movie is good", "a team won the game , yes"], padding=True, return_tensors="pt"))
+
+
+def build(root: Path, family: str) -> LMSetup:
+    tokenizer = write_tokenizer(root / "vocab", WORDS)
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]  # a causal LM's tokenizer: no token types
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(CONFIGS[family]()).eval()
+    base.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    experts = {}
+    for seed, task in enumerate(PROMPTS, start=1):
+        torch.manual_seed(seed)
+        expert = AutoModelForCausalLM.from_config(base.config).eval()
+        expert.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for param in expert.parameters():  # a tied LM head moves with its embedding
+                param.add_(0.05 * torch.randn_like(param))
+        experts[task] = root / task
+        expert.save_pretrained(experts[task])
+        (root / "calib" / task).mkdir(parents=True)
+        (root / "calib" / task / "prompts.txt").write_text("\n".join(PROMPTS[task] * 4) + "\n")
+    return LMSetup(root, root / "base", experts, root / "calib", tokenizer)
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def lm(request, tmp_path_factory) -> LMSetup:
+    return build(tmp_path_factory.mktemp(f"lm-{request.param}"), request.param)
+
+
+def one_hot(k: int, n: int) -> torch.Tensor:
+    values = torch.zeros(n)
+    values[k] = 1.0
+    return values
+
+
+def test_one_hot_coefficients_give_each_expert(lm):
+    experts = lm.load()
+    assert experts.task_type == TokenLevel(next_token=True) and experts.heads == {} and experts.modality == "text"
+    names = set(experts.task_vectors.names)
+    tied = experts.model.config.tie_word_embeddings
+    assert ("lm_head.weight" in names) != tied  # a tied head is the embedding: one task vector, not two
+    batch = lm.batch()
+    for k, task in enumerate(experts.tasks):
+        merged = MergedModel(experts.model, experts.task_vectors, granularity="task", constraint="none", init=one_hot(k, 2))
+        alone = AutoModelForCausalLM.from_pretrained(lm.experts[task]).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(merged(batch), alone(**batch).logits, atol=1e-5, rtol=0)
+
+
+def test_merged_state_of_a_tied_head_is_the_merged_embedding(lm):
+    experts = lm.load()
+    merged = MergedModel(experts.model, experts.task_vectors, granularity="layer", constraint="none", init=0.5)
+    state = merged.merged_state_dict()
+    head, embedding = experts.model.get_output_embeddings(), experts.model.get_input_embeddings()
+    head_key = next(n for n, p in experts.model.named_parameters(remove_duplicate=False) if p is head.weight and "head" in n)
+    embedding_key = next(n for n, p in experts.model.named_parameters() if p is embedding.weight)
+    base = experts.model.state_dict()
+    assert not torch.equal(state[embedding_key], base[embedding_key])
+    if experts.model.config.tie_word_embeddings:
+        torch.testing.assert_close(state[head_key], state[embedding_key], atol=0, rtol=0)
+
+
+def test_padding_does_not_change_the_token_level_entropy(lm):
+    experts = lm.load()
+    merged = MergedModel(experts.model, experts.task_vectors, granularity="layer", init=0.3)
+    module = MergingModule(merged, task_type=experts.task_type)
+    texts = ["the movie is good", "a team won the game , yes"]
+    padded = dict(lm.tokenizer(texts, padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        positions, _ = module.task_type.scored(merged(padded), padded)
+        alone = [experts.task_type.scored(merged(dict(lm.tokenizer([t], return_tensors="pt"))),
+                                          dict(lm.tokenizer([t], return_tensors="pt")))[0] for t in texts]  # fmt: skip
+    expected = torch.cat(alone)  # (N, V): every real next-token position of each text, unpadded
+    assert positions.shape == expected.shape
+    torch.testing.assert_close(positions, expected, atol=1e-5, rtol=0)
+
+
+def test_fit_exports_a_causal_lm_transformers_loads_alone(lm, tmp_path):
+    output = tmp_path / "run"
+    code = main(["fit", "--base", f"hf:{lm.base}", "--experts", *lm.expert_args(), "--calib", str(lm.calib),
+                 "--steps", "3", "--batch-size", "4", "--max-length", "16", "--output", str(output)])  # fmt: skip
+    assert code == 0
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["files"] == {"model": "model"}
+    exported = AutoModelForCausalLM.from_pretrained(output / "model").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(output / "model")
+    assert tokenizer.get_vocab() == lm.tokenizer.get_vocab()
+    if exported.config.tie_word_embeddings:
+        assert exported.get_output_embeddings().weight is exported.get_input_embeddings().weight
+
+    experts = lm.load()
+    coefficients = json.loads((output / "coefficients.json").read_text())
+    merged = MergedModel(experts.model, experts.task_vectors, granularity="layer", constraint="clamp", init=0.3)
+    with torch.no_grad():
+        raw = torch.tensor([[coefficients[t][n] for n in merged.layout.group_names] for t in experts.tasks])
+        merged.coefficients.raw.copy_(raw)
+        batch = lm.batch()
+        torch.testing.assert_close(exported(**batch).logits, merged(batch), atol=1e-5, rtol=0)
+        plain = merged.merge_and_unload()
+        prompt = dict(lm.tokenizer(["the movie is"], return_tensors="pt"))
+        ours = plain.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        theirs = exported.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+
+
+def test_an_expert_with_added_tokens_is_refused_naming_them(tmp_path):
+    setup = build(tmp_path, "llama")
+    other = tmp_path / "added"
+    write_tokenizer(tmp_path / "tok", [*WORDS, "zebra"]).save_pretrained(other)
+    model = AutoModelForCausalLM.from_pretrained(setup.experts["topic"])
+    model.resize_token_embeddings(VOCAB + 1)
+    model.save_pretrained(other)
+    with pytest.raises(Exception, match=r"vocabulary differs from the base's.*'zebra'"):
+        load_experts(f"hf:{setup.base}", {"sentiment": f"hf:{setup.experts['sentiment']}", "topic": f"hf:{other}"})
