@@ -175,3 +175,37 @@ def test_an_expert_with_added_tokens_is_refused_naming_them(tmp_path):
     model.save_pretrained(other)
     with pytest.raises(Exception, match=r"vocabulary differs from the base's.*'zebra'"):
         load_experts(f"hf:{setup.base}", {"sentiment": f"hf:{setup.experts['sentiment']}", "topic": f"hf:{other}"})
+
+
+def save_lora(base: Path, folder: Path, seed: int, targets: list[str]) -> None:
+    """A LoRA adapter of the causal LM at ``base`` with random (non-zero) factors, saved by peft."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=2, lora_alpha=4, target_modules=targets, lora_dropout=0.0)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(0.0, 0.3)
+    peft_model.save_pretrained(folder)
+
+
+def test_lora_adapters_stay_factored_and_equal_peft_merged_adapters(tmp_path):
+    pytest.importorskip("peft")
+    from peft import PeftModel
+
+    from adamerge.core.task_vectors import FactoredDelta
+
+    setup = build(tmp_path, "llama")
+    adapter = tmp_path / "lora"
+    save_lora(setup.base, adapter, seed=7, targets=["q_proj", "v_proj"])
+    experts = load_experts(f"hf:{setup.base}", {"sentiment": f"peft:{adapter}", "topic": f"hf:{setup.experts['topic']}"})
+    assert experts.task_vectors.is_factored("model.layers.0.self_attn.q_proj.weight")  # never densified
+    assert isinstance(dict(experts.task_vectors.parts())["model.layers.0.self_attn.q_proj.weight"], FactoredDelta)
+    batch = setup.batch()
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(setup.base), adapter).merge_and_unload().eval()
+    merged = MergedModel(experts.model, experts.task_vectors, granularity="task", constraint="none", init=one_hot(0, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(batch), reference(**batch).logits, atol=1e-5, rtol=1e-5)
