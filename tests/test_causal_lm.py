@@ -2,9 +2,9 @@
 configs (random weights), their fine-tunes saved with save_pretrained, merged by adamerge and
 reloaded by transformers alone.
 
-The tests' tokenizer is a word-level BERT vocabulary. Qwen2 is not among the families: transformers
-5 loads a Qwen2 folder's tokenizer as Qwen2's byte-level BPE whatever its ``tokenizer_class``,
-which turns this vocabulary into two tokens per text.
+The tests' tokenizer is word-level (:func:`causal_tokenizer`). Qwen2 is not among the families:
+transformers 5 loads a Qwen2 folder's tokenizer as Qwen2's byte-level BPE whatever its
+``tokenizer_class``, which turns a word-level vocabulary into a couple of tokens per text.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from adamerge.core.merged_model import MergedModel  # noqa: E402
 from adamerge.run.module import MergingModule  # noqa: E402
 from adamerge.sources import load_experts  # noqa: E402
 from adamerge.task_types import TokenLevel  # noqa: E402
-from tests.test_hf_source import write_tokenizer  # noqa: E402
 
 WORDS = "the a cat dog is good bad movie film great not very plot actor sport game news world team won yes no".split()
 PROMPTS = {
@@ -63,9 +62,23 @@ class LMSetup:
         return dict(self.tokenizer(["the movie is good", "a team won the game , yes"], padding=True, return_tensors="pt"))
 
 
+def causal_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer as causal LMs have them: a begin token first, no end token added
+    ([SEP] is the end-of-sequence token a model learns to emit), no token types."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A", special_tokens=[("[CLS]", 2)])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="[CLS]", eos_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]",
+        model_input_names=["input_ids", "attention_mask"],
+    )
+
+
 def build(root: Path, family: str) -> LMSetup:
-    tokenizer = write_tokenizer(root / "vocab", WORDS)
-    tokenizer.model_input_names = ["input_ids", "attention_mask"]  # a causal LM's tokenizer: no token types
+    tokenizer = causal_tokenizer()
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(CONFIGS[family]()).eval()
     base.save_pretrained(root / "base")
@@ -160,6 +173,8 @@ def test_fit_exports_a_causal_lm_transformers_loads_alone(lm, tmp_path):
         batch = lm.batch()
         torch.testing.assert_close(exported(**batch).logits, merged(batch), atol=1e-5, rtol=0)
         plain = merged.merge_and_unload()
+        if exported.config.tie_word_embeddings:
+            assert plain.get_output_embeddings().weight is plain.get_input_embeddings().weight
         prompt = dict(lm.tokenizer(["the movie is"], return_tensors="pt"))
         ours = plain.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
         theirs = exported.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
@@ -169,7 +184,9 @@ def test_fit_exports_a_causal_lm_transformers_loads_alone(lm, tmp_path):
 def test_an_expert_with_added_tokens_is_refused_naming_them(tmp_path):
     setup = build(tmp_path, "llama")
     other = tmp_path / "added"
-    write_tokenizer(tmp_path / "tok", [*WORDS, "zebra"]).save_pretrained(other)
+    added = causal_tokenizer()
+    added.add_tokens(["zebra"])  # fusion_bench#215: an expert fine-tuned with an extra token
+    added.save_pretrained(other)
     model = AutoModelForCausalLM.from_pretrained(setup.experts["topic"])
     model.resize_token_embeddings(VOCAB + 1)
     model.save_pretrained(other)
@@ -209,3 +226,77 @@ def test_lora_adapters_stay_factored_and_equal_peft_merged_adapters(tmp_path):
     merged = MergedModel(experts.model, experts.task_vectors, granularity="task", constraint="none", init=one_hot(0, 2))
     with torch.no_grad():
         torch.testing.assert_close(merged(batch), reference(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
+QUESTIONS = {
+    "sentiment": [("the movie is good", "yes"), ("a bad film", "no"), ("great actor", "yes"), ("the plot is bad", "no")],
+    "topic": [("the team won", "sport"), ("world news", "news"), ("a great game", "sport"), ("news of the world", "news")],
+}
+CHAT = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}answer :{% endif %}"
+
+
+def train_expert(base: Path, folder: Path, pairs: list[tuple[str, str]], tokenizer, seed: int) -> None:
+    """A real fine-tune: the base trained until it answers each prompt greedily, then stops."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    rows = [tokenizer(f"{q} {a}")["input_ids"] + [tokenizer.eos_token_id] for q, a in pairs]  # [CLS] q a [SEP]
+    width = max(map(len, rows))
+    batch = {"input_ids": torch.tensor([r + [0] * (width - len(r)) for r in rows]),
+             "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])}  # fmt: skip
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(150):
+        optimizer.zero_grad()
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+    model.eval().save_pretrained(folder)
+
+
+def reference_scores(model, tokenizer, pairs, texts) -> tuple[float, float]:
+    """Exact match and perplexity, one prompt / text at a time with transformers alone."""
+    longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for _, a in pairs)
+    hits = 0
+    for question, answer in pairs:
+        ids = {k: v for k, v in tokenizer(question, return_tensors="pt").items() if k != "token_type_ids"}
+        out = model.generate(**ids, max_new_tokens=longest + 4, do_sample=False, pad_token_id=0, eos_token_id=3)
+        new = out[0, ids["input_ids"].shape[1] :].tolist()
+        new = new[: new.index(3)] if 3 in new else new
+        hits += " ".join(tokenizer.decode(new, skip_special_tokens=True).split()) == answer
+    nll = count = 0.0
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        n = ids.shape[1] - 1
+        nll, count = nll + float(model(input_ids=ids, labels=ids).loss) * n, count + n
+    return hits / len(pairs), float(torch.tensor(nll / count).exp())
+
+
+def test_fit_scores_generated_answers_and_perplexity(tmp_path):
+    setup = build(tmp_path, "llama")
+    setup.tokenizer.chat_template = CHAT
+    setup.tokenizer.save_pretrained(setup.base)
+    for seed, (task, pairs) in enumerate(QUESTIONS.items(), start=11):
+        train_expert(setup.base, setup.experts[task], pairs, setup.tokenizer, seed)
+        chats = [json.dumps({"messages": [{"role": "user", "content": q}]}) for q, _ in pairs]
+        (setup.calib / task / "chats.jsonl").write_text("\n".join(chats) + "\n")
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    texts = {task: [f"{q} {a}" for q, a in pairs] for task, pairs in QUESTIONS.items()}
+    for task, pairs in QUESTIONS.items():
+        lines = [{"prompt": q, "answer": f" {a} "} for q, a in pairs] + [{"text": t} for t in texts[task]]
+        (evals / f"{task}.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    output = tmp_path / "run"
+    assert main(["fit", "--base", f"hf:{setup.base}", "--experts", *setup.expert_args(), "--calib", str(setup.calib),
+                 "--eval", str(evals), "--steps", "4", "--batch-size", "4", "--max-length", "16",
+                 "--output", str(output)]) == 0  # fmt: skip
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["accuracy"]["expert (alone)"] == {"sentiment": 1.0, "topic": 1.0, "average": 1.0}  # each expert learned its answers
+    learned = metrics["accuracy"]["adamerging (layer)"]
+    exported = AutoModelForCausalLM.from_pretrained(output / "model").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(output / "model")
+    with torch.no_grad():
+        for task, pairs in QUESTIONS.items():
+            exact, perplexity = reference_scores(exported, tokenizer, pairs, texts[task])
+            assert learned[task] == pytest.approx(exact, abs=1e-6)
+            assert metrics["perplexity"]["adamerging (layer)"][task] == pytest.approx(perplexity, rel=1e-3)
+    assert set(metrics["perplexity"]) == {"expert (alone)", "task arithmetic (λ=0.3)", "adamerging (layer)"}

@@ -320,10 +320,18 @@ class MergedModel(nn.Module):
         """
         if (self.heads.names or self.kept.names or self.statistics.names) and task is None:
             raise AdamergeError(f"this model has task-specific tensors: pass task= one of {', '.join(self.tasks)}")
-        plain = copy.deepcopy(self.model)
+        plain = copy.deepcopy(self.model)  # tied parameters stay one object
         state = self.merged_state_dict(task)
-        for name, tensor in state.items():
-            assign_tensor(plain, name, tensor)
+        current = plain.state_dict(keep_vars=True)
+        aliases = tied_aliases(plain)
+        with torch.no_grad():
+            for name, tensor in state.items():
+                if name in aliases:
+                    continue  # written through the parameter it is
+                if current[name].shape == tensor.shape:
+                    current[name].copy_(tensor)  # in place: a tied alias sees the merged value
+                else:
+                    assign_tensor(plain, name, tensor)
         return plain.requires_grad_(True).eval()
 
 

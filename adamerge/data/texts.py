@@ -4,7 +4,8 @@ multi-task DataModule (the text twin of :class:`adamerge.data.images.MultiTaskIm
 Layouts:
 
 - calibration (unlabeled): ``CALIB/<task>/`` holding ``.txt`` files (one example per line, blank
-  lines ignored) and/or ``.jsonl`` files (one JSON object per line with a ``text`` field; any
+  lines ignored) and/or ``.jsonl`` files (one JSON object per line with a ``text`` field, or a chat
+  ``messages`` list of ``{"role", "content"}`` rendered with the tokenizer's chat template; any
   ``label`` is ignored); ``CALIB/<task>.txt`` or ``CALIB/<task>.jsonl`` also work;
 - labelled (evaluation, and calibration when ``shots`` is set): ``DIR/<task>.jsonl`` or
   ``DIR/<task>/*.jsonl``, one ``{"text": str, "label": int}`` per line, ``label`` the class index
@@ -39,17 +40,23 @@ Encoding = dict[str, list[int]]
 
 @dataclass
 class TextRecords:
-    """Texts read from files, each with where it came from (``file:line``) and an optional label."""
+    """Texts read from files, each with where it came from (``file:line``) and an optional label.
+
+    Attributes:
+        chats: ``{index: messages}`` of records given as chat ``messages`` (their text is rendered
+            with the tokenizer's chat template when they are tokenised, see :func:`render_chat`).
+    """
 
     texts: list[str] = field(default_factory=list)
     origins: list[str] = field(default_factory=list)
     labels: list[int] | None = None
+    chats: dict[int, list[dict[str, str]]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.texts)
 
 
-def _read_lines(path: Path) -> list[tuple[int, str]]:
+def read_lines(path: Path) -> list[tuple[int, str]]:
     """Non-blank lines ``(line number, text)`` of a UTF-8 file, split on ``\\n`` only."""
     try:
         content = path.read_bytes().decode("utf-8")
@@ -67,7 +74,7 @@ def _read_lines(path: Path) -> list[tuple[int, str]]:
 def _read_jsonl(path: Path, labelled: bool, num_classes: int | None) -> TextRecords:
     """Records of a JSON-lines file: ``text`` (and ``label`` when ``labelled``)."""
     records = TextRecords(labels=[] if labelled else None)
-    for number, line in _read_lines(path):
+    for number, line in read_lines(path):
         where = f"{path}:{number}"
         try:
             record = json.loads(line)
@@ -75,10 +82,15 @@ def _read_jsonl(path: Path, labelled: bool, num_classes: int | None) -> TextReco
             raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object with a 'text' field, got {type(record).__name__}")
+        if "messages" in record and "text" not in record and not labelled:
+            records.chats[len(records.texts)] = chat_messages(record["messages"], where)
+            records.texts.append("")
+            records.origins.append(where)
+            continue
         text = record.get("text")
         if not isinstance(text, str):
             found = "missing" if text is None else type(text).__name__
-            raise DataError(f"{where}: field 'text' is {found}, expected a string")
+            raise DataError(f"{where}: field 'text' is {found}, expected a string" + ("" if labelled else " (or chat 'messages')"))
         if labelled:
             label = record.get("label")
             if isinstance(label, bool) or not isinstance(label, int):
@@ -93,14 +105,37 @@ def _read_jsonl(path: Path, labelled: bool, num_classes: int | None) -> TextReco
     return records
 
 
+def chat_messages(messages: Any, where: str) -> list[dict[str, str]]:
+    """A chat's ``messages``, checked: a non-empty list of ``{"role": str, "content": str}``."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    for i, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+            raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], where: str) -> str:
+    """A chat as the model sees it: the tokenizer's chat template, with the assistant's turn opened
+    when the chat ends on another role (the next tokens are the answer)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: chat 'messages' need a tokenizer with a chat template (this one has none); give 'text' instead")
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=messages[-1]["role"] != "assistant")
+    except Exception as error:  # jinja errors: unknown roles, templates that raise
+        raise DataError(f"{where}: the tokenizer's chat template cannot render these messages: {error}") from None
+
+
 def _extend(records: TextRecords, more: TextRecords) -> None:
+    offset = len(records.texts)
+    records.chats.update({offset + i: messages for i, messages in more.chats.items()})
     records.texts += more.texts
     records.origins += more.origins
     if records.labels is not None and more.labels is not None:
         records.labels += more.labels
 
 
-def _text_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
+def text_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
 
 
@@ -112,7 +147,7 @@ def read_unlabeled(root: Path, task: str) -> TextRecords:
     """
     folder = root / task
     if folder.is_dir():
-        files = _text_files(folder, TEXT_SUFFIXES)
+        files = text_files(folder, TEXT_SUFFIXES)
         if not files:
             raise DataError(f"calibration folder {folder} holds no .txt or .jsonl file")
     else:
@@ -124,7 +159,7 @@ def read_unlabeled(root: Path, task: str) -> TextRecords:
         if path.suffix.lower() == ".jsonl":
             _extend(records, _read_jsonl(path, labelled=False, num_classes=None))
         else:
-            lines = _read_lines(path)
+            lines = read_lines(path)
             records.texts += [text for _, text in lines]
             records.origins += [f"{path}:{number}" for number, _ in lines]
     return records
@@ -145,7 +180,7 @@ def read_labelled(root: Path, task: str, num_classes: int | None = None) -> Text
     if file.is_file():
         files = [file]
     elif folder.is_dir():
-        files = _text_files(folder, (".jsonl",))
+        files = text_files(folder, (".jsonl",))
         if not files:
             raise DataError(f"labelled folder {folder} holds no .jsonl file (one {{'text', 'label'}} object per line)")
     else:
@@ -172,6 +207,13 @@ class TokenizedTexts(Dataset):
         encoded = tokenizer(records.texts, truncation=True, max_length=max_length)
         names = [n for n in getattr(tokenizer, "model_input_names", ["input_ids", "attention_mask"]) if n in encoded]
         self.columns: dict[str, list[list[int]]] = {name: list(encoded[name]) for name in names}
+        if records.chats:  # rendered chats carry their special tokens already
+            indices = sorted(records.chats)
+            rendered = [render_chat(tokenizer, records.chats[i], records.origins[i]) for i in indices]
+            chats = tokenizer(rendered, truncation=True, max_length=max_length, add_special_tokens=False)
+            for name in names:
+                for row, i in enumerate(indices):
+                    self.columns[name][i] = list(chats[name][row])
         empty = [i for i, ids in enumerate(self.columns["input_ids"]) if not ids]
         if empty:
             raise DataError(f"{records.origins[empty[0]]}: the tokenizer produced no token for this text")

@@ -38,8 +38,8 @@ from adamerge.errors import AdamergeError
 from adamerge.methods import LearnedMethod, Method, get_method
 from adamerge.run.checks import check_eval_classes
 from adamerge.run.datamodules import build_datamodule
-from adamerge.run.evaluation import accuracy, with_average
-from adamerge.run.expert_targets import ExpertTargets, module_forward
+from adamerge.run.evaluators import GeneratedEvaluation, ScoredEvaluation
+from adamerge.run.expert_targets import ExpertTargets
 from adamerge.run.export import format_table, plain_config, write_coefficients, write_merged_model_of
 from adamerge.run.module import MergingModule, statistics_loaders_of
 from adamerge.run.progress import Stages, quiet_third_party
@@ -66,6 +66,7 @@ def run_workflow(settings: FitSettings, output: OutputFolder, resume: ResumeStat
     stages = Stages(live=settings.progress_bar)
     with stages.stage("loading experts and data"):
         method, experts, data, merged, module, targets, safeguard = _load(settings)
+        evaluation = _evaluation(settings, experts, data)
     metrics: dict[str, Any] = {
         "tasks": list(experts.tasks),
         "method": dataclasses.asdict(method),
@@ -78,21 +79,21 @@ def run_workflow(settings: FitSettings, output: OutputFolder, resume: ResumeStat
         if settings.eval is not None:
             if settings.eval_experts:
                 with stages.stage("evaluating the experts alone"):
-                    alone = evaluate_experts(experts, data, settings)
-                if alone:
-                    metrics["accuracy"]["expert (alone)"] = alone
+                    _record(metrics, "expert (alone)", evaluate_experts(experts, evaluation))
             if settings.eval_init and method.learned:
                 with stages.stage("evaluating the start"):
-                    metrics["accuracy"][method.start_label()] = _test(tester, module, data)
+                    _record(metrics, method.start_label(), evaluation.merge(tester, module))
         trainer = tester
         if isinstance(method, LearnedMethod):
-            module, trainer = _train(method, module, settings, experts, data, targets, safeguard, staging, resume, stages, metrics)
+            module, trainer = _train(
+                method, module, settings, experts, data, evaluation, targets, safeguard, staging, resume, stages, metrics
+            )
             merged = module.merged
             metrics["steps"] = trainer.global_step
         if settings.eval is not None:
             with stages.stage("evaluating the merge"):
                 label = f"{settings.method} ({settings.granularity})" if method.learned else settings.method
-                metrics["accuracy"][label] = _test(trainer, module, data)
+                _record(metrics, label, evaluation.merge(trainer, module))
         elif merged.batchnorm in REESTIMATING_POLICIES and data is not None:
             with stages.stage("re-estimating BatchNorm statistics"):
                 trainer.strategy.barrier()
@@ -119,6 +120,7 @@ def _train(
     settings: FitSettings,
     experts: ExpertSet,
     data: L.LightningDataModule,
+    evaluation: ScoredEvaluation | GeneratedEvaluation | None,
     targets: ExpertTargets | None,
     safeguard: KeepBestCoefficients | None,
     staging: Path,
@@ -137,7 +139,7 @@ def _train(
     for stage in range(2, method.stages + 1):
         if settings.eval is not None and stage == 2:
             with stages.stage("evaluating stage 1"):
-                _test_stage_one(method, trainer, module, data, settings, metrics, time.perf_counter() - fit_started)
+                _test_stage_one(method, trainer, module, evaluation, settings, metrics, time.perf_counter() - fit_started)
         guard = _safeguard(experts, data, settings, f"stage {stage}", safeguard)
         with stages.stage(f"fitting stage {stage}", total=settings.steps) as bar:
             module, trainer = _next_stage(
@@ -167,7 +169,8 @@ def _load(settings: FitSettings) -> tuple[
             f"--batchnorm {chosen} re-estimates BatchNorm statistics on --calib data, and none was given: "
             "pass --calib DIR, or --batchnorm base to keep the base model's statistics"
         )
-    data = None if settings.calib is None and settings.eval is None else _datamodule(settings, experts, method)
+    generates = experts.task_type.generates  # evaluated on generations: --eval is not a labelled DataModule
+    data = None if settings.calib is None and (settings.eval is None or generates) else _datamodule(settings, experts, method)
     start = method.start(len(experts.tasks))
     merged = MergedModel(
         experts.model,
@@ -180,7 +183,7 @@ def _load(settings: FitSettings) -> tuple[
         task_specific=experts.task_specific,
         trainable=None if learned else torch.zeros(len(experts.tasks), 1, dtype=torch.bool),
     )
-    if data is not None and settings.eval is not None:
+    if data is not None and settings.eval is not None and not generates:
         check_eval_classes(data, lambda task, inputs: merged(inputs, task))
     if not learned:
         return method, experts, data, merged, MergingModule(merged, sources=experts.sources, task_type=experts.task_type), None, None
@@ -195,7 +198,7 @@ def _datamodule(settings: FitSettings, experts: ExpertSet, method: Method) -> L.
     data = build_datamodule(
         experts,
         settings.calib if settings.calib is not None else settings.eval,
-        eval_dir=settings.eval,
+        eval_dir=None if experts.task_type.generates else settings.eval,
         batch_size=settings.batch_size,
         eval_batch_size=settings.eval_batch_size,
         image_size=settings.image_size,
@@ -251,7 +254,7 @@ def _test_stage_one(
     method: LearnedMethod,
     trainer: L.Trainer,
     module: MergingModule,
-    data: L.LightningDataModule,
+    evaluation: ScoredEvaluation | GeneratedEvaluation,
     settings: FitSettings,
     metrics: dict[str, Any],
     fit_s: float,
@@ -265,7 +268,7 @@ def _test_stage_one(
     """
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
-        metrics["accuracy"][method.stage_label(1, settings.granularity)] = _test(trainer, module, data)
+        _record(metrics, method.stage_label(1, settings.granularity), evaluation.merge(trainer, module))
     metrics["timing_s"]["stage_one_fit"] = fit_s
     metrics["timing_s"]["stage_one_test"] = time.perf_counter() - started
 
@@ -340,17 +343,29 @@ def _trainer(settings: FitSettings, root: Path, log_name: str | None, callbacks:
     )
 
 
-def _test(trainer: L.Trainer, module: MergingModule, data: L.LightningDataModule) -> dict[str, float]:
-    trainer.test(module, datamodule=data, verbose=False)
-    return dict(module.results["test"])
+def _evaluation(
+    settings: FitSettings, experts: ExpertSet, data: L.LightningDataModule | None
+) -> ScoredEvaluation | GeneratedEvaluation | None:
+    """How ``--eval`` is scored for these experts' task type (``None``: no ``--eval``)."""
+    if settings.eval is None:
+        return None
+    if experts.task_type.generates:
+        return GeneratedEvaluation.read(settings.eval, experts, settings.eval_batch_size, settings.max_length)
+    return ScoredEvaluation(data)
 
 
-def evaluate_experts(experts: ExpertSet, data: L.LightningDataModule, settings: FitSettings) -> dict[str, float]:
-    """Accuracy of each expert alone (its own weights, statistics and head) on its own task."""
+def _record(metrics: dict[str, Any], label: str, scores: tuple[dict[str, float], dict[str, dict[str, float]]]) -> None:
+    """One row of ``metrics.json``: the accuracy under ``label``, other figures (perplexity) beside it."""
+    accuracy, figures = scores
+    if accuracy:
+        metrics["accuracy"][label] = accuracy
+    for figure, per_task in figures.items():
+        metrics.setdefault(figure, {})[label] = per_task | {"average": sum(per_task.values()) / len(per_task)}
+
+
+def evaluate_experts(experts: ExpertSet, evaluation: ScoredEvaluation | GeneratedEvaluation) -> tuple[dict, dict]:
+    """Each expert alone on its own task (nothing when the source cannot rebuild the experts)."""
     if experts.expert_model is None:
         logger.warning("this expert source cannot rebuild the experts alone: their accuracy is not reported")
-        return {}
-    loaders = dict(zip(data.tasks, data.evaluation_loaders(), strict=True))
-    return with_average(
-        {task: accuracy(module_forward(experts.expert_model(task).eval()), loaders[task], experts.task_type) for task in experts.tasks}
-    )
+        return {}, {}
+    return evaluation.experts(experts)

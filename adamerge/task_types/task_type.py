@@ -22,6 +22,13 @@ class TaskType:
     name: ClassVar[str] = ""
 
     @property
+    def generates(self) -> bool:
+        """Whether the task is evaluated on what the model generates (exact match of greedy answers
+        to prompts, perplexity of texts: :mod:`adamerge.run.generation_eval`) rather than on the
+        scored positions of labelled examples."""
+        return False
+
+    @property
     def auto_class(self) -> str:
         """The transformers auto-class a Hugging Face source builds for this task type."""
         raise NotImplementedError

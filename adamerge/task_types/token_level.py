@@ -33,6 +33,10 @@ class TokenLevel(TaskType):
     name: ClassVar[str] = "token"
 
     @property
+    def generates(self) -> bool:
+        return self.next_token
+
+    @property
     def auto_class(self) -> str:
         return "AutoModelForCausalLM" if self.next_token else "AutoModelForTokenClassification"
 

@@ -1,0 +1,106 @@
+"""Scoring a language model by what it generates: exact match of greedy answers, and perplexity.
+
+A prompt (plain, or a chat rendered with the tokenizer's chat template and the assistant's turn
+opened) is completed greedily for up to the longest expected answer's token count plus
+:data:`EXTRA_TOKENS`; the completion is cut at the end-of-sequence token and at its first line
+break, whitespace is normalised (runs of spaces, tabs and newlines become one space, ends
+stripped), and it counts when it equals the normalised answer. Plain texts are scored by
+perplexity, ``exp`` of the mean next-token negative log-likelihood over their real tokens.
+
+The model is an ordinary transformers causal LM (the merge materialised once with
+:meth:`~adamerge.core.merged_model.MergedModel.merge_and_unload`, or an expert alone), so what is
+scored here is what ``generate()`` on the exported folder gives.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from adamerge.data.generation import GenerationRecords
+from adamerge.data.texts import render_chat
+
+logger = logging.getLogger(__name__)
+
+EXTRA_TOKENS = 4  # generated beyond the longest answer, so that a longer completion is seen to differ
+
+
+def normalise(text: str) -> str:
+    """Whitespace runs as one space, ends stripped."""
+    return " ".join(text.split())
+
+
+@dataclass(frozen=True)
+class GenerationScores:
+    """One task's scores: exact match (a fraction, ``None`` without prompts) and perplexity
+    (``None`` without texts), with the counts they come from."""
+
+    exact_match: float | None
+    perplexity: float | None
+    prompts: int
+    tokens: int
+
+
+def prompt_encodings(tokenizer: Any, prompts: Sequence[str | list[dict[str, str]]], origins: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt; a rendered chat carries its own special tokens."""
+    encoded = []
+    for prompt, where in zip(prompts, origins, strict=True):
+        if isinstance(prompt, str):
+            encoded.append(list(tokenizer(prompt)["input_ids"]))
+        else:
+            encoded.append(list(tokenizer(render_chat(tokenizer, prompt, where), add_special_tokens=False)["input_ids"]))
+    return encoded
+
+
+@torch.no_grad()
+def score_generation(
+    model: nn.Module, tokenizer: Any, records: GenerationRecords, *, batch_size: int = 16, max_length: int = 512
+) -> GenerationScores:
+    """Exact match of ``model``'s greedy answers and perplexity on plain texts (see the module docstring)."""
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = 0 if pad is None else pad
+    exact = None
+    if records.prompts:
+        prompts = [ids[-max_length:] for ids in prompt_encodings(tokenizer, records.prompts, records.prompt_origins)]
+        answers = [normalise(a) for a in records.answers]
+        new_tokens = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in records.answers) + EXTRA_TOKENS
+        hits = 0
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            width = max(map(len, chunk))
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)  # (B, T), padded on the left
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+            )  # (B, T + new)
+            for row, expected in zip(out[:, width:].tolist(), answers[start : start + batch_size], strict=True):
+                completion = tokenizer.decode(_until_eos(row, tokenizer.eos_token_id), skip_special_tokens=True)
+                hits += normalise(completion.split("\n", 1)[0]) == expected
+        exact = hits / len(prompts)
+    perplexity, tokens = None, 0
+    if records.texts:
+        total = 0.0
+        for start in range(0, len(records.texts), batch_size):
+            encoded = tokenizer(records.texts[start : start + batch_size], truncation=True, max_length=max_length)
+            width = max(map(len, encoded["input_ids"]))
+            ids = torch.tensor([r + [pad] * (width - len(r)) for r in encoded["input_ids"]], device=device)  # (B, T)
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in encoded["input_ids"]], device=device)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V): t predicts t + 1
+            real = mask[:, :-1].bool() & mask[:, 1:].bool()
+            nll = nn.functional.cross_entropy(logits[real], ids[:, 1:][real], reduction="sum")
+            total, tokens = total + float(nll), tokens + int(real.sum())
+        perplexity = math.exp(total / max(tokens, 1))
+    return GenerationScores(exact, perplexity, len(records.prompts), tokens)
+
+
+def _until_eos(ids: list[int], eos: int | None) -> list[int]:
+    return ids[: ids.index(eos)] if eos is not None and eos in ids else ids
