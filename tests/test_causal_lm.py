@@ -166,7 +166,7 @@ def test_fit_exports_a_causal_lm_transformers_loads_alone(lm, tmp_path):
 
     experts = lm.load()
     coefficients = json.loads((output / "coefficients.json").read_text())
-    merged = MergedModel(experts.model, experts.task_vectors, granularity="layer", constraint="clamp", init=0.3)
+    merged = MergedModel(experts.model, experts.task_vectors, granularity="block", constraint="clamp", init=0.3)
     with torch.no_grad():
         raw = torch.tensor([[coefficients[t][n] for n in merged.layout.group_names] for t in experts.tasks])
         merged.coefficients.raw.copy_(raw)
@@ -291,12 +291,45 @@ def test_fit_scores_generated_answers_and_perplexity(tmp_path):
                  "--output", str(output)]) == 0  # fmt: skip
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["accuracy"]["expert (alone)"] == {"sentiment": 1.0, "topic": 1.0, "average": 1.0}  # each expert learned its answers
-    learned = metrics["accuracy"]["adamerging (layer)"]
+    learned = metrics["accuracy"]["adamerging (block)"]
     exported = AutoModelForCausalLM.from_pretrained(output / "model").eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(output / "model")
     with torch.no_grad():
         for task, pairs in QUESTIONS.items():
             exact, perplexity = reference_scores(exported, tokenizer, pairs, texts[task])
             assert learned[task] == pytest.approx(exact, abs=1e-6)
-            assert metrics["perplexity"]["adamerging (layer)"][task] == pytest.approx(perplexity, rel=1e-3)
-    assert set(metrics["perplexity"]) == {"expert (alone)", "task arithmetic (λ=0.3)", "adamerging (layer)"}
+            assert metrics["perplexity"]["adamerging (block)"][task] == pytest.approx(perplexity, rel=1e-3)
+    assert set(metrics["perplexity"]) == {"expert (alone)", "task arithmetic (λ=0.3)", "adamerging (block)"}
+
+
+def test_block_granularity_gives_one_coefficient_per_decoder_block(lm):
+    from adamerge.core.granularity import parse_granularity
+
+    experts = lm.load()
+    layout = parse_granularity("block").compile(list(experts.task_vectors.names))
+    blocks = [g for g in layout.group_names if g.endswith((".0", ".1"))]
+    assert len(blocks) == 2 and all("." in g for g in blocks)  # model.layers.0 / transformer.h.0, ...
+    outside = [g for g in layout.group_names if g not in blocks]
+    assert outside and all(g in experts.task_vectors.names for g in outside)  # embeddings, final norm, untied head
+    for name, group in zip(layout.tensor_names, layout.tensor_groups, strict=True):
+        assert (layout.group_names[group] in blocks) == any(f".{i}." in name for i in (0, 1))
+
+
+def test_static_merge_of_causal_lms_exports_task_arithmetic(tmp_path):
+    setup = build(tmp_path, "llama")
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    for task, prompts in PROMPTS.items():
+        lines = [{"prompt": p, "answer": "yes"} for p in prompts[:2]] + [{"text": p} for p in prompts]
+        (evals / f"{task}.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    output = tmp_path / "merge"
+    assert main(["merge", "--method", "task-arithmetic", "--base", f"hf:{setup.base}", "--experts", *setup.expert_args(),
+                 "--eval", str(evals), "--output", str(output)]) == 0  # fmt: skip
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert set(metrics["accuracy"]["task-arithmetic"]) == {*PROMPTS, "average"}
+    assert set(metrics["perplexity"]["task-arithmetic"]) == {*PROMPTS, "average"}
+    base = AutoModelForCausalLM.from_pretrained(setup.base).state_dict()
+    experts = [AutoModelForCausalLM.from_pretrained(p).state_dict() for p in setup.experts.values()]
+    exported = AutoModelForCausalLM.from_pretrained(output / "model").state_dict()
+    for name, theta in base.items():  # θ_0 + 0.3 Σ_k (θ_k − θ_0), entry by entry
+        torch.testing.assert_close(exported[name], theta + 0.3 * sum(e[name] - theta for e in experts), atol=1e-6, rtol=0)

@@ -92,6 +92,30 @@ class TensorWise(Granularity):
         return CoefficientLayout.from_keys(tensor_names, list(tensor_names))
 
 
+# the block index in a tensor name: ``layers.3.``, ``h.3.`` (GPT-2), ``blocks.3.``, ``resblocks.3.``, ``features.3.``, ...
+BLOCK_PATTERN = r"(?:^|\.)(?:blocks|block|layers|layer|features|resblocks|stages|h)\.?(\d+)(?:\.|$)"
+
+
+class BlockWise(Granularity):
+    """One coefficient per task and block: every tensor of block ``i`` (a decoder layer, a
+    transformer block, a stage) shares one λ; a tensor outside the blocks (embeddings, the final
+    norm, an LM head) has its own.
+
+    Args:
+        pattern: regex whose first group is the block index (default :data:`BLOCK_PATTERN`).
+    """
+
+    def __init__(self, pattern: str = BLOCK_PATTERN) -> None:
+        self.pattern = re.compile(pattern)
+
+    def compile(self, tensor_names: Sequence[str], numels: Sequence[int] | None = None) -> CoefficientLayout:
+        keys = []
+        for name in tensor_names:
+            match = self.pattern.search(name)
+            keys.append(f"{name[: match.start(1)]}{match.group(1)}" if match else name)  # "model.layers.3" or the tensor
+        return CoefficientLayout.from_keys(tensor_names, keys)
+
+
 class GroupWise(Granularity):
     """One coefficient per task and regex group of tensors.
 
@@ -179,8 +203,8 @@ class ChunkWise(Granularity):
 def parse_granularity(spec: str | Granularity) -> Granularity:
     """Granularity from a command-line spec.
 
-    ``task`` | ``layer`` (alias ``tensor``) | ``group:REGEX[;REGEX...]`` | ``chunk:N`` (contiguous)
-    | ``partition:N`` (random partitions, aTLAS).
+    ``task`` | ``layer`` (alias ``tensor``) | ``block`` (one λ per block, :class:`BlockWise`) |
+    ``group:REGEX[;REGEX...]`` | ``chunk:N`` (contiguous) | ``partition:N`` (random partitions, aTLAS).
     """
     if isinstance(spec, Granularity):
         return spec
@@ -189,11 +213,13 @@ def parse_granularity(spec: str | Granularity) -> Granularity:
         return TaskWise()
     if kind in ("layer", "tensor") and not rest:
         return TensorWise()
+    if kind == "block" and not rest:
+        return BlockWise()
     if kind == "group" and rest:
         return GroupWise(rest.split(";"))
     if kind in ("chunk", "partition") and rest.isdigit():
         return ChunkWise(int(rest), "contiguous" if kind == "chunk" else "random")
     raise AdamergeError(
-        f"granularity {spec!r}: expected 'task', 'layer' (or 'tensor'), 'group:REGEX[;REGEX...]', "
+        f"granularity {spec!r}: expected 'task', 'layer' (or 'tensor'), 'block', 'group:REGEX[;REGEX...]', "
         "'chunk:N' or 'partition:N'"
     )

@@ -39,6 +39,7 @@ from typing import Literal, Optional, Union
 
 import torch
 
+from adamerge.core.granularity import BLOCK_PATTERN
 from adamerge.errors import AdamergeError
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ LayerOf = Union[Callable[[str], Optional[int]], str, "re.Pattern[str]"]
 
 #: Default LiNeS depth pattern: the integer after a block container name (``blocks.3``,
 #: ``layers.3``, ``encoder.layer.3``, ``features.3``, ``resblocks.3``, ``h.3``, ``layer3``).
-DEFAULT_LAYER_PATTERN = r"(?:^|\.)(?:blocks|block|layers|layer|features|resblocks|stages|h)\.?(\d+)(?:\.|$)"
+DEFAULT_LAYER_PATTERN = BLOCK_PATTERN  # LiNeS's depth of a tensor: its block index
 
 _EPS_COUNT = 1e-9  # guards floor(density * n) against 0.29 * 100 == 28.999...
 

@@ -85,7 +85,8 @@ def check_fit_settings(settings: Any) -> None:
     check_common_settings(settings)
     _choice(settings, "task_vector_dtype", TASK_VECTOR_DTYPES)
     _choice(settings, "constraint", CONSTRAINTS)
-    parse_granularity(settings.granularity)
+    if settings.granularity is not None:
+        parse_granularity(settings.granularity)
     _at_least(settings, "steps", 1)
     _at_least(settings, "num_workers", 0)
     _at_least(settings, "checkpoint_every", 0)

@@ -100,8 +100,9 @@ class FitSettings(RunSettings):
         calib: folder with one sub-folder of unlabeled inputs per task (few-shot:
             ``<task>/<class>/<image>``).
         method: learned-coefficient method (a registered name, or ``package.module:ATTRIBUTE``).
-        granularity: ``task``, ``layer`` (one λ per tensor), ``tensor``, ``group:REGEX[;REGEX...]``,
-            ``chunk:N`` or ``partition:N``.
+        granularity: ``task``, ``layer`` (one λ per tensor), ``tensor``, ``block`` (one λ per block,
+            each tensor outside the blocks its own), ``group:REGEX[;REGEX...]``, ``chunk:N`` or
+            ``partition:N``; default: ``block`` for causal language models, ``layer`` otherwise.
         init: initial λ (method default when unset).
         constraint: constraint ``g`` of λ (method default when unset).
         task_vector_dtype: storage dtype of the task vectors.
@@ -141,7 +142,7 @@ class FitSettings(RunSettings):
 
     calib: Path | None
     method: str = "adamerging"
-    granularity: str = "layer"
+    granularity: str | None = None
     init: float | None = None
     constraint: str | None = option(None, choices=CONSTRAINTS)
     task_vector_dtype: str = option("float32", choices=TASK_VECTOR_DTYPES)

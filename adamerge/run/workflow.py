@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,9 @@ def run_workflow(settings: FitSettings, output: OutputFolder, resume: ResumeStat
     """
     stages = Stages(live=settings.progress_bar)
     with stages.stage("loading experts and data"):
-        method, experts, data, merged, module, targets, safeguard = _load(settings)
+        loaded = _load(settings)
+        settings, method, experts, data = loaded.settings, loaded.method, loaded.experts, loaded.data
+        merged, module, targets, safeguard = loaded.merged, loaded.module, loaded.targets, loaded.safeguard
         evaluation = _evaluation(settings, experts, data)
     metrics: dict[str, Any] = {
         "tasks": list(experts.tasks),
@@ -151,15 +154,41 @@ def _train(
     return module, trainer
 
 
-def _load(settings: FitSettings) -> tuple[
-    Method, ExpertSet, L.LightningDataModule, MergedModel, MergingModule, ExpertTargets | None, KeepBestCoefficients | None
-]:
+@dataclass
+class _Loaded:
+    """What a run holds once its sources are loaded.
+
+    Attributes:
+        settings: the run's settings with the source's defaults filled in (``granularity``).
+        method: the configured method.
+        experts: the loaded experts (task-specific tensors kept).
+        data: calibration / evaluation data (``None``: neither is needed).
+        merged: the merged model at the method's start.
+        module: its LightningModule.
+        targets: the experts' cached outputs, for objectives that need them.
+        safeguard: the held-out safeguard of stage one (``None``: off, or a static merge).
+    """
+
+    settings: FitSettings
+    method: Method
+    experts: ExpertSet
+    data: L.LightningDataModule | None
+    merged: MergedModel
+    module: MergingModule
+    targets: ExpertTargets | None
+    safeguard: KeepBestCoefficients | None
+
+
+def _load(settings: FitSettings) -> _Loaded:
     """Experts, data, the merged model at the method's start, its LightningModule and the safeguard."""
     method = get_method(settings.method).configured(settings)
     L.seed_everything(settings.seed, verbose=False)
 
     experts = load_experts(settings.base, settings.experts, source_options(settings, DTYPES[settings.task_vector_dtype]))
     experts = keep_task_specific(experts, settings.task_specific)
+    if settings.granularity is None:  # the source's own default: one λ per decoder block for causal LMs
+        settings = dataclasses.replace(settings, granularity=experts.default_granularity)
+        logger.info("granularity: %s (the default for these experts)", settings.granularity)
     task_vectors = method.rewrite(experts.task_vectors)
     batchnorm = resolve_policy(settings.batchnorm, experts.tasks, experts.heads, experts.model)
     learned = isinstance(method, LearnedMethod)
@@ -186,10 +215,11 @@ def _load(settings: FitSettings) -> tuple[
     if data is not None and settings.eval is not None and not generates:
         check_eval_classes(data, lambda task, inputs: merged(inputs, task))
     if not learned:
-        return method, experts, data, merged, MergingModule(merged, sources=experts.sources, task_type=experts.task_type), None, None
+        static = MergingModule(merged, sources=experts.sources, task_type=experts.task_type)
+        return _Loaded(settings, method, experts, data, merged, static, None, None)
     targets = ExpertTargets(experts, data, merged) if method.needs_expert_outputs else None
     module = _module(method, merged, settings, experts, targets)
-    return method, experts, data, merged, module, targets, _safeguard(experts, data, settings)
+    return _Loaded(settings, method, experts, data, merged, module, targets, _safeguard(experts, data, settings))
 
 
 def _datamodule(settings: FitSettings, experts: ExpertSet, method: Method) -> L.LightningDataModule:

@@ -72,6 +72,7 @@ class ExpertSet:
         task_specific: ``{task: {name: tensor}}`` of merged tensors each task keeps from its own
             expert instead (``--task-specific``, :mod:`adamerge.sources.task_specific`).
         task_type: what the tasks' outputs are and how they are scored (:mod:`adamerge.task_types`).
+        default_granularity: the ``--granularity`` a learned method takes unless one is given.
     """
 
     model: nn.Module
@@ -87,6 +88,7 @@ class ExpertSet:
     num_classes: dict[str, int] = field(default_factory=dict)
     task_specific: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     task_type: TaskType = CLASSIFICATION
+    default_granularity: str = "layer"
 
     @property
     def tasks(self) -> tuple[str, ...]:

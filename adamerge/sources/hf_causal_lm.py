@@ -142,6 +142,7 @@ def load_causal_lm_experts(base_path: Path, experts: Mapping[str, str], options:
         tokenizer=tokenizer,
         num_classes={task: vocabulary for task in experts},
         task_type=LANGUAGE_MODELLING,
+        default_granularity="block",  # one λ per expert and decoder block, embeddings, final norm and head
     )
 
 
