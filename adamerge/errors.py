@@ -8,6 +8,7 @@ without a traceback.
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterable
 
 
 class AdamergeError(ValueError):
@@ -42,3 +43,18 @@ class Terminated(BaseException):
         self.signum = signum
         self.signal_name = signal.Signals(signum).name
         super().__init__(f"stopped by {self.signal_name}")
+
+
+def check_options(owner: str, options: Iterable[str], valid: Iterable[str], given_as: str = "--options") -> None:
+    """Refuse option names that are not among ``valid``, in one line listing the valid ones.
+
+    Args:
+        owner: what the options configure (a method's name).
+        options: the names given.
+        valid: the names ``owner`` takes.
+        given_as: how the user gave them (``--options``, or keyword arguments).
+    """
+    valid = sorted(valid)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise AdamergeError(f"{given_as} {unknown}: not options of {owner!r}; valid: {valid}")

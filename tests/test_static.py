@@ -303,7 +303,7 @@ def test_unknown_method_lists_valid_names():
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        ({"densty": 0.3}, "unknown StaticMerge option"),
+        ({"densty": 0.3}, r"StaticMerge field\(s\) \[.densty.\]: not options of"),
         ({"density": 0.0}, "density"),
         ({"drop_rate": 1.0}, "drop_rate"),
         ({"sparsify": "random"}, "sparsify"),

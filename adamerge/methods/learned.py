@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from adamerge.errors import AdamergeError
-from adamerge.methods.method import Method, check_options
+from adamerge.errors import AdamergeError, check_options
+from adamerge.methods.method import Method
 
 if TYPE_CHECKING:  # torch is imported when a factory is built, so that ``--help`` lists the methods fast
     import torch

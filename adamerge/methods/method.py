@@ -19,11 +19,8 @@ with :func:`adamerge.methods.register_method`, or name it on the command line as
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
-
-from adamerge.errors import AdamergeError
 
 if TYPE_CHECKING:  # torch stays unimported until a run starts, so that ``--help`` answers at once
     import torch
@@ -66,11 +63,3 @@ class Method:
     def start_label(self) -> str:
         """The row name of the merge at the initial λ in the accuracy table."""
         return self.name
-
-
-def check_options(method: str, options: Mapping[str, Any], valid: Iterable[str]) -> None:
-    """Refuse ``--options`` that are not fields of the method (the message lists the valid ones)."""
-    valid = sorted(valid)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise AdamergeError(f"--options {unknown}: not options of {method!r}; valid: {valid}")

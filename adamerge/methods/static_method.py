@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from adamerge.methods.method import Method, check_options
+from adamerge.errors import check_options
+from adamerge.methods.method import Method
 
 if TYPE_CHECKING:
     import torch

@@ -34,7 +34,7 @@ from typing import Literal
 
 import torch
 
-from adamerge.errors import AdamergeError
+from adamerge.errors import AdamergeError, check_options
 from adamerge.rewrite import operations as pp
 from adamerge.rewrite.presets import STATIC_PRESETS
 
@@ -275,10 +275,7 @@ def static_preset(method: str, **overrides: object) -> StaticMerge:
     """
     if method not in STATIC_METHODS:
         raise AdamergeError(f"unknown static merge method {method!r}; valid: {sorted(STATIC_METHODS)}")
-    fields = {f.name for f in dataclasses.fields(StaticMerge)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise AdamergeError(f"unknown StaticMerge option(s) {unknown} for {method!r}; valid: {sorted(fields)}")
+    check_options(method, overrides, (f.name for f in dataclasses.fields(StaticMerge)), given_as="StaticMerge field(s)")
     return dataclasses.replace(STATIC_METHODS[method], **overrides)
 
 
