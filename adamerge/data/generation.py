@@ -12,11 +12,10 @@ A file may mix both kinds; every record keeps its ``file:line`` so that errors n
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adamerge.data.texts import chat_messages, read_lines, text_files
+from adamerge.data.texts import chat_messages, json_objects, task_jsonl_files
 from adamerge.errors import DataError
 
 
@@ -46,26 +45,9 @@ def read_generation_eval(root: Path, task: str) -> GenerationRecords:
         DataError: no such file or folder, malformed JSON, a record with neither ``prompt`` /
             ``messages`` + ``answer`` nor ``text`` (named by file and line), nothing to score.
     """
-    root = Path(root)
-    file, folder = root / f"{task}.jsonl", root / task
-    if file.is_file():
-        files = [file]
-    elif folder.is_dir():
-        files = text_files(folder, (".jsonl",))
-        if not files:
-            raise DataError(f"evaluation folder {folder} holds no .jsonl file")
-    else:
-        raise DataError(f"evaluation data of task {task!r} not found: expected {file} or a folder {folder} of .jsonl files")
     records = GenerationRecords()
-    for path in files:
-        for number, line in read_lines(path):
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for path in task_jsonl_files(Path(root), task, "evaluation"):
+        for where, record in json_objects(path):
             _add(records, record, where)
     return records
 

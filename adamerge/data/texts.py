@@ -74,14 +74,7 @@ def read_lines(path: Path) -> list[tuple[int, str]]:
 def _read_jsonl(path: Path, labelled: bool, num_classes: int | None) -> TextRecords:
     """Records of a JSON-lines file: ``text`` (and ``label`` when ``labelled``)."""
     records = TextRecords(labels=[] if labelled else None)
-    for number, line in read_lines(path):
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object with a 'text' field, got {type(record).__name__}")
+    for where, record in json_objects(path):
         if "messages" in record and "text" not in record and not labelled:
             records.chats[len(records.texts)] = chat_messages(record["messages"], where)
             records.texts.append("")
@@ -124,6 +117,40 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], where: str) -> s
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=messages[-1]["role"] != "assistant")
     except Exception as error:  # jinja errors: unknown roles, templates that raise
         raise DataError(f"{where}: the tokenizer's chat template cannot render these messages: {error}") from None
+
+
+def task_jsonl_files(root: Path, task: str, kind: str) -> list[Path]:
+    """``root/<task>.jsonl``, or the ``.jsonl`` files under ``root/<task>/``.
+
+    Raises:
+        DataError: neither exists, or the folder holds no ``.jsonl`` file (``kind`` names the data).
+    """
+    file, folder = root / f"{task}.jsonl", root / task
+    if file.is_file():
+        return [file]
+    if folder.is_dir():
+        files = text_files(folder, (".jsonl",))
+        if not files:
+            raise DataError(f"{kind} folder {folder} holds no .jsonl file")
+        return files
+    raise DataError(f"{kind} data of task {task!r} not found: expected {file} or a folder {folder} of .jsonl files")
+
+
+def json_objects(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(file:line, object)`` of every non-blank line of a JSON-lines file.
+
+    Raises:
+        DataError: a line that is not JSON, or not a JSON object (named by file and line).
+    """
+    for number, line in read_lines(path):
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield where, record
 
 
 def _extend(records: TextRecords, more: TextRecords) -> None:
@@ -176,15 +203,7 @@ def read_labelled(root: Path, task: str, num_classes: int | None = None) -> Text
     Raises:
         DataError: missing file/folder, malformed JSON, missing or out-of-range labels.
     """
-    file, folder = root / f"{task}.jsonl", root / task
-    if file.is_file():
-        files = [file]
-    elif folder.is_dir():
-        files = text_files(folder, (".jsonl",))
-        if not files:
-            raise DataError(f"labelled folder {folder} holds no .jsonl file (one {{'text', 'label'}} object per line)")
-    else:
-        raise DataError(f"labelled data of task {task!r} not found: expected {file} or a folder {folder} of .jsonl files")
+    files = task_jsonl_files(root, task, "labelled")
     records = TextRecords(labels=[])
     for path in files:
         _extend(records, _read_jsonl(path, labelled=True, num_classes=num_classes))

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from adamerge.core.task_vectors import TaskVectors
-from adamerge.errors import AdamergeError, CheckpointError, IncompatibleExpertError
+from adamerge.errors import AdamergeError, IncompatibleExpertError
 from adamerge.sources.base import ExpertSet, SourceOptions
 from adamerge.sources.file import merged_tensor_names, select_heads
 from adamerge.sources.transformers_files import (
@@ -47,6 +47,7 @@ from adamerge.sources.transformers_files import (
     is_causal_lm,
     load_pretrained,
     load_tokenizer,
+    peft_dir,
     quiet_transformers,
     read_config,
     read_expert_configs,
@@ -238,7 +239,7 @@ def _load_peft_experts(base_path: Path, experts: Mapping[str, str], options: Sou
 
     base_config = read_config(base_path, "--base")
     tokenizer = load_tokenizer(base_path, "--base")
-    adapters = {t: _peft_dir(str(ref), t) for t, ref in experts.items() if str(ref).startswith(PEFT_PREFIX)}
+    adapters = {t: peft_dir(str(ref), t) for t, ref in experts.items() if str(ref).startswith(PEFT_PREFIX)}
     dense_paths = {t: hf_dir(str(ref), f"expert {t!r}") for t, ref in experts.items() if t not in adapters}
     dense_configs = read_expert_configs(dense_paths, base_config, tokenizer)
     model_config = next(iter(dense_configs.values()), None) or copy.deepcopy(base_config)
@@ -294,13 +295,6 @@ def _load_peft_experts(base_path: Path, experts: Mapping[str, str], options: Sou
         num_classes={task: int(config.num_labels) for task, config in configs.items()},
         task_type=options.task_type,
     )
-
-
-def _peft_dir(reference: str, task: str) -> Path:
-    path = Path(reference[len(PEFT_PREFIX) :]).expanduser()
-    if not (path / "adapter_config.json").is_file():
-        raise CheckpointError(f"expert {task!r}: {path} is not a peft adapter folder (no adapter_config.json)")
-    return path
 
 
 def _config_for_head(base_config: Any, model: nn.Module, head: Mapping[str, torch.Tensor]) -> Any:

@@ -30,7 +30,7 @@ from torch import nn
 
 from adamerge.core.merged_model import tied_aliases
 from adamerge.core.task_vectors import TaskVectors
-from adamerge.errors import AdamergeError, CheckpointError, IncompatibleExpertError
+from adamerge.errors import AdamergeError, IncompatibleExpertError
 from adamerge.sources.base import ExpertSet, SourceOptions
 from adamerge.sources.file import merged_tensor_names, select_heads
 from adamerge.sources.transformers_files import (
@@ -40,6 +40,7 @@ from adamerge.sources.transformers_files import (
     is_causal_lm,
     load_pretrained,
     load_tokenizer,
+    peft_dir,
     quiet_transformers,
     read_config,
     read_expert_configs,
@@ -71,7 +72,7 @@ def load_causal_lm_experts(base_path: Path, experts: Mapping[str, str], options:
 
     base_config = read_config(base_path, "--base")
     tokenizer = load_tokenizer(base_path, "--base")
-    adapters = {t: _peft_dir(str(ref), t) for t, ref in experts.items() if str(ref).startswith(PEFT_PREFIX)}
+    adapters = {t: peft_dir(str(ref), t) for t, ref in experts.items() if str(ref).startswith(PEFT_PREFIX)}
     dense_paths = {t: hf_dir(str(ref), f"expert {t!r}") for t, ref in experts.items() if t not in adapters}
     configs = read_expert_configs(dense_paths, base_config, tokenizer)
     for task, config in configs.items():
@@ -164,13 +165,6 @@ def _expert_alone(
     for name, tensor in expert_state_dict(model, task_vectors, heads, task).items():
         assign_tensor(alone, name, tensor)
     return alone.eval()
-
-
-def _peft_dir(reference: str, task: str) -> Path:
-    path = Path(reference[len(PEFT_PREFIX) :]).expanduser()
-    if not (path / "adapter_config.json").is_file():
-        raise CheckpointError(f"expert {task!r}: {path} is not a peft adapter folder (no adapter_config.json)")
-    return path
 
 
 def export_causal_lm(

@@ -72,6 +72,14 @@ def hf_dir(reference: str, what: str) -> Path:
     return path
 
 
+def peft_dir(reference: str, task: str) -> Path:
+    """The folder of ``peft:DIR``, checked for a peft adapter config."""
+    path = Path(reference[len(PEFT_PREFIX) :]).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise CheckpointError(f"expert {task!r}: {path} is not a peft adapter folder (no adapter_config.json)")
+    return path
+
+
 @contextlib.contextmanager
 def without_weight_init() -> Iterator[None]:
     """Build transformers models without drawing their random initial weights.
