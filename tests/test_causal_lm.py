@@ -333,3 +333,38 @@ def test_static_merge_of_causal_lms_exports_task_arithmetic(tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(output / "model").state_dict()
     for name, theta in base.items():  # θ_0 + 0.3 Σ_k (θ_k − θ_0), entry by entry
         torch.testing.assert_close(exported[name], theta + 0.3 * sum(e[name] - theta for e in experts), atol=1e-6, rtol=0)
+
+
+def test_few_shot_cross_entropy_is_the_loss_of_the_answers(tmp_path):
+    """aTLAS few-shot on a causal LM: the training loss is transformers' own loss on the answer
+    tokens (prompt tokens unlabelled), and ``--shots N`` trains on N prompt/answer records per task."""
+    from adamerge.data.generation import IGNORE_INDEX, AnswerTokens, GenerationRecords
+    from adamerge.data.texts import PadCollator
+    from adamerge.objectives.task_objectives import CrossEntropy, ModelOutputs, TaskBatch
+
+    setup = build(tmp_path, "llama")
+    experts = setup.load()
+    pairs = QUESTIONS["sentiment"]
+    records = GenerationRecords(prompts=[q for q, _ in pairs], answers=[a for _, a in pairs], prompt_origins=["t"] * 4)
+    shots = AnswerTokens(records, setup.tokenizer, max_length=16)
+    encoding, labels = shots[0]
+    prompt_length = len(setup.tokenizer(pairs[0][0])["input_ids"])
+    assert labels[:prompt_length] == [IGNORE_INDEX] * prompt_length and labels[prompt_length:][-1] == setup.tokenizer.eos_token_id
+    inputs, token_labels = PadCollator(0)([shots[i] for i in range(4)])
+    merged = MergedModel(experts.model, experts.task_vectors, granularity="block", constraint="none", init=0.2)
+    with torch.no_grad():  # the training step's composition: the task type's scored positions, then the objective
+        positions, targets = experts.task_type.scored(merged(inputs), inputs, token_labels)  # (N, V), (N,)
+        ours = CrossEntropy()("sentiment", ModelOutputs(positions), TaskBatch(inputs, targets))
+        reference = merged.merge_and_unload()(**inputs, labels=token_labels).loss  # mean over labelled next tokens
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+    for task, task_pairs in QUESTIONS.items():
+        lines = [json.dumps({"prompt": q, "answer": a}) for q, a in task_pairs]
+        (setup.calib / task / "shots.jsonl").write_text("\n".join(lines) + "\n")
+        (setup.calib / task / "prompts.txt").unlink()
+    output = tmp_path / "atlas"
+    assert main(["fit", "--method", "atlas", "--shots", "2", "--base", f"hf:{setup.base}", "--experts", *setup.expert_args(),
+                 "--calib", str(setup.calib), "--steps", "3", "--batch-size", "2", "--holdout", "0",
+                 "--output", str(output)]) == 0  # fmt: skip
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["method"]["objective"] == "cross-entropy" and metrics["steps"] == 3

@@ -7,15 +7,21 @@
   scored by exact match (:mod:`adamerge.run.generation_eval`);
 - ``{"text": str}``: scored by perplexity.
 
-A file may mix both kinds; every record keeps its ``file:line`` so that errors name it.
+A file may mix both kinds; every record keeps its ``file:line`` so that errors name it. The same
+prompt/answer records, under ``--calib`` with ``--shots N``, are a few-shot training set
+(:class:`AnswerTokens`): the loss is taken on the answer's tokens only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from adamerge.data.texts import chat_messages, json_objects, task_jsonl_files
+from torch.utils.data import Dataset
+
+from adamerge.data.text_files import chat_messages, json_objects, render_chat, task_jsonl_files
 from adamerge.errors import DataError
 
 
@@ -71,3 +77,61 @@ def _add(records: GenerationRecords, record: dict, where: str) -> None:
         records.text_origins.append(where)
     else:
         raise DataError(f"{where}: expected 'prompt' (or 'messages') with 'answer', or 'text'")
+
+
+def prompt_encodings(tokenizer: Any, prompts: Sequence[str | list[dict[str, str]]], origins: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt; a rendered chat carries its own special tokens."""
+    encoded = []
+    for prompt, where in zip(prompts, origins, strict=True):
+        if isinstance(prompt, str):
+            encoded.append(list(tokenizer(prompt)["input_ids"]))
+        else:
+            encoded.append(list(tokenizer(render_chat(tokenizer, prompt, where), add_special_tokens=False)["input_ids"]))
+    return encoded
+
+
+IGNORE_INDEX = -100  # a token without a label (Hugging Face's convention, as adamerge.task_types.token_level)
+
+
+class AnswerTokens(Dataset):
+    """Prompt/answer records as a few-shot training set: ``prompt + answer + end`` tokens, labelled
+    on the answer and the end token only (``IGNORE_INDEX`` on the prompt), so that a cross-entropy
+    over the labelled next-token positions is the loss of the answer given its prompt.
+
+    Items are ``(encoding, labels)`` with ``labels`` aligned to ``input_ids`` (the next-token task
+    type shifts them). A prompt too long for ``max_length`` loses its first tokens; the answer is
+    always kept whole.
+
+    Args:
+        records: the task's prompt/answer records.
+        tokenizer: the base's tokenizer.
+        max_length: tokens per example.
+
+    Raises:
+        DataError: no prompt with an answer, or an answer that alone exceeds ``max_length``.
+    """
+
+    def __init__(self, records: GenerationRecords, tokenizer: Any, max_length: int) -> None:
+        if not records.prompts:
+            raise DataError(
+                f"few-shot data needs prompt/answer records ({', '.join(records.text_origins[:1]) or 'none found'}): "
+                "one {'prompt' or 'messages', 'answer'} object per line"
+            )
+        end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        prompts = prompt_encodings(tokenizer, records.prompts, records.prompt_origins)
+        self.rows: list[tuple[dict[str, list[int]], list[int]]] = []
+        for prompt, answer, where in zip(prompts, records.answers, records.prompt_origins, strict=True):
+            target = list(tokenizer(answer, add_special_tokens=False)["input_ids"]) + end
+            room = max_length - len(target)
+            if room < 1:
+                raise DataError(f"{where}: the answer takes {len(target)} tokens, more than --max-length {max_length} leaves")
+            prompt = prompt[-room:]
+            ids = prompt + target
+            self.rows.append(({"input_ids": ids, "attention_mask": [1] * len(ids)}, [IGNORE_INDEX] * len(prompt) + target))
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[dict[str, list[int]], list[int]]:
+        return self.rows[index]

@@ -18,7 +18,6 @@ set up; batches are padded to their longest example (:class:`PadCollator`).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,7 +28,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from adamerge.data.generation import IGNORE_INDEX, AnswerTokens, read_generation_eval
 from adamerge.data.images import CalibrationView, MultiTaskDataModule
+from adamerge.data.text_files import chat_messages, json_objects, read_lines, render_chat, task_jsonl_files, text_files
 from adamerge.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -54,21 +55,6 @@ class TextRecords:
 
     def __len__(self) -> int:
         return len(self.texts)
-
-
-def read_lines(path: Path) -> list[tuple[int, str]]:
-    """Non-blank lines ``(line number, text)`` of a UTF-8 file, split on ``\\n`` only."""
-    try:
-        content = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    except OSError as error:
-        raise DataError(f"{path}: cannot read ({error.strerror})") from None
-    lines = [(number, line.rstrip("\r")) for number, line in enumerate(content.split("\n"), start=1)]
-    kept = [(number, line) for number, line in lines if line.strip()]
-    if not kept:
-        raise DataError(f"{path}: holds no non-blank line (expected one example per line)")
-    return kept
 
 
 def _read_jsonl(path: Path, labelled: bool, num_classes: int | None) -> TextRecords:
@@ -98,61 +84,6 @@ def _read_jsonl(path: Path, labelled: bool, num_classes: int | None) -> TextReco
     return records
 
 
-def chat_messages(messages: Any, where: str) -> list[dict[str, str]]:
-    """A chat's ``messages``, checked: a non-empty list of ``{"role": str, "content": str}``."""
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: field 'messages' must be a non-empty list of {{'role', 'content'}} objects")
-    for i, message in enumerate(messages):
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
-            raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
-def render_chat(tokenizer: Any, messages: list[dict[str, str]], where: str) -> str:
-    """A chat as the model sees it: the tokenizer's chat template, with the assistant's turn opened
-    when the chat ends on another role (the next tokens are the answer)."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{where}: chat 'messages' need a tokenizer with a chat template (this one has none); give 'text' instead")
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=messages[-1]["role"] != "assistant")
-    except Exception as error:  # jinja errors: unknown roles, templates that raise
-        raise DataError(f"{where}: the tokenizer's chat template cannot render these messages: {error}") from None
-
-
-def task_jsonl_files(root: Path, task: str, kind: str) -> list[Path]:
-    """``root/<task>.jsonl``, or the ``.jsonl`` files under ``root/<task>/``.
-
-    Raises:
-        DataError: neither exists, or the folder holds no ``.jsonl`` file (``kind`` names the data).
-    """
-    file, folder = root / f"{task}.jsonl", root / task
-    if file.is_file():
-        return [file]
-    if folder.is_dir():
-        files = text_files(folder, (".jsonl",))
-        if not files:
-            raise DataError(f"{kind} folder {folder} holds no .jsonl file")
-        return files
-    raise DataError(f"{kind} data of task {task!r} not found: expected {file} or a folder {folder} of .jsonl files")
-
-
-def json_objects(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(file:line, object)`` of every non-blank line of a JSON-lines file.
-
-    Raises:
-        DataError: a line that is not JSON, or not a JSON object (named by file and line).
-    """
-    for number, line in read_lines(path):
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        yield where, record
-
-
 def _extend(records: TextRecords, more: TextRecords) -> None:
     offset = len(records.texts)
     records.chats.update({offset + i: messages for i, messages in more.chats.items()})
@@ -160,10 +91,6 @@ def _extend(records: TextRecords, more: TextRecords) -> None:
     records.origins += more.origins
     if records.labels is not None and more.labels is not None:
         records.labels += more.labels
-
-
-def text_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
 
 
 def read_unlabeled(root: Path, task: str) -> TextRecords:
@@ -328,22 +255,33 @@ class PadCollator:
             value = self.pad_token_id if name == "input_ids" else 0
             rows = []
             for encoding in encodings:
-                fill = [value] * (length - len(encoding[name]))
-                rows.append(encoding[name] + fill if self.padding_side == "right" else fill + encoding[name])
+                rows.append(self._fill(encoding[name], length, value))
             batch[name] = torch.tensor(rows, dtype=torch.long)  # (B, T)
         return batch
+
+    def _fill(self, row: list[int], length: int, value: int) -> list[int]:
+        fill = [value] * (length - len(row))
+        return row + fill if self.padding_side == "right" else fill + row
 
     def __call__(self, items: Sequence[Any]) -> Any:
         first = items[0]
         if isinstance(first, tuple):
-            return self.pad([i[0] for i in items]), torch.tensor([i[1] for i in items], dtype=torch.long)
+            return self.pad([i[0] for i in items]), self._labels([i[1] for i in items])
         if isinstance(first, Mapping) and "inputs" in first:
             out: dict[str, Any] = {"inputs": self.pad([i["inputs"] for i in items])}
-            for key in ("labels", "index"):
-                if key in first:
-                    out[key] = torch.tensor([i[key] for i in items], dtype=torch.long)  # (B,)
+            if "labels" in first:
+                out["labels"] = self._labels([i["labels"] for i in items])
+            if "index" in first:
+                out["index"] = torch.tensor([i["index"] for i in items], dtype=torch.long)  # (B,)
             return out
         return self.pad(items)
+
+    def _labels(self, labels: Sequence[int | list[int]]) -> torch.Tensor:
+        """``(B,)`` class labels, or ``(B, T)`` token labels padded as unlabelled (``IGNORE_INDEX``)."""
+        if labels and isinstance(labels[0], list):
+            width = max(len(row) for row in labels)
+            return torch.tensor([self._fill(row, width, IGNORE_INDEX) for row in labels], dtype=torch.long)
+        return torch.tensor(labels, dtype=torch.long)
 
 
 class MultiTaskTextDataModule(MultiTaskDataModule):
@@ -379,6 +317,9 @@ class MultiTaskTextDataModule(MultiTaskDataModule):
         holdout: share of each task's calibration texts held out of training (for
             :class:`adamerge.run.safeguard.KeepBestCoefficients`; see
             :meth:`~adamerge.data.images.MultiTaskDataModule.calibration_split`).
+        answers: the tasks are language modelling: with ``shots``, the calibration folder holds
+            prompt/answer records (:class:`adamerge.data.generation.AnswerTokens`), ``shots`` of
+            them per task, labelled on the answer tokens.
     """
 
     def __init__(
@@ -399,6 +340,7 @@ class MultiTaskTextDataModule(MultiTaskDataModule):
         num_classes: Mapping[str, int] | None = None,
         group_by_length: bool = False,
         holdout: float = 0.0,
+        answers: bool = False,
     ) -> None:
         super().__init__(
             calib_dir, tasks, eval_dir, batch_size, eval_batch_size, num_workers, seed, shuffle, shots,
@@ -414,6 +356,7 @@ class MultiTaskTextDataModule(MultiTaskDataModule):
         self.max_length = max_length
         self.num_classes = dict(num_classes or {})
         self.group_by_length = group_by_length
+        self.answers = answers
         pad = getattr(tokenizer, "pad_token_id", None)
         if pad is None:
             pad = getattr(tokenizer, "eos_token_id", None)
@@ -441,6 +384,10 @@ class MultiTaskTextDataModule(MultiTaskDataModule):
 
     def _calibration_view(self, task: str, position: int) -> CalibrationView:
         seed = self.seed + 1000 * (position + 1)
+        if self.shots is not None and self.answers:  # language modelling: N prompt/answer records per task
+            shots = AnswerTokens(read_generation_eval(self.calib_dir, task), self.tokenizer, self.max_length)
+            logger.info("calibration %s: %d prompt/answer records, %d shots", task, len(shots), min(self.shots, len(shots)))
+            return self.calibration_split(task, shots, seed, [0] * len(shots))
         if self.shots is not None:
             labelled = self._tokenized(read_labelled(self.calib_dir, task, self.num_classes.get(task)), task)
             return self.calibration_split(task, labelled, seed, list(labelled.labels))

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from adamerge.data.generation import GenerationRecords
-from adamerge.data.texts import render_chat
+from adamerge.data.generation import GenerationRecords, prompt_encodings
 
 logger = logging.getLogger(__name__)
 
@@ -45,17 +43,6 @@ class GenerationScores:
     perplexity: float | None
     prompts: int
     tokens: int
-
-
-def prompt_encodings(tokenizer: Any, prompts: Sequence[str | list[dict[str, str]]], origins: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt; a rendered chat carries its own special tokens."""
-    encoded = []
-    for prompt, where in zip(prompts, origins, strict=True):
-        if isinstance(prompt, str):
-            encoded.append(list(tokenizer(prompt)["input_ids"]))
-        else:
-            encoded.append(list(tokenizer(render_chat(tokenizer, prompt, where), add_special_tokens=False)["input_ids"]))
-    return encoded
 
 
 @torch.no_grad()
