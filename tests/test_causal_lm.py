@@ -368,3 +368,36 @@ def test_few_shot_cross_entropy_is_the_loss_of_the_answers(tmp_path):
                  "--output", str(output)]) == 0  # fmt: skip
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["method"]["objective"] == "cross-entropy" and metrics["steps"] == 3
+
+
+def test_expert_alignment_at_token_level(tmp_path):
+    """Expert Merging on causal LMs: each expert's next-token logits and final hidden states are
+    cached per real token; at one-hot λ the merged model is expert k, so its alignment loss on task
+    k's calibration batches is 0, and at another λ it is not. ``fit --method expert-merging`` runs."""
+    from adamerge.core.hooks import HEAD_INPUT
+    from adamerge.objectives.task_objectives import ExpertAlignment, ModelOutputs, TaskBatch, as_task_batch
+    from adamerge.run.datamodules import build_datamodule
+    from adamerge.run.expert_targets import ExpertTargets
+
+    setup = build(tmp_path, "llama")
+    experts = setup.load()
+    data = build_datamodule(experts, setup.calib, batch_size=3, max_length=16, with_index=True)
+    data.setup("fit")
+    for k, task in enumerate(experts.tasks):
+        for init in (one_hot(k, 2), torch.full((2,), 0.3)):
+            merged = MergedModel(experts.model, experts.task_vectors, granularity="task", constraint="none", init=init)
+            objective = ExpertAlignment(merged.coefficients().detach(), experts.tasks, hidden_modules=(HEAD_INPUT,))
+            ExpertTargets(experts, data, merged).fill(objective)
+            batch = as_task_batch(next(iter(data.calibration_loaders(shuffle=False)[task])))
+            with torch.no_grad(), merged.capture(objective.hidden_modules) as hidden:
+                logits = merged(batch.inputs)
+            positions, _ = experts.task_type.scored(logits, batch.inputs)
+            loss = objective(task, ModelOutputs(positions, dict(hidden)), TaskBatch(batch.inputs, None, batch.index))
+            if init.sum() == 1:
+                assert float(loss) < 1e-6
+            else:
+                assert float(loss) > 1e-4
+    output = tmp_path / "em"
+    assert main(["fit", "--method", "expert-merging", "--base", f"hf:{setup.base}", "--experts", *setup.expert_args(),
+                 "--calib", str(setup.calib), "--steps", "2", "--batch-size", "2", "--max-length", "16",
+                 "--output", str(output)]) == 0  # fmt: skip

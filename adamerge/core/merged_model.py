@@ -250,9 +250,11 @@ class MergedModel(nn.Module):
 
     @property
     def head_module(self) -> str | None:
-        """Name of the module owning the task heads (``None`` without heads)."""
+        """Name of the module owning the task heads; without heads, the model's output embeddings
+        (a language model's shared LM head, transformers' ``get_output_embeddings``), else ``None``."""
         if not self.heads.names:
-            return None
+            output = getattr(self.model, "get_output_embeddings", lambda: None)()
+            return next((n for n, m in self.model.named_modules() if m is output), None) if output is not None else None
         return self.heads.names[0].rpartition(".")[0]
 
     def capture(self, names: Sequence[str]):

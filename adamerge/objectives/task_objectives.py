@@ -227,10 +227,22 @@ class ExpertAlignment(Objective):
         )
 
     @torch.no_grad()
-    def cache_targets(self, task: str, logits: torch.Tensor, hidden: Mapping[str, torch.Tensor]) -> None:
-        """Store an expert's outputs on its whole calibration set, row ``i`` = dataset index ``i``."""
+    def cache_targets(
+        self, task: str, logits: torch.Tensor, hidden: Mapping[str, torch.Tensor], offsets: torch.Tensor | None = None
+    ) -> None:
+        """Store an expert's outputs on its whole calibration set.
+
+        Args:
+            task: the expert's task.
+            logits: one row per example (row ``i`` = dataset index ``i``), or, with ``offsets``,
+                one row per scored token (example ``i``: rows ``offsets[i, 0]:offsets[i + 1, 0]``).
+            hidden: ``{name: hidden}`` in the same layout (token rows: ``offsets[:, 1]``).
+            offsets: ``(E + 1, 2)`` row offsets of token-level targets (``None``: one row per example).
+        """
         holder = nn.Module()
         holder.register_buffer("logits", logits.detach().float(), persistent=False)
+        if offsets is not None:
+            holder.register_buffer("offsets", offsets.long(), persistent=False)
         for i, name in enumerate(self.hidden_modules):
             if name not in hidden:
                 raise AdamergeError(f"expert outputs of {task!r} lack hidden state {name!r}")
@@ -244,14 +256,27 @@ class ExpertAlignment(Objective):
             raise AdamergeError("expert alignment needs sample indices in the batch (with_index=True)")
         target = self.targets[task]
         index = batch.index.to(target.logits.device)
-        loss = losses.distillation_kl(outputs.logits, target.logits[index], self.temperature)
+        offsets = getattr(target, "offsets", None)
+        rows = index if offsets is None else _ragged_rows(offsets[:, 0], index)  # the batch's examples, in order
+        loss = losses.distillation_kl(outputs.logits, target.logits[rows], self.temperature)
         for i, name in enumerate(self.hidden_modules):
             merged_hidden = outputs.hidden[name].float()
-            loss = loss + nn.functional.mse_loss(merged_hidden, getattr(target, f"hidden_{i}")[index])
+            reference = getattr(target, f"hidden_{i}")
+            if offsets is not None:  # (B, T, H) → the real tokens, row-major, as the targets were stored
+                mask = batch.inputs["attention_mask"].bool().to(merged_hidden.device)
+                merged_hidden, reference = merged_hidden[mask], reference[_ragged_rows(offsets[:, 1], index)]
+            else:
+                reference = reference[index]
+            loss = loss + nn.functional.mse_loss(merged_hidden, reference)
         return self.task_weights[task] * loss
 
     def regularization(self, coefficients: torch.Tensor) -> torch.Tensor:
         return self.gamma * (coefficients - self.init).abs().mean()
+
+
+def _ragged_rows(offsets: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``offsets[i]:offsets[i + 1]`` of every example ``i`` in ``index``, concatenated in order."""
+    return torch.cat([torch.arange(int(offsets[i]), int(offsets[i + 1]), device=offsets.device) for i in index.tolist()])
 
 
 @torch.no_grad()

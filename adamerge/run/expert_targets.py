@@ -7,7 +7,7 @@ import torch
 
 from adamerge.core.hooks import capture_hidden
 from adamerge.core.merged_model import MergedModel
-from adamerge.core.model_inputs import call_module
+from adamerge.core.model_inputs import as_logits, call_module
 from adamerge.errors import AdamergeError
 from adamerge.objectives.task_objectives import ExpertAlignment, as_task_batch, collect_outputs
 from adamerge.sources import ExpertSet
@@ -19,8 +19,6 @@ class ExpertTargets:
     def __init__(self, experts: ExpertSet, data: L.LightningDataModule, merged: MergedModel) -> None:
         if experts.expert_model is None:
             raise AdamergeError("expert-merging needs each expert alone, which this expert source cannot rebuild")
-        if experts.task_type.name != "classification":
-            raise AdamergeError(f"expert-merging caches one output per example: {experts.task_type.name} tasks are not supported yet")
         self.experts = experts
         self.data = data
         self.head_module = merged.head_module
@@ -40,14 +38,48 @@ class ExpertTargets:
                         positions.append(batch.index)  # (B,) rows of the training items
                         yield batch.inputs
 
-                logits, hidden = collect_outputs(
-                    module_forward(model),
-                    lambda names, model=model: capture_hidden(model, names, self.head_module),
-                    objective.hidden_modules,
-                    batches(),
-                )
-                self.cache[task] = in_index_order(torch.cat(positions), logits, hidden)
+                capture = lambda names, model=model: capture_hidden(model, names, self.head_module)  # noqa: E731
+                if self.experts.task_type.name == "classification":
+                    logits, hidden = collect_outputs(module_forward(model), capture, objective.hidden_modules, batches())
+                    self.cache[task] = (*in_index_order(torch.cat(positions), logits, hidden), None)
+                else:
+                    self.cache[task] = token_targets(model, capture, objective.hidden_modules, batches(), positions, self.experts)
             objective.cache_targets(task, *self.cache[task])
+
+
+def token_targets(
+    model: torch.nn.Module, capture, hidden_modules, batches, positions: list[torch.Tensor], experts: ExpertSet
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """An expert's outputs at every scored token of every calibration example, row-ragged.
+
+    Example ``i``'s rows are ``offsets[i]:offsets[i + 1]`` of the logits (its scored positions,
+    in order: for next-token prediction every real token but the last) and of each hidden state
+    (its real tokens, in order). The training step gathers the same rows in the same order for a
+    batch of examples, whatever their padding.
+
+    Returns:
+        ``(logits (ΣN_i, C), {name: hidden (ΣT_i, H)}, offsets (E + 1, 2))``: column 0 the logits'
+        offsets, column 1 the hidden states'.
+    """
+    per_example: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+    run = module_forward(model)
+    for inputs in batches:
+        with capture(hidden_modules) as captured:
+            logits = as_logits(run(inputs))  # (B, T, C)
+        mask = inputs["attention_mask"].bool() if isinstance(inputs, dict) and "attention_mask" in inputs else None
+        for row, index in enumerate(positions[-1].tolist()):
+            one = {k: v[row : row + 1] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[row : row + 1]
+            scored, _ = experts.task_type.scored(logits[row : row + 1], one)  # (N_i, C)
+            real = mask[row] if mask is not None else slice(None)
+            per_example[index] = (scored.float(), {name: captured[name][row][real].float() for name in hidden_modules})
+    order = sorted(per_example)
+    if order != list(range(len(order))):
+        raise AdamergeError("expert targets: the calibration loader did not visit every example once")
+    counts = torch.tensor([[len(per_example[i][0]), len(next(iter(per_example[i][1].values()), per_example[i][0]))] for i in order])
+    offsets = torch.cat([torch.zeros(1, 2, dtype=torch.long), counts.cumsum(0)])  # (E + 1, 2)
+    logits = torch.cat([per_example[i][0] for i in order])
+    hidden = {name: torch.cat([per_example[i][1][name] for i in order]) for name in hidden_modules}
+    return logits, hidden, offsets
 
 
 def in_index_order(
