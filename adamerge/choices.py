@@ -17,6 +17,9 @@ TASK_VECTOR_DTYPES = ("float32", "bfloat16", "float16")
 #: Coefficient constraints ``g`` (see :mod:`adamerge.core.coefficients`).
 CONSTRAINTS = ("none", "clamp", "sigmoid")
 #: The forms ``--granularity`` accepts (see :func:`adamerge.core.granularity.parse_granularity`).
-GRANULARITY_FORMS = ("task", "layer", "tensor", "group:REGEX[;REGEX...]", "chunk:N", "partition:N")
+GRANULARITY_FORMS = ("task", "layer", "tensor", "block", "group:REGEX[;REGEX...]", "chunk:N", "partition:N")
+#: Lightning precisions ``--precision`` accepts: full float32, or autocast in bfloat16 (CPU and
+#: GPU) or float16 (CUDA only); the task vectors keep ``--task-vector-dtype`` either way.
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 #: ``--align-modules`` name of the features entering a task's head (see :mod:`adamerge.core.hooks`).
 HEAD_INPUT = "<head input>"

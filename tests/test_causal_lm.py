@@ -401,3 +401,24 @@ def test_expert_alignment_at_token_level(tmp_path):
     assert main(["fit", "--method", "expert-merging", "--base", f"hf:{setup.base}", "--experts", *setup.expert_args(),
                  "--calib", str(setup.calib), "--steps", "2", "--batch-size", "2", "--max-length", "16",
                  "--output", str(output)]) == 0  # fmt: skip
+
+
+def test_bf16_autocast_learns_the_float32_coefficients(tmp_path, caplog):
+    """``--precision bf16-mixed``: the forward and backward in bfloat16 autocast, λ and the merged
+    weights in float32; three Adam steps move λ as float32 does, to bfloat16's rounding."""
+    setup = build(tmp_path, "llama")
+    runs = {}
+    for precision in ("32-true", "bf16-mixed"):
+        output = tmp_path / precision
+        assert main(["fit", "--base", f"hf:{setup.base}", "--experts", *setup.expert_args(), "--calib", str(setup.calib),
+                     "--steps", "3", "--batch-size", "4", "--max-length", "16", "--holdout", "0", "--lr", "0.01",
+                     "--precision", precision, "--output", str(output)]) == 0  # fmt: skip
+        table = json.loads((output / "coefficients.json").read_text())
+        runs[precision] = torch.tensor([list(table[t].values()) for t in PROMPTS])
+    assert (runs["32-true"] - 0.3).abs().max() > 0.02  # λ moved
+    difference = (runs["bf16-mixed"] - runs["32-true"]).abs().max()
+    assert 0 < difference < 0.01  # autocast ran (not bit-identical), and learned the same λ
+    caplog.clear()
+    code = main(["fit", "--base", f"hf:{setup.base}", "--experts", *setup.expert_args(), "--calib", str(setup.calib),
+                 "--precision", "16-mixed", "--accelerator", "cpu", "--output", str(tmp_path / "fp16")])  # fmt: skip
+    assert code == 2 and "--precision 16-mixed" in caplog.text and not (tmp_path / "fp16").exists()

@@ -126,21 +126,25 @@ def _reference_path(reference: str) -> Path:
     return Path(reference)
 
 
-def check_accelerator(accelerator: str, devices: Any, strategy: str) -> None:
-    """Refuse an accelerator / devices / strategy that Lightning cannot set up on this machine
-    (e.g. ``--accelerator gpu`` without a GPU), before any model is loaded."""
+def check_accelerator(accelerator: str, devices: Any, strategy: str, precision: str = "32-true") -> None:
+    """Refuse an accelerator / devices / strategy / precision that Lightning cannot set up on this
+    machine (e.g. ``--accelerator gpu`` without a GPU, ``--precision 16-mixed`` on a CPU), before
+    any model is loaded."""
     quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     level = quiet.level
     quiet.setLevel(logging.WARNING)
     try:
-        L.Trainer(
-            accelerator=accelerator, devices=devices, strategy=strategy, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False,
+        trainer = L.Trainer(
+            accelerator=accelerator, devices=devices, strategy=strategy, precision=precision, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         )
+        if precision == "16-mixed" and trainer.accelerator.__class__.__name__ == "CPUAccelerator":
+            raise ValueError("float16 autocast needs a CUDA GPU; on a CPU use --precision bf16-mixed")
     except Exception as error:  # Lightning raises MisconfigurationException, ValueError, RuntimeError
         text = str(error).strip().splitlines()
         raise AdamergeError(
-            f"--accelerator {accelerator} --devices {devices} --strategy {strategy}: {text[0] if text else type(error).__name__}"
+            f"--accelerator {accelerator} --devices {devices} --strategy {strategy} --precision {precision}: "
+            f"{text[0] if text else type(error).__name__}"
         ) from None
     finally:
         quiet.setLevel(level)

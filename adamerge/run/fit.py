@@ -33,7 +33,7 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
     if settings.calib is None:
         raise AdamergeError("--calib: a learned method needs a folder of calibration data (one sub-folder per task)")
     with OutputFolder(settings.output, settings.overwrite, input_paths(settings)) as output:
-        check_accelerator(settings.accelerator, settings.devices, settings.strategy)
+        check_accelerator(settings.accelerator, settings.devices, settings.strategy, settings.precision)
         resume = ResumeState(
             output.output, plain_config(dataclasses.asdict(settings)), settings.resume, settings.checkpoint_every, output.writer
         )

@@ -16,7 +16,7 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adamerge.choices import BATCHNORM_POLICIES, CONSTRAINTS, HEAD_INPUT, TASK_VECTOR_DTYPES
+from adamerge.choices import BATCHNORM_POLICIES, CONSTRAINTS, HEAD_INPUT, PRECISIONS, TASK_VECTOR_DTYPES
 
 
 def option(
@@ -113,6 +113,8 @@ class FitSettings(RunSettings):
         accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``, ...).
         devices: Lightning devices.
         strategy: Lightning strategy (``auto``, ``ddp``, ...).
+        precision: ``32-true``, or autocast in ``bf16-mixed`` (CPU and GPU) / ``16-mixed`` (CUDA):
+            the merged weights and λ stay float32, the model's forward and backward run in 16 bits.
         eval_experts: also evaluate each expert alone on its own task.
         eval_init: also evaluate the initial merge (λ = init) before training.
         group_by_length: text experts: training batches of texts of similar length (far fewer
@@ -153,6 +155,7 @@ class FitSettings(RunSettings):
     accelerator: str = "auto"
     devices: int | str = "auto"
     strategy: str = "auto"
+    precision: str = option("32-true", choices=PRECISIONS)
     eval_experts: bool = True
     eval_init: bool = True
     group_by_length: bool = False

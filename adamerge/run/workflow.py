@@ -361,6 +361,7 @@ def _trainer(settings: FitSettings, root: Path, log_name: str | None, callbacks:
         accelerator=settings.accelerator,
         devices=settings.devices,
         strategy=settings.strategy,
+        precision=settings.precision,
         default_root_dir=root,
         logger=CSVLogger(root, name=log_name, version="") if log_name is not None else False,
         callbacks=[c for c in callbacks if c is not None],
