@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
+from typing import ContextManager
+
 import lightning as L
 import torch
 
 from adamerge.core.hooks import capture_hidden
 from adamerge.core.merged_model import MergedModel
-from adamerge.core.model_inputs import as_logits, call_module
+from adamerge.core.model_inputs import Inputs, as_logits, call_module
 from adamerge.errors import AdamergeError
 from adamerge.objectives.task_objectives import ExpertAlignment, as_task_batch, collect_outputs
 from adamerge.sources import ExpertSet
@@ -48,9 +51,23 @@ class ExpertTargets:
 
 
 def token_targets(
-    model: torch.nn.Module, capture, hidden_modules, batches, positions: list[torch.Tensor], experts: ExpertSet
+    model: torch.nn.Module,
+    capture: Callable[[Sequence[str]], ContextManager[dict[str, torch.Tensor]]],
+    hidden_modules: Sequence[str],
+    batches: Iterable[Inputs],
+    positions: list[torch.Tensor],
+    experts: ExpertSet,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """An expert's outputs at every scored token of every calibration example, row-ragged.
+
+    Args:
+        model: the expert alone.
+        capture: context-manager factory collecting the named hidden states of ``model``.
+        hidden_modules: the hidden states the objective aligns.
+        batches: the task's calibration inputs; each batch appends its examples' indices to
+            ``positions`` before it is yielded.
+        positions: ``(B,)`` dataset indices of each batch, in loader order.
+        experts: the expert set (its task type scores the positions).
 
     Example ``i``'s rows are ``offsets[i]:offsets[i + 1]`` of the logits (its scored positions,
     in order: for next-token prediction every real token but the last) and of each hidden state
