@@ -194,7 +194,7 @@ def test_an_expert_with_added_tokens_is_refused_naming_them(tmp_path):
         load_experts(f"hf:{setup.base}", {"sentiment": f"hf:{setup.experts['sentiment']}", "topic": f"hf:{other}"})
 
 
-def save_lora(base: Path, folder: Path, seed: int, targets: list[str]) -> None:
+def save_lora(base: Path, folder: Path, seed: int, targets: list[str], **save: object) -> None:
     """A LoRA adapter of the causal LM at ``base`` with random (non-zero) factors, saved by peft."""
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -206,7 +206,7 @@ def save_lora(base: Path, folder: Path, seed: int, targets: list[str]) -> None:
         for name, parameter in peft_model.named_parameters():
             if "lora_" in name:
                 parameter.normal_(0.0, 0.3)
-    peft_model.save_pretrained(folder)
+    peft_model.save_pretrained(folder, **save)
 
 
 def test_lora_adapters_stay_factored_and_equal_peft_merged_adapters(tmp_path):
@@ -422,3 +422,21 @@ def test_bf16_autocast_learns_the_float32_coefficients(tmp_path, caplog):
     code = main(["fit", "--base", f"hf:{setup.base}", "--experts", *setup.expert_args(), "--calib", str(setup.calib),
                  "--precision", "16-mixed", "--accelerator", "cpu", "--output", str(tmp_path / "fp16")])  # fmt: skip
     assert code == 2 and "--precision 16-mixed" in caplog.text and not (tmp_path / "fp16").exists()
+
+
+def test_an_adapter_on_a_tied_embedding_keeps_the_expert_alone_tied(tmp_path):
+    """A LoRA adapter on the embedding of a model with a tied LM head: the expert alone holds the
+    adapted embedding as its head too, and equals peft's merged adapter."""
+    pytest.importorskip("peft")
+    from peft import PeftModel
+
+    setup = build(tmp_path, "llama")
+    adapter = tmp_path / "lora-embedding"
+    save_lora(setup.base, adapter, seed=5, targets=["embed_tokens", "q_proj"], save_embedding_layers=False)  # factors only
+    experts = load_experts(f"hf:{setup.base}", {"sentiment": f"peft:{adapter}", "topic": f"hf:{setup.experts['topic']}"})
+    alone = experts.expert_model("sentiment")
+    assert alone.get_output_embeddings().weight is alone.get_input_embeddings().weight
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(setup.base), adapter).merge_and_unload().eval()
+    batch = setup.batch()
+    with torch.no_grad():
+        torch.testing.assert_close(alone(**batch).logits, reference(**batch).logits, atol=1e-5, rtol=1e-5)

@@ -323,17 +323,7 @@ class MergedModel(nn.Module):
         if (self.heads.names or self.kept.names or self.statistics.names) and task is None:
             raise AdamergeError(f"this model has task-specific tensors: pass task= one of {', '.join(self.tasks)}")
         plain = copy.deepcopy(self.model)  # tied parameters stay one object
-        state = self.merged_state_dict(task)
-        current = plain.state_dict(keep_vars=True)
-        aliases = tied_aliases(plain)
-        with torch.no_grad():
-            for name, tensor in state.items():
-                if name in aliases:
-                    continue  # written through the parameter it is
-                if current[name].shape == tensor.shape:
-                    current[name].copy_(tensor)  # in place: a tied alias sees the merged value
-                else:
-                    assign_tensor(plain, name, tensor)
+        load_state_in_place(plain, self.merged_state_dict(task))
         return plain.requires_grad_(True).eval()
 
 
@@ -460,6 +450,22 @@ def tied_aliases(model: nn.Module) -> dict[str, str]:
     ``model.embed_tokens.weight``)."""
     canonical = {id(p): n for n, p in model.named_parameters()}
     return {n: canonical[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if canonical[id(p)] != n}
+
+
+@torch.no_grad()
+def load_state_in_place(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Write a full state dict into ``module``: in place where a tensor keeps its shape (so tied
+    parameters stay one object and see the new value; a tied alias is written through the
+    parameter it is), by :func:`assign_tensor` where it does not (a head of another size)."""
+    current = module.state_dict(keep_vars=True)
+    aliases = tied_aliases(module)
+    for name, tensor in state.items():
+        if name in aliases:
+            continue
+        if name in current and current[name].shape == tensor.shape:
+            current[name].copy_(tensor)
+        else:
+            assign_tensor(module, name, tensor)
 
 
 def assign_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -201,10 +201,8 @@ def load_expert_module(
 
     Missing BatchNorm ``num_batches_tracked`` buffers are set to 0, as in :func:`load_base`.
     """
-    from adamerge.core.merged_model import assign_tensor
+    from adamerge.core.merged_model import load_state_in_place
 
     model = build_architecture(arch, arch_kwargs)
-    state = with_batch_counters(model.state_dict(), load_state_dict(path, trust_pickles=trust_pickles))
-    for name, tensor in state.items():
-        assign_tensor(model, name, tensor)
+    load_state_in_place(model, with_batch_counters(model.state_dict(), load_state_dict(path, trust_pickles=trust_pickles)))
     return model

@@ -234,8 +234,7 @@ def _load_peft_experts(base_path: Path, experts: Mapping[str, str], options: Sou
     model is the base's ``AutoModelForSequenceClassification`` (a full fine-tune's config if one is
     given); each task's number of labels comes from its own head.
     """
-    from adamerge.core.merged_model import assign_tensor
-    from adamerge.sources.peft import expert_state_dict, load_lora_experts
+    from adamerge.sources.peft import expert_alone, load_lora_experts
 
     base_config = read_config(base_path, "--base")
     tokenizer = load_tokenizer(base_path, "--base")
@@ -268,11 +267,9 @@ def _load_peft_experts(base_path: Path, experts: Mapping[str, str], options: Sou
     def expert_model(task: str) -> nn.Module:
         if task in dense_paths:
             return load_pretrained(task_auto_class(options.task_type), dense_paths[task], f"expert {task!r}")[0]
-        alone = copy.deepcopy(model)
-        for name, tensor in expert_state_dict(model, task_vectors, heads, task).items():
-            assign_tensor(alone, name, tensor)
+        alone = expert_alone(model, task_vectors, heads, task)
         alone.config.num_labels = configs[task].num_labels
-        return alone.eval()
+        return alone
 
     sources = {
         "base": f"{HF_PREFIX}{base_path.resolve()}",

@@ -152,19 +152,13 @@ def _expert_alone(
     dense_paths: Mapping[str, Path],
 ) -> nn.Module:
     """Expert ``task`` alone: its own folder for a full fine-tune, the base plus its adapter's delta for LoRA."""
-    import copy
-
     from transformers import AutoModelForCausalLM
 
-    from adamerge.core.merged_model import assign_tensor
-    from adamerge.sources.peft import expert_state_dict
+    from adamerge.sources.peft import expert_alone
 
     if task in dense_paths:
         return load_pretrained(AutoModelForCausalLM, dense_paths[task], f"expert {task!r}")[0]
-    alone = copy.deepcopy(model)
-    for name, tensor in expert_state_dict(model, task_vectors, heads, task).items():
-        assign_tensor(alone, name, tensor)
-    return alone.eval()
+    return expert_alone(model, task_vectors, heads, task)
 
 
 def export_causal_lm(

@@ -398,11 +398,24 @@ def expert_state_dict(
 ) -> dict[str, torch.Tensor]:
     """The full state dict of one expert alone, ``θ_0 + τ_task`` plus its head (one tensor densified at a time).
 
-    For rebuilding an expert (evaluation, Expert Merging's targets): load it with
-    :func:`adamerge.core.merged_model.assign_tensor` into a copy of the base.
+    For rebuilding an expert (evaluation, Expert Merging's targets): :func:`expert_alone`.
     """
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for name in task_vectors.names:
         state[name] = (state[name].float() + task_vectors.task_delta(name, task).float()).to(state[name].dtype)
     state.update({k: v.detach().clone() for k, v in heads.get(task, {}).items()})
     return state
+
+
+def expert_alone(
+    model: nn.Module, task_vectors: TaskVectors, heads: Mapping[str, Mapping[str, torch.Tensor]], task: str
+) -> nn.Module:
+    """Expert ``task`` alone, in eval mode: a copy of the base holding :func:`expert_state_dict`
+    (tied parameters stay tied; a head of another size replaces the base's)."""
+    import copy
+
+    from adamerge.core.merged_model import load_state_in_place
+
+    alone = copy.deepcopy(model)
+    load_state_in_place(alone, expert_state_dict(model, task_vectors, heads, task))
+    return alone.eval()
