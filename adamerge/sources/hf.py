@@ -41,7 +41,6 @@ from adamerge.errors import AdamergeError, IncompatibleExpertError
 from adamerge.sources.base import ExpertSet, SourceOptions
 from adamerge.sources.file import merged_tensor_names, select_heads
 from adamerge.sources.transformers_files import (
-    HF_PREFIX,
     PEFT_PREFIX,
     hf_dir,
     is_causal_lm,
@@ -51,6 +50,7 @@ from adamerge.sources.transformers_files import (
     quiet_transformers,
     read_config,
     read_expert_configs,
+    source_references,
     task_auto_class,
     without_weight_init,
 )
@@ -186,11 +186,7 @@ def load_hf_experts(base: str, experts: Mapping[str, str], options: SourceOption
     if heads:  # the model's own head: the first task's (never used in a merged forward)
         model.load_state_dict(heads[first], strict=False)
     logger.info("task vectors: %s; heads: %s", task_vectors.extra_repr(), head_names)
-    sources = {
-        "base": f"{HF_PREFIX}{base_path.resolve()}",
-        "experts": {task: f"{HF_PREFIX}{path.resolve()}" for task, path in paths.items()},
-        "head_pattern": options.head_pattern,
-    }
+    sources = source_references(base_path, paths, {}, options.head_pattern)
     return ExpertSet(
         model,
         task_vectors,
@@ -271,12 +267,7 @@ def _load_peft_experts(base_path: Path, experts: Mapping[str, str], options: Sou
         alone.config.num_labels = configs[task].num_labels
         return alone
 
-    sources = {
-        "base": f"{HF_PREFIX}{base_path.resolve()}",
-        "experts": {t: f"{PEFT_PREFIX}{p.resolve()}" for t, p in adapters.items()}
-        | {t: f"{HF_PREFIX}{p.resolve()}" for t, p in dense_paths.items()},
-        "head_pattern": options.head_pattern,
-    }
+    sources = source_references(base_path, dense_paths, adapters, options.head_pattern)
     return ExpertSet(
         model,
         task_vectors,

@@ -34,7 +34,6 @@ from adamerge.errors import AdamergeError, IncompatibleExpertError
 from adamerge.sources.base import ExpertSet, SourceOptions
 from adamerge.sources.file import merged_tensor_names, select_heads
 from adamerge.sources.transformers_files import (
-    HF_PREFIX,
     PEFT_PREFIX,
     hf_dir,
     is_causal_lm,
@@ -44,6 +43,7 @@ from adamerge.sources.transformers_files import (
     quiet_transformers,
     read_config,
     read_expert_configs,
+    source_references,
     without_weight_init,
 )
 from adamerge.storage.checkpoints import check_finite_tensors
@@ -125,12 +125,7 @@ def load_causal_lm_experts(base_path: Path, experts: Mapping[str, str], options:
         "causal LM %s: task vectors %s%s", type(model).__name__, task_vectors.extra_repr(),
         f"; tied: {', '.join(f'{a} = {n}' for a, n in tied.items())}" if tied else "",
     )
-    sources = {
-        "base": f"{HF_PREFIX}{base_path.resolve()}",
-        "experts": {t: f"{PEFT_PREFIX}{p.resolve()}" for t, p in adapters.items()}
-        | {t: f"{HF_PREFIX}{p.resolve()}" for t, p in dense_paths.items()},
-        "head_pattern": options.head_pattern,
-    }
+    sources = source_references(base_path, dense_paths, adapters, options.head_pattern)
     vocabulary = int(model.get_output_embeddings().weight.shape[0])
     return ExpertSet(
         model,

@@ -80,6 +80,18 @@ def peft_dir(reference: str, task: str) -> Path:
     return path
 
 
+def source_references(
+    base_path: Path, dense: Mapping[str, Path], adapters: Mapping[str, Path], head_pattern: str | None
+) -> dict[str, Any]:
+    """What a run records of its Hugging Face sources: ``hf:`` / ``peft:`` references with absolute paths."""
+    return {
+        "base": f"{HF_PREFIX}{base_path.resolve()}",
+        "experts": {t: f"{PEFT_PREFIX}{p.resolve()}" for t, p in adapters.items()}
+        | {t: f"{HF_PREFIX}{p.resolve()}" for t, p in dense.items()},
+        "head_pattern": head_pattern,
+    }
+
+
 @contextlib.contextmanager
 def without_weight_init() -> Iterator[None]:
     """Build transformers models without drawing their random initial weights.
