@@ -21,5 +21,8 @@ GRANULARITY_FORMS = ("task", "layer", "tensor", "block", "group:REGEX[;REGEX...]
 #: Lightning precisions ``--precision`` accepts: full float32, or autocast in bfloat16 (CPU and
 #: GPU) or float16 (CUDA only); the task vectors keep ``--task-vector-dtype`` either way.
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+#: The label of a token that is not scored (Hugging Face's convention): the token-level task type
+#: drops it, and the few-shot data marks prompts and padding with it.
+IGNORE_INDEX = -100
 #: ``--align-modules`` name of the features entering a task's head (see :mod:`adamerge.core.hooks`).
 HEAD_INPUT = "<head input>"

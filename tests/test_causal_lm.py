@@ -338,7 +338,8 @@ def test_static_merge_of_causal_lms_exports_task_arithmetic(tmp_path):
 def test_few_shot_cross_entropy_is_the_loss_of_the_answers(tmp_path):
     """aTLAS few-shot on a causal LM: the training loss is transformers' own loss on the answer
     tokens (prompt tokens unlabelled), and ``--shots N`` trains on N prompt/answer records per task."""
-    from adamerge.data.generation import IGNORE_INDEX, AnswerTokens, GenerationRecords
+    from adamerge.choices import IGNORE_INDEX
+    from adamerge.data.generation import AnswerTokens, GenerationRecords
     from adamerge.data.texts import PadCollator
     from adamerge.objectives.task_objectives import CrossEntropy, ModelOutputs, TaskBatch
 

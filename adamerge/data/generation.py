@@ -21,6 +21,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from adamerge.choices import IGNORE_INDEX
 from adamerge.data.text_files import chat_messages, json_objects, render_chat, task_jsonl_files
 from adamerge.errors import DataError
 
@@ -88,9 +89,6 @@ def prompt_encodings(tokenizer: Any, prompts: Sequence[str | list[dict[str, str]
         else:
             encoded.append(list(tokenizer(render_chat(tokenizer, prompt, where), add_special_tokens=False)["input_ids"]))
     return encoded
-
-
-IGNORE_INDEX = -100  # a token without a label (Hugging Face's convention, as adamerge.task_types.token_level)
 
 
 class AnswerTokens(Dataset):

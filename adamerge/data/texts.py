@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from adamerge.data.generation import IGNORE_INDEX, AnswerTokens, read_generation_eval
+from adamerge.choices import IGNORE_INDEX
+from adamerge.data.generation import AnswerTokens, read_generation_eval
 from adamerge.data.images import CalibrationView, MultiTaskDataModule
 from adamerge.data.text_files import chat_messages, json_objects, read_lines, render_chat, task_jsonl_files, text_files
 from adamerge.errors import DataError

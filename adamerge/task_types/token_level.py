@@ -14,10 +14,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from adamerge.choices import IGNORE_INDEX
 from adamerge.errors import AdamergeError
 from adamerge.task_types.task_type import TaskType
-
-IGNORE_INDEX = -100  # a token without a label (Hugging Face's convention)
 
 
 @dataclass(frozen=True)
