@@ -234,6 +234,15 @@ class LengthGroupedBatches(Sampler[list[int]]):
         return full * self.megabatch + math.ceil(rest / self.batch_size)
 
 
+def pad_token_of(tokenizer: Any) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its end token, else 0."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return value
+    return 0
+
+
 class PadCollator:
     """Pads a batch of token lists to its longest example.
 
@@ -358,11 +367,10 @@ class MultiTaskTextDataModule(MultiTaskDataModule):
         self.num_classes = dict(num_classes or {})
         self.group_by_length = group_by_length
         self.answers = answers
-        pad = getattr(tokenizer, "pad_token_id", None)
-        if pad is None:
-            pad = getattr(tokenizer, "eos_token_id", None)
-            logger.warning("the tokenizer has no pad token: padding with %s", "its end token" if pad is not None else "0")
-        self.collate = PadCollator(pad if pad is not None else 0, getattr(tokenizer, "padding_side", "right"))
+        if getattr(tokenizer, "pad_token_id", None) is None:
+            has_end = getattr(tokenizer, "eos_token_id", None) is not None
+            logger.warning("the tokenizer has no pad token: padding with %s", "its end token" if has_end else "0")
+        self.collate = PadCollator(pad_token_of(tokenizer), getattr(tokenizer, "padding_side", "right"))
         if not self.calib_dir.is_dir():
             raise DataError(f"--calib {self.calib_dir} does not exist (expected one folder of .txt/.jsonl files per task)")
         self.calibration: dict[str, CalibrationView] = {}

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from adamerge.data.generation import GenerationRecords, prompt_encodings
+from adamerge.data.texts import PadCollator, pad_token_of
+from adamerge.task_types import LANGUAGE_MODELLING
 
 logger = logging.getLogger(__name__)
 
@@ -52,22 +54,19 @@ def score_generation(
     """Exact match of ``model``'s greedy answers and perplexity on plain texts (see the module docstring)."""
     model.eval()
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pad = 0 if pad is None else pad
+    pad = pad_token_of(tokenizer)
     exact = None
     if records.prompts:
         prompts = [ids[-max_length:] for ids in prompt_encodings(tokenizer, records.prompts, records.prompt_origins)]
         answers = [normalise(a) for a in records.answers]
         new_tokens = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in records.answers) + EXTRA_TOKENS
+        left = PadCollator(pad, "left")  # generation continues every prompt from its last real token
         hits = 0
         for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            width = max(map(len, chunk))
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)  # (B, T), padded on the left
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+            inputs = _on(device, left.pad([_encoding(p) for p in prompts[start : start + batch_size]]))  # (B, T)
+            width = inputs["input_ids"].shape[1]
             out = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
+                **inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
             )  # (B, T + new)
             for row, expected in zip(out[:, width:].tolist(), answers[start : start + batch_size], strict=True):
                 completion = tokenizer.decode(_until_eos(row, tokenizer.eos_token_id), skip_special_tokens=True)
@@ -75,18 +74,25 @@ def score_generation(
         exact = hits / len(prompts)
     perplexity, tokens = None, 0
     if records.texts:
+        right = PadCollator(pad, "right")
         total = 0.0
         for start in range(0, len(records.texts), batch_size):
             encoded = tokenizer(records.texts[start : start + batch_size], truncation=True, max_length=max_length)
-            width = max(map(len, encoded["input_ids"]))
-            ids = torch.tensor([r + [pad] * (width - len(r)) for r in encoded["input_ids"]], device=device)  # (B, T)
-            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in encoded["input_ids"]], device=device)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V): t predicts t + 1
-            real = mask[:, :-1].bool() & mask[:, 1:].bool()
-            nll = nn.functional.cross_entropy(logits[real], ids[:, 1:][real], reduction="sum")
-            total, tokens = total + float(nll), tokens + int(real.sum())
+            inputs = _on(device, right.pad([_encoding(ids) for ids in encoded["input_ids"]]))  # (B, T)
+            logits = model(**inputs).logits.float()  # (B, T, V)
+            positions, targets = LANGUAGE_MODELLING.scored(logits, inputs)  # every real token's next token, (N, V), (N,)
+            total += float(nn.functional.cross_entropy(positions, targets, reduction="sum"))
+            tokens += targets.numel()
         perplexity = math.exp(total / max(tokens, 1))
     return GenerationScores(exact, perplexity, len(records.prompts), tokens)
+
+
+def _encoding(ids: list[int]) -> dict[str, list[int]]:
+    return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+
+
+def _on(device: torch.device, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.to(device) for name, tensor in batch.items()}
 
 
 def _until_eos(ids: list[int], eos: int | None) -> list[int]:

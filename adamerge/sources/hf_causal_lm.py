@@ -47,11 +47,10 @@ from adamerge.sources.transformers_files import (
     without_weight_init,
 )
 from adamerge.storage.checkpoints import check_finite_tensors
-from adamerge.task_types import TokenLevel
+from adamerge.task_types import LANGUAGE_MODELLING
 
 logger = logging.getLogger(__name__)
 
-LANGUAGE_MODELLING = TokenLevel(next_token=True)
 
 
 def load_causal_lm_experts(base_path: Path, experts: Mapping[str, str], options: SourceOptions) -> ExpertSet:
