@@ -84,7 +84,7 @@ import transformers
 from adamerge.choices import IGNORE_INDEX
 from adamerge.data.generation import AnswerTokens, GenerationRecords
 from adamerge.data.texts import PadCollator, pad_token_of
-from adamerge.datasets.text import TEXT_TASKS, TextTask, load_text_task
+from adamerge.datasets.text import TextTask, load_text_task
 from adamerge.demo.text import (
     _data_is_valid,
     _exclusive,
@@ -136,9 +136,7 @@ class TaskPrompt:
 
 
 TASK_PROMPTS: dict[str, TaskPrompt] = {
-    "sst2": TaskPrompt(
-        "Review: {text}\nIs the sentiment of this review positive or negative?\nAnswer:", ("negative", "positive")
-    ),
+    "sst2": TaskPrompt("Review: {text}\nIs the sentiment of this review positive or negative?\nAnswer:", ("negative", "positive")),
     "trec": TaskPrompt(
         "Question: {text}\nDoes this question ask for a description, an entity, an abbreviation, a person, "
         "a location or a number?\nAnswer:",
@@ -450,14 +448,16 @@ def finetune(model: torch.nn.Module, rows: AnswerTokens, pad_id: int, lr: float,
             output.loss.backward()
             optimizer.step()
             scheduler.step()
-            step, loss = step + 1, float(output.loss)
+            step, loss = step + 1, float(output.loss.detach())
             logger.debug("step %d/%d: loss %.4f", step, total, loss)
             if step == total:
                 break
     return step, loss
 
 
-def exact_match(model: torch.nn.Module, tokenizer: transformers.PreTrainedTokenizerBase, records: GenerationRecords, max_length: int) -> float:
+def exact_match(
+    model: torch.nn.Module, tokenizer: transformers.PreTrainedTokenizerBase, records: GenerationRecords, max_length: int
+) -> float:
     """Exact match of ``model``'s greedy answers (adamerge's own scoring, see :mod:`adamerge.run.generation_eval`)."""
     return float(score_generation(model, tokenizer, records, batch_size=16, max_length=max_length).exact_match)
 
@@ -468,9 +468,7 @@ def base_exact_match(root: Path, task: str, max_length: int) -> float:
     return exact_match(load_base(base_dir), load_tokenizer(base_dir), read_records(root / "test" / f"{task}.jsonl"), max_length)
 
 
-def train_and_save_expert(
-    task: TextTask, parts: Mapping[str, np.ndarray], flavour: str, settings: LLMDemoSettings, root: Path
-) -> dict:
+def train_and_save_expert(task: TextTask, parts: Mapping[str, np.ndarray], flavour: str, settings: LLMDemoSettings, root: Path) -> dict:
     """Fine-tune one expert of one flavour, score it on the test prompts and save its folder.
 
     Returns:
@@ -485,7 +483,9 @@ def train_and_save_expert(
         model = peft.get_peft_model(model, lora_config(settings))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lr = settings.full_lr if flavour == "full" else settings.lora_lr
-    rows = AnswerTokens(records_of(prompt_rows(task, "train", parts["finetune"], settings), f"{task.name}:finetune"), tokenizer, settings.max_length)
+    rows = AnswerTokens(
+        records_of(prompt_rows(task, "train", parts["finetune"], settings), f"{task.name}:finetune"), tokenizer, settings.max_length
+    )
 
     started = time.perf_counter()
     steps, loss = finetune(model, rows, pad_token_of(tokenizer), lr, settings, seed)
@@ -628,7 +628,7 @@ def _build_locked(
         for flavour in flavours:
             expert_fp = _expert_fingerprint(name, flavour, settings, base_sha256)
             current = manifest["experts"].setdefault(flavour, {}).get(name, {})
-            if not force and not (name in pending) and _expert_is_valid(root, f"{flavour}/{name}", current, expert_fp):
+            if not force and name not in pending and _expert_is_valid(root, f"{flavour}/{name}", current, expert_fp):
                 logger.info("%s/%s: reusing cached expert (exact match %.4f)", flavour, name, current["exact_match"])
                 continue
             fingerprints[name, flavour] = expert_fp

