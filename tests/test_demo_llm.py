@@ -135,3 +135,14 @@ def test_the_gguf_base_converts_to_a_folder_transformers_loads(tmp_path):
     out = model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=pad_token_of(tokenizer))
     assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
     assert np.isfinite(float(model(**ids).logits.abs().max()))
+
+
+def test_fingerprints_compare_equal_after_the_manifest_round_trip():
+    """A cache hit compares the fingerprint with the one read back from manifest.json."""
+    settings = llm.settings_for(False)
+    for task in llm.TASK_PROMPTS:
+        data = llm._data_fingerprint(task, settings, "sha")
+        assert json.loads(json.dumps(data)) == data
+        for flavour in llm.FLAVOURS:
+            expert = llm._expert_fingerprint(task, flavour, settings, "sha")
+            assert json.loads(json.dumps(expert)) == expert

@@ -513,16 +513,22 @@ def train_and_save_expert(task: TextTask, parts: Mapping[str, np.ndarray], flavo
 # --------------------------------------------------------------------------- cache
 
 
+def _prompt_record(task: str) -> dict:
+    """The task's prompt as the manifest holds it (JSON: the answers as a list, so that it compares equal when read back)."""
+    framing = TASK_PROMPTS[task]
+    return {"template": framing.template, "answers": list(framing.answers)}
+
+
 def _data_fingerprint(task: str, settings: LLMDemoSettings, base_sha256: str) -> dict:
     return {
-        "format": FORMAT_VERSION, "task": task, "prompt": asdict(TASK_PROMPTS[task]),
+        "format": FORMAT_VERSION, "task": task, "prompt": _prompt_record(task),
         "settings": {name: getattr(settings, name) for name in _DATA_FIELDS}, "base_sha256": base_sha256,
     }  # fmt: skip
 
 
 def _expert_fingerprint(task: str, flavour: str, settings: LLMDemoSettings, base_sha256: str) -> dict:
     return {
-        "format": FORMAT_VERSION, "task": task, "flavour": flavour, "prompt": asdict(TASK_PROMPTS[task]),
+        "format": FORMAT_VERSION, "task": task, "flavour": flavour, "prompt": _prompt_record(task),
         "task_seed": task_seed(settings.seed, task),
         "settings": {name: getattr(settings, name) for name in _DATA_FIELDS + _TRAIN_FIELDS + _FLAVOUR_FIELDS[flavour]},
         "lora_targets": list(LORA_TARGETS) if flavour == "lora" else None, "base_sha256": base_sha256,
