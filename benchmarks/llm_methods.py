@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from benchmarks.runner import cpu_slot, run_all, write_results
-from benchmarks.vision_methods import results_table
+from benchmarks.vision_methods import results_table, stage_one_rows
 
 STATIC = ["average", "task-arithmetic", "ties"]
 LEARNED = {  # row: (method, granularity, extra options)
@@ -125,14 +125,7 @@ def main() -> None:
         results[row] = {"per_task": final, "wall_s": measured["wall_s"], "peak_rss_mb": measured["peak_rss_mb"]}
         if flavour == "lora" and row in DENSE_ONLY:
             results[row]["densified"] = True
-        for stage_one, source in STAGE_ONE.items():
-            if source == row and stage_one in rows:
-                timing = metrics["timing_s"]
-                results[stage_one] = {
-                    "per_task": accuracy[result_key(stage_one)],
-                    "wall_s": timing["load"] + timing["stage_one_fit"] + timing["stage_one_test"],
-                    "peak_rss_mb": measured["peak_rss_mb"], "measured_in": f"the {source} run (its stage one)",
-                }  # fmt: skip
+        results.update(stage_one_rows(row, rows, metrics, measured, STAGE_ONE, result_key))
         sys.stderr.write(f"{flavour:4s} {row:30s} average {100 * final['average']:.1f}  {measured['wall_s']:.0f} s\n")
 
     started = time.perf_counter()

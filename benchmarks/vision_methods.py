@@ -29,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from benchmarks.runner import cpu_slot, run_all, write_results  # (one fresh, measured process per row)
@@ -206,18 +207,23 @@ def rows_with_a_run(rows: list[str]) -> list[str]:
     return [row for row in rows if STAGE_ONE_ROWS.get(row) not in rows]
 
 
-def stage_one_rows(row: str, rows: list[str], metrics: dict, measured: dict) -> dict[str, dict]:
+def stage_one_rows(
+    row: str, rows: list[str], metrics: dict, measured: dict,
+    stage_one_of: Mapping[str, str] = STAGE_ONE_ROWS, key: Callable[[str], str] | None = None,
+) -> dict[str, dict]:  # fmt: skip
     """The table rows that ``row``'s run also reports: Expert Merging from Expert Merging++'s stage one.
 
     Its wall time is that stage's own (loading, stage-one fit, its test; ``metrics["timing_s"]``);
-    the peak RSS is the whole run's.
+    the peak RSS is the whole run's. ``stage_one_of`` maps a stage-one row to the row whose run
+    reports it and ``key`` names a row's merge in ``metrics.json`` (this benchmark's by default).
     """
+    key = key or result_key
     found = {}
-    for stage_one, source in STAGE_ONE_ROWS.items():
+    for stage_one, source in stage_one_of.items():
         if source == row and stage_one in rows:
             timing = metrics["timing_s"]
             found[stage_one] = {
-                "per_task": metrics["accuracy"][result_key(stage_one)],
+                "per_task": metrics["accuracy"][key(stage_one)],
                 "wall_s": timing["load"] + timing["stage_one_fit"] + timing["stage_one_test"],
                 "peak_rss_mb": measured["peak_rss_mb"],
                 "measured_in": f"the {source} run (its stage one)",

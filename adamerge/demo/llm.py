@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -94,10 +93,13 @@ from adamerge.demo.text import (
     demo_parts,
     describe_demo_parts,
     dir_sha256,
+    load_tokenizer,
+    package_version,
     quiet_transformers,
     torch_threads,
 )
 from adamerge.demo.vision import _read_json, _swap_folder, _warmup_cosine, _write_bytes_atomic, _write_json_atomic, sha256_file, task_seed
+from adamerge.demo.vision import resolve_cache_dir as vision_cache_dir
 from adamerge.errors import CheckpointError, DataError
 from adamerge.run.generation_eval import score_generation
 
@@ -245,21 +247,14 @@ class LLMDemoAssets:
 
 def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
     """The cache folder: the argument, else ``$ADAMERGE_CACHE``, else ``~/.cache/adamerge/demo-llm``."""
-    if cache_dir is None:
-        cache_dir = os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR
-    return Path(cache_dir).expanduser().resolve()
+    return vision_cache_dir(cache_dir, DEFAULT_CACHE_DIR)
 
 
 def versions() -> dict[str, str]:
     """Versions of the libraries the assets depend on."""
-    found = {}
-    for name in ("gguf", BASE_PACKAGE):
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = "not installed"
     return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "numpy": np.__version__, **found}  # fmt: skip
+            "peft": peft.__version__, "numpy": np.__version__,
+            **{name: package_version(name) for name in ("gguf", BASE_PACKAGE)}}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- files
@@ -388,12 +383,6 @@ def _prepare_base(root: Path, manifest: dict, gguf: str | Path | None) -> str:
                         "architecture": architecture, "note": "4-bit (Q4_1) weights at the source, dequantised to float32"}  # fmt: skip
     logger.info("base %s converted from %s in %.1f s", architecture, source.name, time.perf_counter() - started)
     return files["model.safetensors"]
-
-
-def load_tokenizer(base_dir: Path) -> transformers.PreTrainedTokenizerBase:
-    """The tokenizer saved with the base."""
-    with quiet_transformers():
-        return transformers.AutoTokenizer.from_pretrained(str(base_dir))
 
 
 def load_base(base_dir: Path) -> torch.nn.Module:
@@ -634,7 +623,7 @@ def _build_locked(
         for flavour in flavours:
             expert_fp = _expert_fingerprint(name, flavour, settings, base_sha256)
             current = manifest["experts"].setdefault(flavour, {}).get(name, {})
-            if not force and name not in pending and _expert_is_valid(root, f"{flavour}/{name}", current, expert_fp):
+            if not force and _expert_is_valid(root, f"{flavour}/{name}", current, expert_fp):
                 logger.info("%s/%s: reusing cached expert (exact match %.4f)", flavour, name, current["exact_match"])
                 continue
             fingerprints[name, flavour] = expert_fp

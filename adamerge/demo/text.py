@@ -80,7 +80,6 @@ import json
 import logging
 import math
 import multiprocessing
-import os
 import sys
 import tempfile
 import time
@@ -108,6 +107,7 @@ from adamerge.demo.vision import (
     sha256_file,
     task_seed,
 )
+from adamerge.demo.vision import resolve_cache_dir as vision_cache_dir
 from adamerge.errors import CheckpointError, DataError
 
 logger = logging.getLogger(__name__)
@@ -238,9 +238,7 @@ class TextDemoAssets:
 
 def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
     """The cache folder: the argument, else ``$ADAMERGE_CACHE``, else ``~/.cache/adamerge/demo-text``."""
-    if cache_dir is None:
-        cache_dir = os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR
-    return Path(cache_dir).expanduser().resolve()
+    return vision_cache_dir(cache_dir, DEFAULT_CACHE_DIR)
 
 
 def versions() -> dict[str, str]:
@@ -251,11 +249,12 @@ def versions() -> dict[str, str]:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "numpy": np.__version__,
-        BASE_PACKAGE: _package_version(BASE_PACKAGE),
+        BASE_PACKAGE: package_version(BASE_PACKAGE),
     }
 
 
-def _package_version(name: str) -> str:
+def package_version(name: str) -> str:
+    """The installed version of a distribution, or ``"not installed"``."""
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:

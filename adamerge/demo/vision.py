@@ -178,10 +178,10 @@ def save_state_dict_atomic(state_dict: Mapping[str, torch.Tensor], path: Path) -
     os.replace(stream.name, path)
 
 
-def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
-    """The cache folder: the argument, else ``$ADAMERGE_CACHE``, else ``~/.cache/adamerge/demo-vision``."""
+def resolve_cache_dir(cache_dir: str | Path | None = None, default: Path = DEFAULT_CACHE_DIR) -> Path:
+    """The cache folder: the argument, else ``$ADAMERGE_CACHE``, else ``default`` (``~/.cache/adamerge/demo-vision``)."""
     if cache_dir is None:
-        cache_dir = os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR
+        cache_dir = os.environ.get(CACHE_ENV) or default
     return Path(cache_dir).expanduser().resolve()
 
 
