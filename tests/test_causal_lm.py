@@ -151,6 +151,40 @@ def test_padding_does_not_change_the_token_level_entropy(lm):
     torch.testing.assert_close(positions, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_response_positions_score_the_distribution_after_each_prompt(lm, side):
+    """``positions="response"``: one ``(C,)`` row per prompt, the next-token distribution after its
+    last real token, whichever side the padding is on; labelled batches keep their labels."""
+    experts = lm.load()
+    merged = MergedModel(experts.model, experts.task_vectors, granularity="layer", init=0.3)
+    response = TokenLevel(next_token=True, positions="response")
+    texts = ["the movie is good", "a team won the game , yes", "world"]
+    lm.tokenizer.padding_side = side
+    try:
+        padded = dict(lm.tokenizer(texts, padding=True, return_tensors="pt"))
+    finally:
+        lm.tokenizer.padding_side = "right"
+    if side == "left":  # GPT-2's absolute positions: count from each prompt's first real token
+        padded["position_ids"] = (padded["attention_mask"].cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        rows, targets = response.scored(merged(padded), padded)
+        alone = torch.stack([merged(dict(lm.tokenizer([t], return_tensors="pt")))[0, -1] for t in texts])  # (B, V)
+        labels = padded["input_ids"].masked_fill(padded["attention_mask"] == 0, -100)
+        labelled, _ = response.scored(merged(padded), padded, labels)
+    assert targets is None and rows.shape == alone.shape
+    torch.testing.assert_close(rows, alone, atol=1e-5, rtol=0)
+    assert labelled.shape[0] == int((padded["attention_mask"].sum(1) - 1).sum())  # every labelled next token
+
+
+def test_response_positions_are_refused_outside_language_modelling():
+    from adamerge.errors import AdamergeError
+
+    with pytest.raises(AdamergeError, match="language modelling only"):
+        TokenLevel(positions="response")
+    with pytest.raises(AdamergeError, match="'all' or 'response'"):
+        TokenLevel(next_token=True, positions="last")
+
+
 def test_fit_exports_a_causal_lm_transformers_loads_alone(lm, tmp_path):
     output = tmp_path / "run"
     code = main(["fit", "--base", f"hf:{lm.base}", "--experts", *lm.expert_args(), "--calib", str(lm.calib),
@@ -371,10 +405,14 @@ def test_few_shot_cross_entropy_is_the_loss_of_the_answers(tmp_path):
     assert metrics["method"]["objective"] == "cross-entropy" and metrics["steps"] == 3
 
 
-def test_expert_alignment_at_token_level(tmp_path):
-    """Expert Merging on causal LMs: each expert's next-token logits and final hidden states are
-    cached per real token; at one-hot λ the merged model is expert k, so its alignment loss on task
-    k's calibration batches is 0, and at another λ it is not. ``fit --method expert-merging`` runs."""
+@pytest.mark.parametrize("positions", ["all", "response"])
+def test_expert_alignment_at_token_level(tmp_path, positions):
+    """Expert Merging on causal LMs: each expert's next-token logits (at every real token, or at
+    the response's first token only) and final hidden states are cached per example; at one-hot λ
+    the merged model is expert k, so its alignment loss on task k's calibration batches is 0, and
+    at another λ it is not. ``fit --method expert-merging --positions ...`` runs."""
+    import dataclasses
+
     from adamerge.core.hooks import HEAD_INPUT
     from adamerge.objectives.task_objectives import ExpertAlignment, ModelOutputs, TaskBatch, as_task_batch
     from adamerge.run.datamodules import build_datamodule
@@ -382,6 +420,7 @@ def test_expert_alignment_at_token_level(tmp_path):
 
     setup = build(tmp_path, "llama")
     experts = setup.load()
+    experts = dataclasses.replace(experts, task_type=TokenLevel(next_token=True, positions=positions))
     data = build_datamodule(experts, setup.calib, batch_size=3, max_length=16, with_index=True)
     data.setup("fit")
     for k, task in enumerate(experts.tasks):
@@ -392,8 +431,10 @@ def test_expert_alignment_at_token_level(tmp_path):
             batch = as_task_batch(next(iter(data.calibration_loaders(shuffle=False)[task])))
             with torch.no_grad(), merged.capture(objective.hidden_modules) as hidden:
                 logits = merged(batch.inputs)
-            positions, _ = experts.task_type.scored(logits, batch.inputs)
-            loss = objective(task, ModelOutputs(positions, dict(hidden)), TaskBatch(batch.inputs, None, batch.index))
+            scored, _ = experts.task_type.scored(logits, batch.inputs)
+            if positions == "response":
+                assert scored.shape[0] == batch.size
+            loss = objective(task, ModelOutputs(scored, dict(hidden)), TaskBatch(batch.inputs, None, batch.index))
             if init.sum() == 1:
                 assert float(loss) < 1e-6
             else:
@@ -401,7 +442,7 @@ def test_expert_alignment_at_token_level(tmp_path):
     output = tmp_path / "em"
     assert main(["fit", "--method", "expert-merging", "--base", f"hf:{setup.base}", "--experts", *setup.expert_args(),
                  "--calib", str(setup.calib), "--steps", "2", "--batch-size", "2", "--max-length", "16",
-                 "--output", str(output)]) == 0  # fmt: skip
+                 "--positions", positions, "--output", str(output)]) == 0  # fmt: skip
 
 
 def test_bf16_autocast_learns_the_float32_coefficients(tmp_path, caplog):
@@ -441,3 +482,20 @@ def test_an_adapter_on_a_tied_embedding_keeps_the_expert_alone_tied(tmp_path):
     batch = setup.batch()
     with torch.no_grad():
         torch.testing.assert_close(alone(**batch).logits, reference(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_fit_too_short_to_move_its_coefficients_says_so(tmp_path, caplog):
+    """Adam moves λ by at most about lr per step: AdaMerging's 1e-3 over 3 steps cannot leave its
+    start, and the run warns with the bound and the steps the lr suits; lr 0.1 does not warn."""
+    from adamerge.methods import get_method
+
+    assert get_method("adamerging").reach(500) == pytest.approx(0.5)
+    assert get_method("expert-merging").reach(4) == pytest.approx(0.5)  # lr 0.5 through a sigmoid (slope ≤ ¼)
+    setup = build(tmp_path, "llama")
+    for lr, warned in ((None, True), ("0.1", False)):
+        caplog.clear()
+        output = tmp_path / f"lr-{lr}"
+        argv = ["fit", "--base", f"hf:{setup.base}", "--experts", *setup.expert_args(), "--calib", str(setup.calib),
+                "--steps", "3", "--batch-size", "2", "--max-length", "16", "--eval-init", "false", "--output", str(output)]
+        assert main(argv + (["--lr", lr] if lr else [])) == 0  # fmt: skip
+        assert ("moves each λ by at most 0.003" in caplog.text and "about 100 steps" in caplog.text) is warned

@@ -186,6 +186,16 @@ class LearnedMethod(Method):
             return functools.partial(torch.optim.AdamW, lr=self.lr, weight_decay=self.weight_decay)
         raise AdamergeError(f"optimizer {self.optimizer!r}: expected 'adam' or 'adamw'")
 
+    def reach(self, steps: int) -> float:
+        """The most any constrained λ can move from its start in ``steps`` steps of this method.
+
+        Adam's update of a parameter is at most about ``lr`` per step whatever the gradient's
+        scale, so a raw coefficient moves at most ``lr · steps`` (less under a decaying schedule);
+        a sigmoid's slope is at most ¼.
+        """
+        travel = self.lr * steps
+        return travel / 4 if self.constraint == "sigmoid" else travel
+
     def scheduler_factory(self, steps: int) -> SchedulerFactory | None:
         """Per-step learning-rate schedule over ``steps`` steps (``None``: constant)."""
         import torch

@@ -16,7 +16,7 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adamerge.choices import BATCHNORM_POLICIES, CONSTRAINTS, HEAD_INPUT, PRECISIONS, TASK_VECTOR_DTYPES
+from adamerge.choices import BATCHNORM_POLICIES, CONSTRAINTS, HEAD_INPUT, PRECISIONS, TASK_VECTOR_DTYPES, TOKEN_POSITIONS
 
 
 def option(
@@ -117,6 +117,10 @@ class FitSettings(RunSettings):
             the merged weights and λ stay float32, the model's forward and backward run in 16 bits.
         eval_experts: also evaluate each expert alone on its own task.
         eval_init: also evaluate the initial merge (λ = init) before training.
+        positions: causal LMs: the next-token distributions an unlabeled objective scores on each
+            calibration prompt (and that the experts' targets and the hold-out compare): ``all``
+            real tokens, or ``response``: only the one after the prompt, the first token the
+            model would generate.
         group_by_length: text experts: training batches of texts of similar length (far fewer
             pad tokens per step).
         progress_bar: a live bar of the training steps (on an interactive terminal; every stage
@@ -158,6 +162,7 @@ class FitSettings(RunSettings):
     precision: str = option("32-true", choices=PRECISIONS)
     eval_experts: bool = True
     eval_init: bool = True
+    positions: str = option("all", choices=TOKEN_POSITIONS)
     group_by_length: bool = False
     progress_bar: bool = True
     shots: int | None = None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,9 @@ from adamerge.storage.output_folder import OutputFolder
 logger = logging.getLogger(__name__)
 
 DTYPES = {name: getattr(torch, name) for name in TASK_VECTOR_DTYPES}
+#: Below this bound on how far λ can move (:meth:`LearnedMethod.reach`) a fit is warned that it
+#: will end about where it started.
+MIN_REACH = 0.1
 
 
 def run_workflow(settings: FitSettings, output: OutputFolder, resume: ResumeState | None, started: float) -> dict[str, Any]:
@@ -186,10 +190,17 @@ def _load(settings: FitSettings) -> _Loaded:
 
     experts = load_experts(settings.base, settings.experts, source_options(settings, DTYPES[settings.task_vector_dtype]))
     experts = keep_task_specific(experts, settings.task_specific)
+    experts = _with_positions(experts, settings.positions)
     if settings.granularity is None:  # the source's own default: one λ per decoder block for causal LMs
         settings = dataclasses.replace(settings, granularity=experts.default_granularity)
         logger.info("granularity: %s (the default for these experts)", settings.granularity)
     task_vectors = method.rewrite(experts.task_vectors)
+    if isinstance(method, LearnedMethod) and settings.steps > 0 and method.reach(settings.steps) < MIN_REACH:
+        logger.warning(
+            "%s: lr %g over %d steps moves each λ by at most %.3g from its start: raise --lr or --steps "
+            "(the method's lr suits about %d steps)",
+            method.name, method.lr, settings.steps, method.reach(settings.steps), math.ceil(MIN_REACH / method.reach(1)),
+        )  # fmt: skip
     batchnorm = resolve_policy(settings.batchnorm, experts.tasks, experts.heads, experts.model)
     learned = isinstance(method, LearnedMethod)
     if settings.calib is None and batchnorm in REESTIMATING_POLICIES and batchnorm_layers(experts.model):
@@ -220,6 +231,15 @@ def _load(settings: FitSettings) -> _Loaded:
     targets = ExpertTargets(experts, data, merged) if method.needs_expert_outputs else None
     module = _module(method, merged, settings, experts, targets)
     return _Loaded(settings, method, experts, data, merged, module, targets, _safeguard(experts, data, settings))
+
+
+def _with_positions(experts: ExpertSet, positions: str) -> ExpertSet:
+    """The experts with their task type scoring ``positions`` of unlabeled prompts (``--positions``)."""
+    if positions == "all":
+        return experts
+    if not experts.task_type.generates:
+        raise AdamergeError(f"--positions {positions} applies to causal language models; these experts are {experts.task_type.name} models")
+    return dataclasses.replace(experts, task_type=dataclasses.replace(experts.task_type, positions=positions))
 
 
 def _datamodule(settings: FitSettings, experts: ExpertSet, method: Method) -> L.LightningDataModule:

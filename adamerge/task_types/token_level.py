@@ -5,16 +5,22 @@ the Hugging Face convention) and language modelling (``next_token=True``: positi
 token ``t + 1`` of ``input_ids``, so the targets come from the inputs and the last position of
 each sequence is not scored). Positions where ``attention_mask`` is 0 are padding and are
 dropped, so a loss or an accuracy over the scored positions is per real token.
+
+Unlabeled prompts can be scored at one position instead (``positions="response"``): the
+distribution after each prompt's last real token, the first token the model would generate. On
+prompts whose tasks are decided in the answer (prompt → short answer), the text tokens before it
+carry little of what a fine-tune changed, and that is the analogue of AdaMerging's per-image
+prediction for a classifier. Labelled batches (few-shot) are always scored at their labels.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from adamerge.choices import IGNORE_INDEX
+from adamerge.choices import IGNORE_INDEX, TOKEN_POSITIONS
 from adamerge.errors import AdamergeError
 from adamerge.task_types.task_type import TaskType
 
@@ -25,11 +31,20 @@ class TokenLevel(TaskType):
 
     Attributes:
         next_token: language modelling: the target of position ``t`` is input token ``t + 1``.
+        positions: language modelling without labels: ``all`` real tokens, or ``response``: the
+            last real token of each sequence only (``(B, C)`` logits, no targets).
     """
 
     next_token: bool = False
+    positions: Literal["all", "response"] = "all"
 
     name: ClassVar[str] = "token"
+
+    def __post_init__(self) -> None:
+        if self.positions not in TOKEN_POSITIONS:
+            raise AdamergeError(f"token positions must be 'all' or 'response', got {self.positions!r}")
+        if self.positions == "response" and not self.next_token:
+            raise AdamergeError("positions='response' scores the token after a prompt: language modelling only")
 
     @property
     def generates(self) -> bool:
@@ -46,6 +61,9 @@ class TokenLevel(TaskType):
             raise AdamergeError(f"a token-level task expects (batch, tokens, classes) logits, got shape {tuple(logits.shape)}")
         batch, tokens = logits.shape[:2]
         mask = _attention_mask(inputs, batch, tokens, logits.device)  # (B, T) bool
+        if self.next_token and labels is None and self.positions == "response":
+            last = mask.long().cumsum(1).argmax(1)  # (B,) each row's last real token (either padding side)
+            return logits[torch.arange(batch, device=logits.device), last], None  # (B, C)
         if self.next_token:
             if labels is None:
                 labels = _input_ids(inputs)
