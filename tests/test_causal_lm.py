@@ -439,6 +439,18 @@ def test_expert_alignment_at_token_level(tmp_path, positions):
                 assert float(loss) < 1e-6
             else:
                 assert float(loss) > 1e-4
+    merged = MergedModel(experts.model, experts.task_vectors, granularity="task", constraint="none", init=0.3)
+    in_memory = ExpertAlignment(merged.coefficients().detach(), experts.tasks, hidden_modules=(HEAD_INPUT,))
+    on_disk = ExpertAlignment(merged.coefficients().detach(), experts.tasks, hidden_modules=(HEAD_INPUT,))
+    ExpertTargets(experts, data, merged).fill(in_memory)
+    ExpertTargets(experts, data, merged, memory_budget_bytes=0).fill(on_disk)  # every logit row memory-mapped
+    batch = as_task_batch(next(iter(data.calibration_loaders(shuffle=False)["topic"])))
+    with torch.no_grad(), merged.capture((HEAD_INPUT,)) as hidden:
+        scored, _ = experts.task_type.scored(merged(batch.inputs), batch.inputs)
+    outputs, task_batch = ModelOutputs(scored, dict(hidden)), TaskBatch(batch.inputs, None, batch.index)
+    assert float(in_memory("topic", outputs, task_batch)) > 1e-4
+    assert float(in_memory("topic", outputs, task_batch)) == float(on_disk("topic", outputs, task_batch))
+    assert "logits" not in dict(on_disk.targets["topic"].named_buffers())  # stays on the host when moved
     output = tmp_path / "em"
     assert main(["fit", "--method", "expert-merging", "--base", f"hf:{setup.base}", "--experts", *setup.expert_args(),
                  "--calib", str(setup.calib), "--steps", "2", "--batch-size", "2", "--max-length", "16",

@@ -228,21 +228,25 @@ class ExpertAlignment(Objective):
 
     @torch.no_grad()
     def cache_targets(
-        self, task: str, logits: torch.Tensor, hidden: Mapping[str, torch.Tensor], offsets: torch.Tensor | None = None
+        self, task: str, logits: torch.Tensor, hidden: Mapping[str, torch.Tensor], spans: torch.Tensor | None = None
     ) -> None:
         """Store an expert's outputs on its whole calibration set.
 
         Args:
             task: the expert's task.
-            logits: one row per example (row ``i`` = dataset index ``i``), or, with ``offsets``,
-                one row per scored token (example ``i``: rows ``offsets[i, 0]:offsets[i + 1, 0]``).
-            hidden: ``{name: hidden}`` in the same layout (token rows: ``offsets[:, 1]``).
-            offsets: ``(E + 1, 2)`` row offsets of token-level targets (``None``: one row per example).
+            logits: one row per example (row ``i`` = dataset index ``i``), or, with ``spans``,
+                one row per scored token (example ``i``: rows ``spans[i, 0] : spans[i, 0] + spans[i, 1]``).
+            hidden: ``{name: hidden}`` in the same layout (token rows: ``spans[i, 2]``, ``spans[i, 3]``).
+            spans: ``(E, 4)`` first row and row count of each example's logits and hidden states
+                (``None``: one row per example). Token-level logits stay where they are (host
+                memory, or a memory-mapped file) and only a batch's rows move to the device.
         """
         holder = nn.Module()
-        holder.register_buffer("logits", logits.detach().float(), persistent=False)
-        if offsets is not None:
-            holder.register_buffer("offsets", offsets.long(), persistent=False)
+        if spans is None:
+            holder.register_buffer("logits", logits.detach().float(), persistent=False)
+        else:
+            holder.logits = logits  # not a buffer: never copied to the device whole
+            holder.register_buffer("spans", spans.long(), persistent=False)
         for i, name in enumerate(self.hidden_modules):
             if name not in hidden:
                 raise AdamergeError(f"expert outputs of {task!r} lack hidden state {name!r}")
@@ -255,18 +259,22 @@ class ExpertAlignment(Objective):
         if batch.index is None:
             raise AdamergeError("expert alignment needs sample indices in the batch (with_index=True)")
         target = self.targets[task]
-        index = batch.index.to(target.logits.device)
-        offsets = getattr(target, "offsets", None)
-        rows = index if offsets is None else _ragged_rows(offsets[:, 0], index)  # the batch's examples, in order
-        loss = losses.distillation_kl(outputs.logits, target.logits[rows], self.temperature)
+        spans = getattr(target, "spans", None)
+        if spans is None:
+            reference_logits = target.logits[batch.index.to(target.logits.device)]
+        else:  # the batch's examples' token rows, in order
+            rows = _ragged_rows(spans[:, 0], spans[:, 1], batch.index.tolist())
+            reference_logits = target.logits[rows.cpu()].to(outputs.logits.device)
+        loss = losses.distillation_kl(outputs.logits, reference_logits, self.temperature)
         for i, name in enumerate(self.hidden_modules):
             merged_hidden = outputs.hidden[name].float()
             reference = getattr(target, f"hidden_{i}")
-            if offsets is not None:  # (B, T, H) → the real tokens, row-major, as the targets were stored
+            if spans is not None:  # (B, T, H) → the real tokens, row-major, as the targets were stored
                 mask = batch.inputs["attention_mask"].bool().to(merged_hidden.device)
-                merged_hidden, reference = merged_hidden[mask], reference[_ragged_rows(offsets[:, 1], index)]
+                merged_hidden = merged_hidden[mask]
+                reference = reference[_ragged_rows(spans[:, 2], spans[:, 3], batch.index.tolist())]
             else:
-                reference = reference[index]
+                reference = reference[batch.index.to(reference.device)]
             loss = loss + nn.functional.mse_loss(merged_hidden, reference)
         return self.task_weights[task] * loss
 
@@ -274,9 +282,9 @@ class ExpertAlignment(Objective):
         return self.gamma * (coefficients - self.init).abs().mean()
 
 
-def _ragged_rows(offsets: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``offsets[i]:offsets[i + 1]`` of every example ``i`` in ``index``, concatenated in order."""
-    return torch.cat([torch.arange(int(offsets[i]), int(offsets[i + 1]), device=offsets.device) for i in index.tolist()])
+def _ragged_rows(starts: torch.Tensor, counts: torch.Tensor, examples: Sequence[int]) -> torch.Tensor:
+    """Rows ``starts[i] : starts[i] + counts[i]`` of every example ``i`` of ``examples``, concatenated in order."""
+    return torch.cat([torch.arange(int(starts[i]), int(starts[i] + counts[i]), device=starts.device) for i in examples])
 
 
 @torch.no_grad()

@@ -14,22 +14,39 @@ from adamerge.core.model_inputs import Inputs, as_logits, call_module
 from adamerge.errors import AdamergeError
 from adamerge.objectives.task_objectives import ExpertAlignment, as_task_batch, collect_outputs
 from adamerge.sources import ExpertSet
+from adamerge.storage.spill import SpillingRows
+
+#: Bytes of token-level expert logits one run keeps in memory; past them the rest of the targets
+#: go to a temporary file read back memory-mapped (:class:`~adamerge.storage.spill.SpillingRows`).
+TARGETS_MEMORY_BUDGET = 2 << 30
 
 
 class ExpertTargets:
-    """Each expert's logits and hidden states on its own calibration data, computed once."""
+    """Each expert's logits and hidden states on its own calibration data, computed once.
 
-    def __init__(self, experts: ExpertSet, data: L.LightningDataModule, merged: MergedModel) -> None:
+    Args:
+        experts: the expert set.
+        data: the run's data module (its ``target_loaders``).
+        merged: the merged model (where the head input is captured).
+        memory_budget_bytes: token-level logits (causal LMs) kept in memory over all tasks; the
+            rest are kept on disk, memory-mapped.
+    """
+
+    def __init__(
+        self, experts: ExpertSet, data: L.LightningDataModule, merged: MergedModel, memory_budget_bytes: int = TARGETS_MEMORY_BUDGET
+    ) -> None:
         if experts.expert_model is None:
             raise AdamergeError("expert-merging needs each expert alone, which this expert source cannot rebuild")
         self.experts = experts
         self.data = data
         self.head_module = merged.head_module
-        self.cache: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+        self.memory_budget_bytes = memory_budget_bytes
+        self.cache: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]] = {}
 
     @torch.no_grad()
     def fill(self, objective: ExpertAlignment) -> None:
         loaders = self.data.target_loaders()
+        budget = self.memory_budget_bytes - sum(c[0].numel() * 4 for c in self.cache.values() if c[2] is not None)
         for task in self.experts.tasks:
             if task not in self.cache:
                 model = self.experts.expert_model(task).eval()
@@ -46,7 +63,9 @@ class ExpertTargets:
                     logits, hidden = collect_outputs(module_forward(model), capture, objective.hidden_modules, batches())
                     self.cache[task] = (*in_index_order(torch.cat(positions), logits, hidden), None)
                 else:
-                    self.cache[task] = token_targets(model, capture, objective.hidden_modules, batches(), positions, self.experts)
+                    rows = SpillingRows(budget, name=f"expert targets ({task})")
+                    self.cache[task] = token_targets(model, capture, objective.hidden_modules, batches(), positions, self.experts, rows)
+                    budget -= rows.nbytes
             objective.cache_targets(task, *self.cache[task])
 
 
@@ -57,6 +76,7 @@ def token_targets(
     batches: Iterable[Inputs],
     positions: list[torch.Tensor],
     experts: ExpertSet,
+    rows: SpillingRows | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """An expert's outputs at every scored token of every calibration example, row-ragged.
 
@@ -68,35 +88,44 @@ def token_targets(
             ``positions`` before it is yielded.
         positions: ``(B,)`` dataset indices of each batch, in loader order.
         experts: the expert set (its task type scores the positions).
+        rows: where the logits go (default: all in memory); stored in visit order, so a
+            memory-mapped file is written once, front to back.
 
-    Example ``i``'s rows are ``offsets[i]:offsets[i + 1]`` of the logits (its scored positions,
-    in order: for next-token prediction every real token but the last) and of each hidden state
-    (its real tokens, in order). The training step gathers the same rows in the same order for a
-    batch of examples, whatever their padding.
+    Example ``i``'s logits are rows ``spans[i, 0] : spans[i, 0] + spans[i, 1]`` (its scored
+    positions, in order: for next-token prediction every real token but the last, or only the last
+    under ``positions="response"``) and its hidden states rows ``spans[i, 2] : spans[i, 2] +
+    spans[i, 3]`` (its real tokens, in order). The training step gathers the same rows in the same
+    order for a batch of examples, whatever their padding.
 
     Returns:
-        ``(logits (ΣN_i, C), {name: hidden (ΣT_i, H)}, offsets (E + 1, 2))``: column 0 the logits'
-        offsets, column 1 the hidden states'.
+        ``(logits (ΣN_i, C), {name: hidden (ΣT_i, H)}, spans (E, 4))``.
     """
-    per_example: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+    rows = rows if rows is not None else SpillingRows(budget_bytes=2**62)
+    hidden_rows: dict[str, list[torch.Tensor]] = {name: [] for name in hidden_modules}
+    hidden_count = 0
+    spans: dict[int, tuple[int, int, int, int]] = {}
     run = module_forward(model)
     for inputs in batches:
         with capture(hidden_modules) as captured:
             logits = as_logits(run(inputs))  # (B, T, C)
         mask = inputs["attention_mask"].bool() if isinstance(inputs, dict) and "attention_mask" in inputs else None
         for row, index in enumerate(positions[-1].tolist()):
+            if index in spans:
+                raise AdamergeError(f"expert targets: the calibration loader visited example {index} twice")
             one = {k: v[row : row + 1] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[row : row + 1]
             scored, _ = experts.task_type.scored(logits[row : row + 1], one)  # (N_i, C)
             real = mask[row] if mask is not None else slice(None)
-            per_example[index] = (scored.float(), {name: captured[name][row][real].float() for name in hidden_modules})
-    order = sorted(per_example)
-    if order != list(range(len(order))):
+            tokens = 0
+            for name in hidden_modules:
+                hidden_rows[name].append(captured[name][row][real].float())  # (T_i, H)
+                tokens = len(hidden_rows[name][-1])
+            spans[index] = (rows.append(scored), len(scored), hidden_count, tokens)
+            hidden_count += tokens
+    if sorted(spans) != list(range(len(spans))):
         raise AdamergeError("expert targets: the calibration loader did not visit every example once")
-    counts = torch.tensor([[len(per_example[i][0]), len(next(iter(per_example[i][1].values()), per_example[i][0]))] for i in order])
-    offsets = torch.cat([torch.zeros(1, 2, dtype=torch.long), counts.cumsum(0)])  # (E + 1, 2)
-    logits = torch.cat([per_example[i][0] for i in order])
-    hidden = {name: torch.cat([per_example[i][1][name] for i in order]) for name in hidden_modules}
-    return logits, hidden, offsets
+    table = torch.tensor([spans[i] for i in range(len(spans))], dtype=torch.long).reshape(-1, 4)  # (E, 4)
+    hidden = {name: torch.cat(values) for name, values in hidden_rows.items()}
+    return rows.finish(), hidden, table
 
 
 def in_index_order(
