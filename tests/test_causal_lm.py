@@ -511,3 +511,61 @@ def test_a_fit_too_short_to_move_its_coefficients_says_so(tmp_path, caplog):
                 "--steps", "3", "--batch-size", "2", "--max-length", "16", "--eval-init", "false", "--output", str(output)]
         assert main(argv + (["--lr", lr] if lr else [])) == 0  # fmt: skip
         assert ("moves each λ by at most 0.003" in caplog.text and "about 100 steps" in caplog.text) is warned
+
+
+def test_gradient_checkpointing_recomputes_blocks_with_the_merged_weights(lm):
+    """Checkpointed decoder blocks give the same ∂L/∂λ as plain ones (the recomputation in
+    backward runs on the merged θ′, not on the module's own θ₀) while autograd keeps fewer
+    activations; outside gradient recording nothing changes."""
+    from adamerge.core.block_checkpointing import repeated_blocks
+    from adamerge.objectives import losses
+
+    experts = lm.load()
+    assert len(repeated_blocks(experts.model)) == 2
+    batch = lm.batch()
+    grads, saved = {}, {}
+    for checkpointed in (False, True):
+        merged = MergedModel(experts.model, experts.task_vectors, granularity="layer", init=0.3)
+        if checkpointed:
+            assert merged.checkpoint_blocks() == 2
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel() * t.element_size()) or t, lambda t: t):
+            scored, _ = experts.task_type.scored(merged(batch), batch)
+        losses.entropy(scored).backward()
+        grads[checkpointed], saved[checkpointed] = merged.coefficients.raw.grad.clone(), sum(kept)
+        with torch.no_grad():
+            plain = merged(batch)
+        torch.testing.assert_close(plain, MergedModel(experts.model, experts.task_vectors, init=0.3)(batch))
+    assert grads[False].abs().sum() > 0
+    torch.testing.assert_close(grads[True], grads[False], atol=1e-6, rtol=1e-5)
+    assert saved[True] < saved[False]
+    assert all("forward" not in block.__dict__ for block in repeated_blocks(experts.model))  # put back
+
+
+def test_fit_with_gradient_checkpointing_learns_the_same_coefficients(tmp_path, caplog):
+    """``--gradient-checkpointing true`` learns λ as without it; LoRA experts (merged at use time)
+    are refused with one line and exit code 2."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="adamerge")
+    setup = build(tmp_path, "llama")
+    runs = {}
+    for flag in ([], ["--gradient-checkpointing", "true"]):
+        output = tmp_path / f"run{len(flag)}"
+        assert main(["fit", "--base", f"hf:{setup.base}", "--experts", *setup.expert_args(), "--calib", str(setup.calib),
+                     "--steps", "3", "--batch-size", "4", "--max-length", "16", "--holdout", "0", "--lr", "0.01",
+                     "--eval-init", "false", "--output", str(output), *flag]) == 0  # fmt: skip
+        table = json.loads((output / "coefficients.json").read_text())
+        runs[len(flag)] = torch.tensor([list(table[t].values()) for t in PROMPTS])
+    assert "2 blocks recompute their activations" in caplog.text
+    assert (runs[0] - 0.3).abs().max() > 0.02
+    torch.testing.assert_close(runs[2], runs[0], atol=1e-6, rtol=0)
+    adapters = {}
+    for seed, task in enumerate(PROMPTS, start=1):
+        adapters[task] = tmp_path / f"lora-{task}"
+        save_lora(setup.base, adapters[task], seed, ["q_proj", "v_proj"])
+    caplog.clear()
+    code = main(["fit", "--base", f"hf:{setup.base}", "--experts", *[f"{t}=peft:{p}" for t, p in adapters.items()],
+                 "--calib", str(setup.calib), "--steps", "1", "--max-length", "16", "--gradient-checkpointing", "true",
+                 "--output", str(tmp_path / "lora-run")])  # fmt: skip
+    assert code == 2 and "merged at use time" in caplog.text and not (tmp_path / "lora-run").exists()

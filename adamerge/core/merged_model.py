@@ -21,6 +21,7 @@ from torch import nn
 
 from adamerge.choices import BATCHNORM_POLICIES, REESTIMATING_POLICIES
 from adamerge.core.batchnorm import batchnorm_layers, per_task_running_stats, reestimate_running_stats
+from adamerge.core.block_checkpointing import checkpointed_blocks, repeated_blocks
 from adamerge.core.coefficients import Coefficients
 from adamerge.core.granularity import Granularity, TensorWise, parse_granularity
 from adamerge.core.hooks import capture_hidden
@@ -115,7 +116,27 @@ class MergedModel(nn.Module):
         self.statistics = TaskHeads({})  # per-task BatchNorm statistics (policy ``per-task``), once estimated
         self._check_names()
         self._use_time = self._use_time_names()
+        self._checkpointed: tuple[nn.Module, ...] = ()
         self.train(False)
+
+    def checkpoint_blocks(self) -> int:
+        """Recompute each repeated block's activations in backward instead of keeping them
+        (:mod:`adamerge.core.block_checkpointing`); returns the number of blocks.
+
+        Raises:
+            AdamergeError: the model has no repeated blocks, or tensors merged at use time (LoRA
+                task vectors under the low-rank step), whose merge the recomputation would miss.
+        """
+        if self.merges_at_use:
+            raise AdamergeError(
+                "--gradient-checkpointing: LoRA task vectors are merged at use time, one layer at a time, "
+                "which block recomputation cannot repeat; fit LoRA experts without it"
+            )
+        blocks = repeated_blocks(self.model)
+        if not blocks:
+            raise AdamergeError(f"--gradient-checkpointing: {type(self.model).__name__} has no repeated blocks (a ModuleList of layers)")
+        self._checkpointed = tuple(blocks)
+        return len(blocks)
 
     @property
     def merges_at_use(self) -> bool:
@@ -198,7 +219,10 @@ class MergedModel(nn.Module):
         else:
             tensors = dict(merged)
         tensors.update(self.task_tensors(task))
-        with _merge_at_use(self.model, at_use):
+        blocks = self._checkpointed if torch.is_grad_enabled() else ()
+        if blocks and isinstance(inputs, Mapping) and getattr(getattr(self.model, "config", None), "use_cache", False):
+            inputs = {**inputs, "use_cache": False}  # a recomputed block would write its key/value cache twice
+        with _merge_at_use(self.model, at_use), checkpointed_blocks(blocks):
             return call_functional(self.model, tensors, inputs)  # logits (a ModelOutput's ``.logits``)
 
     def task_tensors(self, task: str | None) -> dict[str, torch.Tensor]:

@@ -121,6 +121,9 @@ class FitSettings(RunSettings):
             calibration prompt (and that the experts' targets and the hold-out compare): ``all``
             real tokens, or ``response``: only the one after the prompt, the first token the
             model would generate.
+        gradient_checkpointing: recompute each repeated block's activations (a decoder layer, a
+            transformer block) in backward instead of keeping them: less memory per step for
+            long sequences, about one more forward of the model per step (dense task vectors).
         group_by_length: text experts: training batches of texts of similar length (far fewer
             pad tokens per step).
         progress_bar: a live bar of the training steps (on an interactive terminal; every stage
@@ -163,6 +166,7 @@ class FitSettings(RunSettings):
     eval_experts: bool = True
     eval_init: bool = True
     positions: str = option("all", choices=TOKEN_POSITIONS)
+    gradient_checkpointing: bool = False
     group_by_length: bool = False
     progress_bar: bool = True
     shots: int | None = None

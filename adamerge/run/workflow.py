@@ -223,6 +223,8 @@ def _load(settings: FitSettings) -> _Loaded:
         task_specific=experts.task_specific,
         trainable=None if learned else torch.zeros(len(experts.tasks), 1, dtype=torch.bool),
     )
+    if settings.gradient_checkpointing and learned:
+        logger.info("gradient checkpointing: %d blocks recompute their activations in backward", merged.checkpoint_blocks())
     if data is not None and settings.eval is not None and not generates:
         check_eval_classes(data, lambda task, inputs: merged(inputs, task))
     if not learned:
