@@ -9,6 +9,7 @@ from __future__ import annotations
 from adamerge.methods.expert_merging import ChunkRefinedMethod
 from adamerge.methods.learned import LearnedMethod
 from adamerge.methods.registry import register_method
+from adamerge.methods.rewrite_method import RewriteMethod
 from adamerge.methods.static_method import StaticMethod
 from adamerge.rewrite.presets import STATIC_PRESETS as P
 
@@ -27,6 +28,10 @@ register_method(StaticMethod("dare", "Yu et al., Language Models are Super Mario
 register_method(StaticMethod("breadcrumbs", "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024", P["breadcrumbs"]))
 register_method(StaticMethod("consensus", "Wang et al., Localizing Task Information for Improved Model Merging and Compression, ICML 2024", P["consensus"]))
 register_method(StaticMethod("lines", "Wang et al., LiNeS: Post-training Layer Scaling Prevents Forgetting and Enhances Model Merging, ICLR 2025", P["lines"]))
+register_method(RewriteMethod("pcb", "Du et al., Parameter Competition Balancing for Model Merging, NeurIPS 2024", rewrite_class="adamerge.rewrite.pcb:PCBMerge"))
+register_method(RewriteMethod("tsv-m", "Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025", rewrite_class="adamerge.rewrite.tsv:TSVMerge"))
+register_method(RewriteMethod("iso-c", "Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces, ICML 2025", rewrite_class="adamerge.rewrite.isotropic:IsoCMerge"))
+register_method(RewriteMethod("iso-cts", "Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces, ICML 2025", rewrite_class="adamerge.rewrite.isotropic:IsoCTSMerge"))
 register_method(LearnedMethod("adamerging", ADAMERGING))
 register_method(LearnedMethod("adamerging++", ADAMERGING, trim_density=0.2))
 register_method(LearnedMethod("atlas", ATLAS, constraint="none", optimizer="adamw", objective="pseudo-label", weight_decay=0.1, few_shot=True))

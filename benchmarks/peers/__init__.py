@@ -1,0 +1,1 @@
+"""Checks against other libraries' implementations, each run partly in that library's own venv."""
