@@ -6,6 +6,7 @@ Static presets carry the published (or reference-code) defaults documented in
 
 from __future__ import annotations
 
+from adamerge.methods.calibrated_method import CalibratedMethod
 from adamerge.methods.expert_merging import ChunkRefinedMethod
 from adamerge.methods.learned import LearnedMethod
 from adamerge.methods.registry import register_method
@@ -32,6 +33,8 @@ register_method(RewriteMethod("pcb", "Du et al., Parameter Competition Balancing
 register_method(RewriteMethod("tsv-m", "Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025", rewrite_class="adamerge.rewrite.tsv:TSVMerge"))
 register_method(RewriteMethod("iso-c", "Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces, ICML 2025", rewrite_class="adamerge.rewrite.isotropic:IsoCMerge"))
 register_method(RewriteMethod("iso-cts", "Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces, ICML 2025", rewrite_class="adamerge.rewrite.isotropic:IsoCTSMerge"))
+register_method(CalibratedMethod("fisher", "Matena & Raffel, Merging Models with Fisher-Weighted Averaging, NeurIPS 2022", rewrite_class="adamerge.rewrite.fisher:FisherMerge"))
+register_method(CalibratedMethod("regmean", "Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023", rewrite_class="adamerge.rewrite.regmean:RegMeanMerge"))
 register_method(LearnedMethod("adamerging", ADAMERGING))
 register_method(LearnedMethod("adamerging++", ADAMERGING, trim_density=0.2))
 register_method(LearnedMethod("atlas", ATLAS, constraint="none", optimizer="adamw", objective="pseudo-label", weight_decay=0.1, few_shot=True))

@@ -36,8 +36,11 @@ from lightning.pytorch.loggers import CSVLogger
 from adamerge.choices import REESTIMATING_POLICIES, TASK_VECTOR_DTYPES
 from adamerge.core.batchnorm import batchnorm_layers, resolve_policy
 from adamerge.core.merged_model import MergedModel
+from adamerge.core.task_vectors import TaskVectors
 from adamerge.errors import AdamergeError
 from adamerge.methods import LearnedMethod, Method, get_method
+from adamerge.methods.calibrated_method import CalibratedMethod
+from adamerge.run.calibration_statistics import expert_statistics
 from adamerge.run.checks import check_eval_classes
 from adamerge.run.datamodules import build_datamodule
 from adamerge.run.evaluators import GeneratedEvaluation, ScoredEvaluation
@@ -194,7 +197,6 @@ def _load(settings: FitSettings) -> _Loaded:
     if settings.granularity is None:  # the source's own default: one λ per decoder block for causal LMs
         settings = dataclasses.replace(settings, granularity=experts.default_granularity)
         logger.info("granularity: %s (the default for these experts)", settings.granularity)
-    task_vectors = method.rewrite(experts.task_vectors)
     if isinstance(method, LearnedMethod) and settings.steps > 0 and method.reach(settings.steps) < MIN_REACH:
         logger.warning(
             "%s: lr %g over %d steps moves each λ by at most %.3g from its start: raise --lr or --steps "
@@ -211,6 +213,7 @@ def _load(settings: FitSettings) -> _Loaded:
         )
     generates = experts.task_type.generates  # evaluated on generations: --eval is not a labelled DataModule
     data = None if settings.calib is None and (settings.eval is None or generates) else _datamodule(settings, experts, method)
+    task_vectors = _rewritten(method, experts, data)
     start = method.start(len(experts.tasks))
     merged = MergedModel(
         experts.model,
@@ -233,6 +236,14 @@ def _load(settings: FitSettings) -> _Loaded:
     targets = ExpertTargets(experts, data, merged) if method.needs_expert_outputs else None
     module = _module(method, merged, settings, experts, targets)
     return _Loaded(settings, method, experts, data, merged, module, targets, _safeguard(experts, data, settings))
+
+
+def _rewritten(method: Method, experts: ExpertSet, data: L.LightningDataModule | None) -> TaskVectors:
+    """The task vectors the method merges; a data-informed one's from each expert's statistics on
+    its own calibration data (its ``configured`` refused a run without ``--calib``)."""
+    if not isinstance(method, CalibratedMethod):
+        return method.rewrite(experts.task_vectors)
+    return method.rewrite_with_statistics(experts.task_vectors, expert_statistics(method.merge(), experts, data))
 
 
 def _with_positions(experts: ExpertSet, positions: str) -> ExpertSet:
