@@ -21,9 +21,12 @@ GRANULARITY_FORMS = ("task", "layer", "tensor", "block", "group:REGEX[;REGEX...]
 #: Lightning precisions ``--precision`` accepts: full float32, or autocast in bfloat16 (CPU and
 #: GPU) or float16 (CUDA only); the task vectors keep ``--task-vector-dtype`` either way.
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
-#: ``--positions``: the next-token distributions an unlabeled objective scores on a causal LM's
-#: prompts (every real token, or only the one after the prompt, where the response starts).
+#: The next-token distributions an unlabeled objective scores on a causal LM's calibration
+#: records: every real token, or only the one after the prompt, where the response starts.
 TOKEN_POSITIONS = ("all", "response")
+#: ``--positions``: one of :data:`TOKEN_POSITIONS`, or ``auto``: ``response`` when every
+#: calibration record is a prompt to answer, else ``all``.
+POSITION_CHOICES = ("auto", *TOKEN_POSITIONS)
 #: The label of a token that is not scored (Hugging Face's convention): the token-level task type
 #: drops it, and the few-shot data marks prompts and padding with it.
 IGNORE_INDEX = -100

@@ -569,3 +569,41 @@ def test_fit_with_gradient_checkpointing_learns_the_same_coefficients(tmp_path, 
                  "--calib", str(setup.calib), "--steps", "1", "--max-length", "16", "--gradient-checkpointing", "true",
                  "--output", str(tmp_path / "lora-run")])  # fmt: skip
     assert code == 2 and "merged at use time" in caplog.text and not (tmp_path / "lora-run").exists()
+
+
+def test_positions_auto_scores_the_response_when_every_calibration_record_is_a_prompt(tmp_path, caplog):
+    """``--positions auto`` (the default): ``{"prompt"}`` records and chats awaiting the assistant
+    are prompts, scored at the response's first token (the same λ as ``--positions response``);
+    ``.txt`` lines are documents, every token scored (as ``--positions all``); a run mixing both
+    scores every token and says which tasks hold documents."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="adamerge")
+    setup = build(tmp_path, "llama")
+    prompts = tmp_path / "prompts"
+    for task, texts in PROMPTS.items():
+        (prompts / task).mkdir(parents=True)
+        records = [{"prompt": t} for t in texts] * 2 + [{"messages": [{"role": "user", "content": t}]} for t in texts[:1]]
+        (prompts / task / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    setup.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}yes{% endif %}"
+    setup.tokenizer.save_pretrained(setup.base)
+
+    def fit(calib: Path, *extra: str) -> torch.Tensor:
+        output = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
+        assert main(["fit", "--base", f"hf:{setup.base}", "--experts", *setup.expert_args(), "--calib", str(calib),
+                     "--steps", "2", "--batch-size", "4", "--max-length", "16", "--holdout", "0", "--lr", "0.05",
+                     "--eval-init", "false", "--output", str(output), *extra]) == 0  # fmt: skip
+        table = json.loads((output / "coefficients.json").read_text())
+        return torch.tensor([list(table[t].values()) for t in PROMPTS])
+
+    auto_prompts = fit(prompts)
+    assert "positions: response" in caplog.text
+    torch.testing.assert_close(auto_prompts, fit(prompts, "--positions", "response"), atol=0, rtol=0)
+    assert not torch.allclose(auto_prompts, fit(prompts, "--positions", "all"))
+    caplog.clear()
+    torch.testing.assert_close(fit(setup.calib), fit(setup.calib, "--positions", "all"), atol=0, rtol=0)
+    assert "positions: response" not in caplog.text
+    (prompts / "topic" / "documents.txt").write_text("the team won\n")
+    caplog.clear()
+    fit(prompts)
+    assert "positions: all (the calibration of topic holds documents" in caplog.text

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from adamerge.data.generation import AnswerTokens, read_generation_eval
-from adamerge.data.texts import pad_token_of
+from adamerge.data.texts import pad_token_of, read_unlabeled
 from adamerge.datasets.text import load_text_task
 from adamerge.demo import llm
 from adamerge.demo.text import demo_parts
@@ -49,8 +49,9 @@ def test_task_files_are_read_by_adamerge_and_match_the_labels(task_name, tmp_pat
     expected = [framing.answer(int(label)) for label in task.test.labels[parts["test"]]]
     assert records.answers == expected and len(records.prompts) == 5
     calib = [json.loads(line) for line in (tmp_path / "calib" / task_name / "prompts.jsonl").read_text().splitlines()]
-    assert [set(row) for row in calib] == [{"text"}] * 6  # prompts only: no answer leaks into calibration
-    calib_texts = {row["text"] for row in calib}
+    assert [set(row) for row in calib] == [{"prompt"}] * 6  # prompts only: no answer leaks into calibration
+    calib_texts = {row["prompt"] for row in calib}
+    assert read_unlabeled(tmp_path / "calib", task_name).all_prompts  # fit --positions auto: the response
     fewshot = read_generation_eval(tmp_path / "fewshot", task_name)
     assert not calib_texts & set(fewshot.prompts) and not calib_texts & set(records.prompts)
 

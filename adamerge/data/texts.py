@@ -4,9 +4,13 @@ multi-task DataModule (the text twin of :class:`adamerge.data.images.MultiTaskIm
 Layouts:
 
 - calibration (unlabeled): ``CALIB/<task>/`` holding ``.txt`` files (one example per line, blank
-  lines ignored) and/or ``.jsonl`` files (one JSON object per line with a ``text`` field, or a chat
-  ``messages`` list of ``{"role", "content"}`` rendered with the tokenizer's chat template; any
-  ``label`` is ignored); ``CALIB/<task>.txt`` or ``CALIB/<task>.jsonl`` also work;
+  lines ignored) and/or ``.jsonl`` files (one JSON object per line with a ``text`` field, a
+  ``prompt`` field, or a chat ``messages`` list of ``{"role", "content"}`` rendered with the
+  tokenizer's chat template; any ``label`` is ignored); ``CALIB/<task>.txt`` or
+  ``CALIB/<task>.jsonl`` also work. A ``prompt``, and a chat whose last message is not the
+  assistant's, is a prompt a causal LM answers: when every record is one, unlabeled objectives
+  score the response's first token (``fit --positions auto``); a ``text`` or a line is a document
+  whose every token is scored;
 - labelled (evaluation, and calibration when ``shots`` is set): ``DIR/<task>.jsonl`` or
   ``DIR/<task>/*.jsonl``, one ``{"text": str, "label": int}`` per line, ``label`` the class index
   ``0..C-1``.
@@ -47,12 +51,19 @@ class TextRecords:
     Attributes:
         chats: ``{index: messages}`` of records given as chat ``messages`` (their text is rendered
             with the tokenizer's chat template when they are tokenised, see :func:`render_chat`).
+        prompts: how many records are prompts to answer rather than documents.
     """
 
     texts: list[str] = field(default_factory=list)
     origins: list[str] = field(default_factory=list)
     labels: list[int] | None = None
     chats: dict[int, list[dict[str, str]]] = field(default_factory=dict)
+    prompts: int = 0
+
+    @property
+    def all_prompts(self) -> bool:
+        """Whether every record is a prompt to answer (a ``prompt``, or a chat awaiting the assistant)."""
+        return bool(self.texts) and self.prompts == len(self.texts)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -63,14 +74,22 @@ def _read_jsonl(path: Path, labelled: bool, num_classes: int | None) -> TextReco
     records = TextRecords(labels=[] if labelled else None)
     for where, record in json_objects(path):
         if "messages" in record and "text" not in record and not labelled:
-            records.chats[len(records.texts)] = chat_messages(record["messages"], where)
+            records.chats[len(records.texts)] = messages = chat_messages(record["messages"], where)
+            records.prompts += messages[-1]["role"] != "assistant"
             records.texts.append("")
             records.origins.append(where)
+            continue
+        if "prompt" in record and "text" not in record and not labelled:
+            if not isinstance(record["prompt"], str):
+                raise DataError(f"{where}: field 'prompt' is {type(record['prompt']).__name__}, expected a string")
+            records.texts.append(record["prompt"])
+            records.origins.append(where)
+            records.prompts += 1
             continue
         text = record.get("text")
         if not isinstance(text, str):
             found = "missing" if text is None else type(text).__name__
-            raise DataError(f"{where}: field 'text' is {found}, expected a string" + ("" if labelled else " (or chat 'messages')"))
+            raise DataError(f"{where}: field 'text' is {found}, expected a string" + ("" if labelled else " (or 'prompt', or chat 'messages')"))
         if labelled:
             label = record.get("label")
             if isinstance(label, bool) or not isinstance(label, int):
@@ -90,6 +109,7 @@ def _extend(records: TextRecords, more: TextRecords) -> None:
     records.chats.update({offset + i: messages for i, messages in more.chats.items()})
     records.texts += more.texts
     records.origins += more.origins
+    records.prompts += more.prompts
     if records.labels is not None and more.labels is not None:
         records.labels += more.labels
 
@@ -375,6 +395,7 @@ class MultiTaskTextDataModule(MultiTaskDataModule):
             raise DataError(f"--calib {self.calib_dir} does not exist (expected one folder of .txt/.jsonl files per task)")
         self.calibration: dict[str, CalibrationView] = {}
         self.evaluation: dict[str, TokenizedTexts] = {}
+        self.prompt_tasks: dict[str, bool] = {}
 
     def _tokenized(self, records: TextRecords, task: str) -> TokenizedTexts:
         return TokenizedTexts(records, self.tokenizer, self.max_length, self.num_classes.get(task))
@@ -400,10 +421,19 @@ class MultiTaskTextDataModule(MultiTaskDataModule):
         if self.shots is not None:
             labelled = self._tokenized(read_labelled(self.calib_dir, task, self.num_classes.get(task)), task)
             return self.calibration_split(task, labelled, seed, list(labelled.labels))
-        view = self.calibration_split(task, self._tokenized(read_unlabeled(self.calib_dir, task), task), seed)
+        records = read_unlabeled(self.calib_dir, task)
+        self.prompt_tasks[task] = records.all_prompts
+        view = self.calibration_split(task, self._tokenized(records, task), seed)
         held = len(self.held_out[task]) if task in self.held_out else 0
-        logger.info("calibration %s: %d texts%s", task, len(view), f" (+{held} held out)" if held else "")
+        kind = "prompts" if records.all_prompts else "texts"
+        logger.info("calibration %s: %d %s%s", task, len(view), kind, f" (+{held} held out)" if held else "")
         return view
+
+    def calibration_is_prompts(self) -> dict[str, bool]:
+        """``{task: whether every unlabeled calibration record is a prompt to answer}`` (empty
+        for labelled few-shot calibration)."""
+        self.setup("fit")
+        return dict(self.prompt_tasks)
 
     def calibration_loaders(self, shuffle: bool | None = None, distributed: bool = False) -> dict[str, DataLoader]:
         """One loader of calibration batches per task; length-grouped when shuffled training

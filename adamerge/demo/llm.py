@@ -45,7 +45,7 @@ Cache layout (``<cache>`` = ``$ADAMERGE_CACHE`` or ``~/.cache/adamerge/demo-llm`
       base/                      LlamaForCausalLM.save_pretrained + tokenizer (the merge base)
       experts-full/<task>/       LlamaForCausalLM.save_pretrained + tokenizer
       experts-lora/<task>/       peft save_pretrained (base_model_name_or_path = <cache>/base)
-      calib/<task>/prompts.jsonl unlabeled prompts: {"text": prompt} per line
+      calib/<task>/prompts.jsonl unlabeled prompts: {"prompt": prompt} per line
       test/<task>.jsonl          {"prompt": str, "answer": str} per line (exact match)
       fewshot/<task>.jsonl       the labelled few-shot pool, same format as test
 
@@ -106,6 +106,9 @@ from adamerge.run.generation_eval import score_generation
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+#: Version of the data files' layout (2: calibration records are ``{"prompt"}``); a new one
+#: rewrites the files and rescores the base, and keeps the experts.
+DATA_FILES_VERSION = 2
 CACHE_ENV = "ADAMERGE_CACHE"
 DEFAULT_CACHE_DIR = Path("~/.cache/adamerge/demo-llm")
 DEFAULT_TASKS = ("sst2", "trec", "subj", "ag_news", "sms_spam")
@@ -281,7 +284,7 @@ def write_task_files(task: TextTask, parts: Mapping[str, np.ndarray], settings: 
         ``{kind: {"file": relative path, "sha256": ..., "rows": ...}}`` for the manifest.
     """
     name = task.name
-    calib = [{"text": row["prompt"]} for row in prompt_rows(task, "train", parts["calib"], settings)]
+    calib = [{"prompt": row["prompt"]} for row in prompt_rows(task, "train", parts["calib"], settings)]
     outputs = {
         "calib": (f"calib/{name}/prompts.jsonl", calib),
         "test": (f"test/{name}.jsonl", prompt_rows(task, "test", parts["test"], settings)),
@@ -510,7 +513,7 @@ def _prompt_record(task: str) -> dict:
 
 def _data_fingerprint(task: str, settings: LLMDemoSettings, base_sha256: str) -> dict:
     return {
-        "format": FORMAT_VERSION, "task": task, "prompt": _prompt_record(task),
+        "format": FORMAT_VERSION, "files": DATA_FILES_VERSION, "task": task, "prompt": _prompt_record(task),
         "settings": {name: getattr(settings, name) for name in _DATA_FIELDS}, "base_sha256": base_sha256,
     }  # fmt: skip
 

@@ -16,7 +16,7 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adamerge.choices import BATCHNORM_POLICIES, CONSTRAINTS, HEAD_INPUT, PRECISIONS, TASK_VECTOR_DTYPES, TOKEN_POSITIONS
+from adamerge.choices import BATCHNORM_POLICIES, CONSTRAINTS, HEAD_INPUT, POSITION_CHOICES, PRECISIONS, TASK_VECTOR_DTYPES
 
 
 def option(
@@ -118,9 +118,10 @@ class FitSettings(RunSettings):
         eval_experts: also evaluate each expert alone on its own task.
         eval_init: also evaluate the initial merge (λ = init) before training.
         positions: causal LMs: the next-token distributions an unlabeled objective scores on each
-            calibration prompt (and that the experts' targets and the hold-out compare): ``all``
-            real tokens, or ``response``: only the one after the prompt, the first token the
-            model would generate.
+            calibration record (and that the experts' targets and the hold-out compare): ``all``
+            real tokens, ``response``: only the one after the prompt, the first token the model
+            would generate, or ``auto``: ``response`` when every record of every task is a prompt
+            (``{"prompt"}``, or chat ``messages`` awaiting the assistant), else ``all``.
         gradient_checkpointing: recompute each repeated block's activations (a decoder layer, a
             transformer block) in backward instead of keeping them: less memory per step for
             long sequences, about one more forward of the model per step (dense task vectors).
@@ -165,7 +166,7 @@ class FitSettings(RunSettings):
     precision: str = option("32-true", choices=PRECISIONS)
     eval_experts: bool = True
     eval_init: bool = True
-    positions: str = option("all", choices=TOKEN_POSITIONS)
+    positions: str = option("auto", choices=POSITION_CHOICES)
     gradient_checkpointing: bool = False
     group_by_length: bool = False
     progress_bar: bool = True

@@ -193,7 +193,6 @@ def _load(settings: FitSettings) -> _Loaded:
 
     experts = load_experts(settings.base, settings.experts, source_options(settings, DTYPES[settings.task_vector_dtype]))
     experts = keep_task_specific(experts, settings.task_specific)
-    experts = _with_positions(experts, settings.positions)
     if settings.granularity is None:  # the source's own default: one λ per decoder block for causal LMs
         settings = dataclasses.replace(settings, granularity=experts.default_granularity)
         logger.info("granularity: %s (the default for these experts)", settings.granularity)
@@ -213,6 +212,7 @@ def _load(settings: FitSettings) -> _Loaded:
         )
     generates = experts.task_type.generates  # evaluated on generations: --eval is not a labelled DataModule
     data = None if settings.calib is None and (settings.eval is None or generates) else _datamodule(settings, experts, method)
+    experts = _with_positions(experts, _positions(settings, experts, data))
     task_vectors = _rewritten(method, experts, data)
     start = method.start(len(experts.tasks))
     merged = MergedModel(
@@ -244,6 +244,21 @@ def _rewritten(method: Method, experts: ExpertSet, data: L.LightningDataModule |
     if not isinstance(method, CalibratedMethod):
         return method.rewrite(experts.task_vectors)
     return method.rewrite_with_statistics(experts.task_vectors, expert_statistics(method.merge(), experts, data))
+
+
+def _positions(settings: FitSettings, experts: ExpertSet, data: L.LightningDataModule | None) -> str:
+    """``--positions``, with ``auto`` resolved: ``response`` when the experts generate and every
+    unlabeled calibration record of every task is a prompt to answer, else ``all``."""
+    if settings.positions != "auto":
+        return settings.positions
+    prompts = data.calibration_is_prompts() if experts.task_type.generates and hasattr(data, "calibration_is_prompts") else {}
+    if prompts and all(prompts.values()):
+        logger.info("positions: response (every calibration record is a prompt; --positions all scores every token)")
+        return "response"
+    if any(prompts.values()):
+        documents = sorted(task for task, is_prompt in prompts.items() if not is_prompt)
+        logger.warning("positions: all (the calibration of %s holds documents, not only prompts)", ", ".join(documents))
+    return "all"
 
 
 def _with_positions(experts: ExpertSet, positions: str) -> ExpertSet:
