@@ -14,26 +14,23 @@ when the method is configured, before anything is loaded or written.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from adamerge.errors import AdamergeError, check_options
-from adamerge.methods.static_method import StaticMethod
+from adamerge.errors import AdamergeError
+from adamerge.methods.rewrite_method import RewriteMethod
 
 if TYPE_CHECKING:
-    import torch
 
     from adamerge.core.task_vectors import TaskVectors
-    from adamerge.rewrite.calibrated import CalibratedRewrite
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class CalibratedMethod(StaticMethod):
+class CalibratedMethod(RewriteMethod):
     """A static merge ``θ = θ_0 + Σ_k τ'_k`` whose τ' come from a :class:`CalibratedRewrite` and
     each expert's statistics on its own calibration data.
 
@@ -46,14 +43,14 @@ class CalibratedMethod(StaticMethod):
             :class:`~adamerge.rewrite.calibrated.CalibratedRewrite` subclass.
     """
 
-    rewrite_class: str = ""
+    rewrite_base: ClassVar[str] = "adamerge.rewrite.calibrated:CalibratedRewrite"
 
     #: The workflow collects each expert's statistics (``--calib`` required) before the rewrite.
     needs_calibration: ClassVar[bool] = True
 
     def configured(self, settings: Any = None, **options: Any) -> CalibratedMethod:
-        """The preset with the settings' ``options`` (``--options``) and keyword ``options`` applied
-        (a sampling seed defaults to ``--seed``).
+        """As :meth:`RewriteMethod.configured`, refused without ``--calib``; a sampling seed
+        defaults to ``--seed``.
 
         Raises:
             AdamergeError: ``settings`` without ``--calib``, an option that is not a field of the
@@ -64,36 +61,10 @@ class CalibratedMethod(StaticMethod):
                 f"--method {self.name} computes each expert's statistics on its own task's unlabeled data: "
                 "pass --calib DIR (DIR/<task>/...)"
             )
-        options = dict(getattr(settings, "options", None) or {}) | options
-        fields = {f.name for f in dataclasses.fields(self.rewrite_type())}
-        check_options(self.name, options, fields)
-        if "seed" in fields and settings is not None:
-            options.setdefault("seed", getattr(settings, "seed", 0))
-        method = dataclasses.replace(self, preset={**self.preset, **options})
-        method.merge()  # invalid values fail here, before anything is loaded
-        return method
-
-    def rewrite_type(self) -> type[CalibratedRewrite]:
-        """The rewrite class named by :attr:`rewrite_class`.
-
-        Raises:
-            AdamergeError: it cannot be imported or is not a CalibratedRewrite dataclass.
-        """
-        from adamerge.rewrite.calibrated import CalibratedRewrite
-
-        module_name, _, attribute = self.rewrite_class.partition(":")
-        try:
-            found = getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError, ValueError) as error:
-            raise AdamergeError(f"method {self.name!r}: cannot import rewrite class {self.rewrite_class!r} ({error})") from None
-        if not (isinstance(found, type) and issubclass(found, CalibratedRewrite)):
-            raise AdamergeError(f"method {self.name!r}: {self.rewrite_class!r} is not a CalibratedRewrite subclass")
-        return found
-
-    def merge(self) -> CalibratedRewrite:  # type: ignore[override]
-        """The rewrite object of this preset (its ``__post_init__`` validates the values); its
-        ``statistic`` names what :mod:`adamerge.run.calibration_statistics` collects."""
-        return self.rewrite_type()(**self.preset)
+        given = dict(getattr(settings, "options", None) or {}) | options
+        if settings is not None and "seed" not in given and "seed" in {f.name for f in dataclasses.fields(self.rewrite_type())}:
+            options["seed"] = getattr(settings, "seed", 0)
+        return super().configured(settings, **options)
 
     def rewrite(self, task_vectors: TaskVectors) -> TaskVectors:
         """Refused: this merge needs each expert's statistics (:meth:`rewrite_with_statistics`)."""
@@ -107,7 +78,3 @@ class CalibratedMethod(StaticMethod):
         merge = self.merge()
         logger.info("data-informed merge %s: %s", self.name, merge)
         return TaskVectors(task_vectors.tasks, merge.rewrite(dict(task_vectors.items()), statistics))
-
-    def start(self, num_tasks: int) -> torch.Tensor:
-        """λ ``(K, 1)``: 1 for every task."""
-        return self.merge().coefficients(num_tasks).unsqueeze(1)

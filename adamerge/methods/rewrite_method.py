@@ -14,7 +14,7 @@ import dataclasses
 import importlib
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from adamerge.errors import AdamergeError, check_options
 from adamerge.methods.static_method import StaticMethod
@@ -43,6 +43,9 @@ class RewriteMethod(StaticMethod):
 
     rewrite_class: str = ""
 
+    #: ``"module:Class"`` that :attr:`rewrite_class` must subclass.
+    rewrite_base: ClassVar[str] = "adamerge.rewrite.scaled_rewrite:ScaledRewrite"
+
     def configured(self, settings: Any = None, **options: Any) -> RewriteMethod:
         """The preset with the settings' ``options`` (``--options``) and keyword ``options`` applied.
 
@@ -59,17 +62,12 @@ class RewriteMethod(StaticMethod):
         """The rewrite class named by :attr:`rewrite_class`.
 
         Raises:
-            AdamergeError: it cannot be imported or is not a ScaledRewrite dataclass.
+            AdamergeError: it cannot be imported or is not a subclass of :attr:`rewrite_base`.
         """
-        from adamerge.rewrite.scaled_rewrite import ScaledRewrite
-
-        module_name, _, attribute = self.rewrite_class.partition(":")
-        try:
-            found = getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError, ValueError) as error:
-            raise AdamergeError(f"method {self.name!r}: cannot import rewrite class {self.rewrite_class!r} ({error})") from None
-        if not (isinstance(found, type) and issubclass(found, ScaledRewrite)):
-            raise AdamergeError(f"method {self.name!r}: {self.rewrite_class!r} is not a ScaledRewrite subclass")
+        base = _imported(self.name, self.rewrite_base)
+        found = _imported(self.name, self.rewrite_class)
+        if not (isinstance(found, type) and issubclass(found, base)):
+            raise AdamergeError(f"method {self.name!r}: {self.rewrite_class!r} is not a {base.__name__} subclass")
         return found
 
     def merge(self) -> ScaledRewrite:  # type: ignore[override]
@@ -87,3 +85,12 @@ class RewriteMethod(StaticMethod):
     def start(self, num_tasks: int) -> torch.Tensor:
         """λ ``(K, 1)``: the rewrite's fixed scale for every task."""
         return self.merge().coefficients(num_tasks).unsqueeze(1)
+
+
+def _imported(method: str, spec: str) -> Any:
+    """The attribute named ``"package.module:ATTRIBUTE"``."""
+    module_name, _, attribute = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise AdamergeError(f"method {method!r}: cannot import rewrite class {spec!r} ({error})") from None
