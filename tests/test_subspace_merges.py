@@ -351,3 +351,31 @@ def test_agrees_with_fusionbench(tmp_path):
     for method in ("tsv-m", "iso-c", "iso-cts"):
         assert report["float64"][f"{method} (relative)"] < 1e-12, report
         assert report["float32"][f"{method} (relative)"] < 1e-5, report
+
+
+def test_an_svd_that_does_not_converge_is_taken_again_in_float64_then_transposed(monkeypatch, caplog):
+    """LAPACK's gesdd can fail on real experts' concatenated singular vectors (Iso-CTS on
+    SmolLM2-135M did): :func:`thin_svd` retries in float64, then on the transpose, and returns the
+    caller's dtype; the merges go through it."""
+    from adamerge.rewrite.spectral import polar_factor, thin_svd
+
+    real = torch.linalg.svd
+    torch.manual_seed(0)
+    a = torch.randn(7, 4)
+
+    def failing(rule):
+        def svd(x, full_matrices=True):
+            if rule(x):
+                raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+            return real(x, full_matrices=full_matrices)
+
+        return svd
+
+    for rule in (lambda x: x.dtype == torch.float32, lambda x: x.dtype == torch.float32 or x.shape[-2] > x.shape[-1]):
+        monkeypatch.setattr(torch.linalg, "svd", failing(rule))
+        u, s, vh = thin_svd(a)
+        assert u.dtype == s.dtype == vh.dtype == torch.float32 and u.shape == (7, 4) and vh.shape == (4, 4)
+        torch.testing.assert_close(u @ torch.diag(s) @ vh, a, atol=1e-5, rtol=0)
+        q = polar_factor(a)
+        torch.testing.assert_close(q.T @ q, torch.eye(4), atol=1e-5, rtol=0)
+    assert "did not converge; taking it again in float64" in caplog.text

@@ -21,7 +21,7 @@ import torch
 
 from adamerge.errors import AdamergeError
 from adamerge.rewrite.scaled_rewrite import ScaledRewrite, compute_dtype
-from adamerge.rewrite.spectral import is_matrix, polar_factor, task_average
+from adamerge.rewrite.spectral import is_matrix, polar_factor, task_average, thin_svd
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class IsoCMerge(ScaledRewrite):
             if not is_matrix(x):
                 out[name] = task_average(wide)
                 continue
-            u, s, vh = torch.linalg.svd(wide.sum(dim=0), full_matrices=False)  # (m, r), (r,), (r, n)
+            u, s, vh = thin_svd(wide.sum(dim=0))  # (m, r), (r,), (r, n)
             merged = s.mean() * (u @ vh)  # (m, n): the spectrum flattened to its mean
             out[name] = (merged / x.shape[0]).expand_as(wide).contiguous()  # (K, m, n)
         return out
@@ -122,10 +122,10 @@ class IsoCTSMerge(ScaledRewrite):
         """Iso-CTS of one stacked matrix ``x`` ``(K, m, n)`` as K per-task parts ``(K, m, n)``."""
         num_tasks, rows, cols = x.shape
         common, per_task = subspace_sizes(min(rows, cols), num_tasks, self.common_fraction)
-        u, s, vh = torch.linalg.svd(x.sum(dim=0), full_matrices=False)  # (m, r), (r,), (r, n)
+        u, s, vh = thin_svd(x.sum(dim=0))  # (m, r), (r,), (r, n)
         u_c, s_c, vh_c = u[:, :common], s[:common], vh[:common]  # (m, c), (c,), (c, n)
         residual = x - u_c @ (u_c.T @ x)  # (K, m, n): each task outside the common left subspace
-        u_t, s_t, vh_t = torch.linalg.svd(residual, full_matrices=False)  # (K, m, r), (K, r), (K, r, n)
+        u_t, s_t, vh_t = thin_svd(residual)  # (K, m, r), (K, r), (K, r, n)
         u_cat = torch.cat([u_t[:, :, :per_task].permute(1, 0, 2).reshape(rows, -1), u_c], dim=1)  # (m, K s + c)
         vh_cat = torch.cat([vh_t[:, :per_task].reshape(-1, cols), vh_c], dim=0)  # (K s + c, n)
         mean = torch.cat([s_t[:, :per_task].reshape(-1), s_c]).mean()  # σ̄ over all min(m, n) values

@@ -18,7 +18,7 @@ import torch
 
 from adamerge.errors import AdamergeError
 from adamerge.rewrite.scaled_rewrite import ScaledRewrite, compute_dtype
-from adamerge.rewrite.spectral import is_matrix, polar_factor, task_average
+from adamerge.rewrite.spectral import is_matrix, polar_factor, task_average, thin_svd
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class TSVMerge(ScaledRewrite):
         if k == 0:
             logger.warning("TSV-M: %r %s has fewer singular values than tasks (%d): it keeps none", name, (rows, cols), num_tasks)
             return torch.zeros_like(x)
-        u, s, vh = torch.linalg.svd(x, full_matrices=False)  # (K, m, full), (K, full), (K, full, n)
+        u, s, vh = thin_svd(x)  # (K, m, full), (K, full), (K, full, n)
         u_cat = u[:, :, :k].permute(1, 0, 2).reshape(rows, num_tasks * k)  # (m, K k): task j in columns j k … (j+1) k
         vh_cat = vh[:, :k, :].reshape(num_tasks * k, cols)  # (K k, n)
         u_perp = polar_factor(u_cat).view(rows, num_tasks, k)  # (m, K, k)
