@@ -38,6 +38,9 @@ from benchmarks.runner import cpu_slot, run_all, write_results
 from benchmarks.vision_methods import results_table, stage_one_rows
 
 STATIC = ["average", "task-arithmetic", "ties", "pcb", "tsv-m", "iso-c", "iso-cts", "fisher", "regmean"]
+# --quick: the rows whose cost shrinks with the quick assets (the spectral and per-entry merges cost
+# minutes at this model size whatever the data); --methods runs any
+QUICK_STATIC = ["average", "task-arithmetic", "ties", "regmean"]
 LEARNED = {  # row: (method, granularity, extra options)
     # 30 steps instead of the paper's 500: the lr goes up tenfold, or λ could not leave its start
     "adamerging (block-wise)": ("adamerging", "block", ["--lr", "0.01"]),
@@ -64,7 +67,7 @@ def result_key(row: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the demo's quick assets and few steps")
+    parser.add_argument("--quick", action="store_true", help="the demo's quick assets, few steps, the static rows that get faster")
     parser.add_argument("--flavours", nargs="+", default=["full", "lora"], choices=["full", "lora"])
     parser.add_argument("--steps", type=int, default=None, help=f"steps of every learned method (default {STEPS}, quick 4)")
     parser.add_argument("--batch-size", type=int, default=2, help="calibration prompts per task per step")
@@ -89,7 +92,7 @@ def main() -> None:
     shots = manifest["settings"]["fewshot_per_class"]
     steps = args.steps or (4 if args.quick else STEPS)
     work = Path(tempfile.mkdtemp(prefix="adamerge-llm-"))
-    rows = [*STATIC, *LEARNED] if args.methods is None else args.methods
+    rows = [*(QUICK_STATIC if args.quick else STATIC), *LEARNED] if args.methods is None else args.methods
     jobs = []
     for flavour in args.flavours:
         prefix = "hf:" if flavour == "full" else "peft:"
