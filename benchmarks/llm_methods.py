@@ -13,7 +13,7 @@ Results: ``--out`` JSON (per flavour and method: ``per_task`` exact match, ``ave
 the build's manifest and splits) and a Markdown table beside it::
 
     OMP_NUM_THREADS=1 python -m benchmarks.llm_methods --workers 2 --out benchmarks/results/llm.json
-    OMP_NUM_THREADS=1 python -m benchmarks.llm_methods --quick --workers 2 --out /tmp/llm-quick.json  # minutes
+    OMP_NUM_THREADS=1 python -m benchmarks.llm_methods --quick --workers 2 --out /tmp/llm-quick.json  # about 15 minutes: a smoke run
 
 The calibration records are prompts (``{"prompt"}``), so the unlabeled objectives score the
 response's first token (``fit --positions auto``). Unlabeled rows learn from the calibration prompts
