@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -145,17 +143,10 @@ def compare(fb_python: str, workdir: Path | None = None) -> dict[str, float]:
     """``{dtype/variant: max |adamerge − FusionBench|}`` over the task counts and merged tensors, with
     ``" (relative)"`` rows (that over max |merged|); ``fisher`` / ``regmean`` (and their relative
     rows) are the float64 cases that must agree: Fisher at batch size 1, RegMean at α = 0.75."""
+    from benchmarks.peers.fusionbench_runs import fusionbench_outputs, max_difference
+
     cases = {f"{dtype}/K={k}": case(k, DTYPES[dtype]) for dtype in DTYPES for k in TASK_COUNTS}
-    with tempfile.TemporaryDirectory(dir=workdir) as folder:
-        inputs, outputs = Path(folder) / "inputs.pt", Path(folder) / "outputs.pt"
-        torch.save(cases, inputs)
-        completed = subprocess.run(
-            [fb_python, str(Path(__file__).resolve()), "--fusionbench-side", str(inputs), str(outputs)],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if completed.returncode != 0:
-            raise RuntimeError(f"FusionBench side failed ({completed.returncode}):\n{completed.stderr[-4000:]}")
-        theirs = torch.load(outputs, weights_only=True)
+    theirs = fusionbench_outputs(__file__, fb_python, cases, workdir)
     pairs = {"fisher/bs=1": "fisher", "fisher/bs=4": "fisher", "regmean/α=0.9": "regmean/α=0.9",
              "regmean/α=0.75": "regmean/α=0.75", "regmean/α=float32(0.9)": "regmean/α=float32(0.9)"}
     report: dict[str, float] = {}
@@ -164,11 +155,10 @@ def compare(fb_python: str, workdir: Path | None = None) -> dict[str, float]:
         ours = adamerge_merges(item)
         for variant, mine in pairs.items():
             reference = theirs[f"{key}/{variant.replace('float32(0.9)', '0.9')}"]
-            diff = max(float((ours[mine][n].double() - reference[n].double()).abs().max()) for n in MERGED)
-            size = max(float(reference[n].double().abs().max()) for n in MERGED)
+            diff, relative_diff = max_difference(ours[mine], reference, MERGED)
             row = f"{dtype}/{variant}"
             report[row] = max(report.get(row, 0.0), diff)
-            report[f"{row} (relative)"] = max(report.get(f"{row} (relative)", 0.0), diff / size)
+            report[f"{row} (relative)"] = max(report.get(f"{row} (relative)", 0.0), relative_diff)
     report["fisher (relative)"] = report["float64/fisher/bs=1 (relative)"]
     report["regmean (relative)"] = report["float64/regmean/α=0.75 (relative)"]
     return report

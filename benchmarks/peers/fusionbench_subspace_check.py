@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -80,29 +78,20 @@ def compare(fb_python: str, workdir: Path | None = None) -> dict[str, dict[str, 
     Also ``{dtype: {method + " (relative)": that / max |FusionBench|}}``.
     """
     from adamerge.methods import get_method
+    from benchmarks.peers.fusionbench_runs import fusionbench_outputs, max_difference
 
     cases = {f"{dtype}/K={k}": task_vectors(k, DTYPES[dtype]) for dtype in DTYPES for k in TASK_COUNTS}
-    with tempfile.TemporaryDirectory(dir=workdir) as folder:
-        inputs, outputs = Path(folder) / "inputs.pt", Path(folder) / "outputs.pt"
-        torch.save(cases, inputs)
-        completed = subprocess.run(
-            [fb_python, str(Path(__file__).resolve()), "--fusionbench-side", str(inputs), str(outputs)],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if completed.returncode != 0:
-            raise RuntimeError(f"FusionBench side failed ({completed.returncode}):\n{completed.stderr[-4000:]}")
-        theirs = torch.load(outputs, weights_only=True)
+    theirs = fusionbench_outputs(__file__, fb_python, cases, workdir)
     report: dict[str, dict[str, float]] = {dtype: {} for dtype in DTYPES}
     for key, stacked in cases.items():
         dtype = key.split("/")[0]
         for method in METHODS:
             ours = get_method(method).configured().merge().merged_delta(stacked)
             reference = theirs[f"{key}/{method}"]
-            diff = max(float((ours[n].double() - reference[n].double()).abs().max()) for n in stacked)
-            size = max(float(reference[n].double().abs().max()) for n in stacked)
+            diff, relative_diff = max_difference(ours, reference, stacked)
             report[dtype][method] = max(report[dtype].get(method, 0.0), diff)
             relative = f"{method} (relative)"
-            report[dtype][relative] = max(report[dtype].get(relative, 0.0), diff / size)
+            report[dtype][relative] = max(report[dtype].get(relative, 0.0), relative_diff)
     return report
 
 
