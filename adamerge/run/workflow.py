@@ -196,14 +196,11 @@ def _load(settings: FitSettings) -> _Loaded:
     if settings.granularity is None:  # the source's own default: one λ per decoder block for causal LMs
         settings = dataclasses.replace(settings, granularity=experts.default_granularity)
         logger.info("granularity: %s (the default for these experts)", settings.granularity)
-    if isinstance(method, LearnedMethod) and settings.steps > 0 and method.reach(settings.steps) < MIN_REACH:
-        logger.warning(
-            "%s: lr %g over %d steps moves each λ by at most %.3g from its start: raise --lr or --steps "
-            "(the method's lr suits about %d steps)",
-            method.name, method.lr, settings.steps, method.reach(settings.steps), math.ceil(MIN_REACH / method.reach(1)),
-        )  # fmt: skip
+    experts = _with_positions(experts, settings.positions)  # an explicit choice is checked before any data is read
     batchnorm = resolve_policy(settings.batchnorm, experts.tasks, experts.heads, experts.model)
     learned = isinstance(method, LearnedMethod)
+    if learned and settings.steps > 0:
+        _warn_if_stuck(method, settings.steps)
     if settings.calib is None and batchnorm in REESTIMATING_POLICIES and batchnorm_layers(experts.model):
         chosen = settings.batchnorm + (f" (here {batchnorm})" if batchnorm != settings.batchnorm else "")
         raise AdamergeError(
@@ -212,7 +209,8 @@ def _load(settings: FitSettings) -> _Loaded:
         )
     generates = experts.task_type.generates  # evaluated on generations: --eval is not a labelled DataModule
     data = None if settings.calib is None and (settings.eval is None or generates) else _datamodule(settings, experts, method)
-    experts = _with_positions(experts, _positions(settings, experts, data))
+    if settings.positions == "auto":
+        experts = _with_positions(experts, _auto_positions(experts, data))
     task_vectors = _rewritten(method, experts, data)
     start = method.start(len(experts.tasks))
     merged = MergedModel(
@@ -246,11 +244,20 @@ def _rewritten(method: Method, experts: ExpertSet, data: L.LightningDataModule |
     return method.rewrite_with_statistics(experts.task_vectors, expert_statistics(method.merge(), experts, data))
 
 
-def _positions(settings: FitSettings, experts: ExpertSet, data: L.LightningDataModule | None) -> str:
-    """``--positions``, with ``auto`` resolved: ``response`` when the experts generate and every
-    unlabeled calibration record of every task is a prompt to answer, else ``all``."""
-    if settings.positions != "auto":
-        return settings.positions
+def _warn_if_stuck(method: LearnedMethod, steps: int) -> None:
+    """A warning when ``steps`` of the method's optimiser cannot move λ by :data:`MIN_REACH`."""
+    reach = method.reach(steps)
+    if reach < MIN_REACH:
+        logger.warning(
+            "%s: lr %g over %d steps moves each λ by at most %.3g from its start: raise --lr or --steps "
+            "(the method's lr suits about %d steps)",
+            method.name, method.lr, steps, reach, math.ceil(MIN_REACH / method.reach(1)),
+        )  # fmt: skip
+
+
+def _auto_positions(experts: ExpertSet, data: L.LightningDataModule | None) -> str:
+    """``--positions auto`` resolved: ``response`` when the experts generate and every unlabeled
+    calibration record of every task is a prompt to answer, else ``all``."""
     prompts = data.calibration_is_prompts() if experts.task_type.generates and hasattr(data, "calibration_is_prompts") else {}
     if prompts and all(prompts.values()):
         logger.info("positions: response (every calibration record is a prompt; --positions all scores every token)")
@@ -262,8 +269,9 @@ def _positions(settings: FitSettings, experts: ExpertSet, data: L.LightningDataM
 
 
 def _with_positions(experts: ExpertSet, positions: str) -> ExpertSet:
-    """The experts with their task type scoring ``positions`` of unlabeled prompts (``--positions``)."""
-    if positions == "all":
+    """The experts with their task type scoring ``positions`` of unlabeled prompts (``--positions``;
+    ``auto`` is resolved once the calibration data is read, and changes nothing here)."""
+    if positions in ("all", "auto"):
         return experts
     if not experts.task_type.generates:
         raise AdamergeError(f"--positions {positions} applies to causal language models; these experts are {experts.task_type.name} models")
