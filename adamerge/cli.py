@@ -35,7 +35,11 @@ def _flag(parser: ArgumentParser, name: str, default: bool, help: str) -> None:
     """``--name`` / ``--no-name`` / ``--name true|false``."""
     parser.add_argument(f"--{name}", type=bool, nargs="?", const=True, default=default, help=help)
     parser.add_argument(
-        f"--no-{name}", dest=name.replace("-", "_"), action="store_const", const=False, default=argparse.SUPPRESS,
+        f"--no-{name}",
+        dest=name.replace("-", "_"),
+        action="store_const",
+        const=False,
+        default=argparse.SUPPRESS,
         help=f"the same as --{name} false",
     )
 
@@ -82,7 +86,9 @@ def add_settings_arguments(parser: ArgumentParser, settings: type, learned: bool
         if required:
             parser.add_argument(f"--{flag}", type=kind, required=True, help=help, **extra)
         else:
-            parser.add_argument(f"--{flag}", type=kind, default=list(default) if isinstance(default, tuple) else default, help=help, **extra)
+            parser.add_argument(
+                f"--{flag}", type=kind, default=list(default) if isinstance(default, tuple) else default, help=help, **extra
+            )
 
 
 def _parser(settings: type, description: str, learned: bool) -> ArgumentParser:

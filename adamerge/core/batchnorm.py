@@ -51,8 +51,10 @@ def resolve_policy(policy: str, tasks: Sequence[str], heads: Mapping[str, Mappin
     resolved = "per-task" if per_task_heads else "reestimate"
     if batchnorm_layers(model):
         logger.info(
-            "BatchNorm statistics: %s (--batchnorm auto: %s)", resolved,
-            "every task has its own head, so each task gets its own statistics" if per_task_heads
+            "BatchNorm statistics: %s (--batchnorm auto: %s)",
+            resolved,
+            "every task has its own head, so each task gets its own statistics"
+            if per_task_heads
             else "the tasks share the model's output, so the statistics are pooled over them",
         )
     return resolved
@@ -60,9 +62,7 @@ def resolve_policy(policy: str, tasks: Sequence[str], heads: Mapping[str, Mappin
 
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """Normalisation layers that track running statistics."""
-    return [
-        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
 @torch.no_grad()

@@ -89,15 +89,11 @@ class Coefficients(nn.Module):
             target = target.expand_as(self.raw)  # (K, G)
         except RuntimeError:
             raise AdamergeError(
-                f"coefficient values of shape {tuple(target.shape)} do not fit "
-                f"{len(self.tasks)} tasks x {self.layout.num_groups} groups"
+                f"coefficient values of shape {tuple(target.shape)} do not fit {len(self.tasks)} tasks x {self.layout.num_groups} groups"
             ) from None
         self.raw.copy_(unconstrain(target.clone(), self.constraint))
 
     def table(self) -> dict[str, dict[str, float]]:
         """``{task: {group: value}}`` of the constrained coefficients, for humans and JSON."""
         values = self().detach().cpu()
-        return {
-            task: {group: float(values[k, g]) for g, group in enumerate(self.layout.group_names)}
-            for k, task in enumerate(self.tasks)
-        }
+        return {task: {group: float(values[k, g]) for g, group in enumerate(self.layout.group_names)} for k, task in enumerate(self.tasks)}

@@ -157,8 +157,7 @@ class GroupWise(Granularity):
         if unmatched:
             if self.unmatched is None:
                 raise AdamergeError(
-                    f"{len(unmatched)} tensor(s) match no group pattern "
-                    f"({[p.pattern for p in self.patterns]}), e.g. {unmatched[:3]}"
+                    f"{len(unmatched)} tensor(s) match no group pattern ({[p.pattern for p in self.patterns]}), e.g. {unmatched[:3]}"
                 )
             logger.info("%d tensor(s) match no group pattern; they share group %r", len(unmatched), self.unmatched)
         return CoefficientLayout.from_keys(tensor_names, keys)
@@ -220,6 +219,5 @@ def parse_granularity(spec: str | Granularity) -> Granularity:
     if kind in ("chunk", "partition") and rest.isdigit():
         return ChunkWise(int(rest), "contiguous" if kind == "chunk" else "random")
     raise AdamergeError(
-        f"granularity {spec!r}: expected 'task', 'layer' (or 'tensor'), 'block', 'group:REGEX[;REGEX...]', "
-        "'chunk:N' or 'partition:N'"
+        f"granularity {spec!r}: expected 'task', 'layer' (or 'tensor'), 'block', 'group:REGEX[;REGEX...]', 'chunk:N' or 'partition:N'"
     )

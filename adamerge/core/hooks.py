@@ -15,9 +15,7 @@ __all__ = ["HEAD_INPUT", "capture_hidden"]
 
 
 @contextlib.contextmanager
-def capture_hidden(
-    model: nn.Module, names: Sequence[str], head_module: str | None = None
-) -> Iterator[dict[str, torch.Tensor]]:
+def capture_hidden(model: nn.Module, names: Sequence[str], head_module: str | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Collect outputs of named sub-modules (and the head's input) while the block runs.
 
     Args:

@@ -195,9 +195,7 @@ class MergedModel(nn.Module):
             coefficients: constrained ``(K, G)`` values to use instead of the learned ones.
         """
         lam = self.coefficients() if coefficients is None else coefficients  # (K, G)
-        return merge_tensors(
-            self.base_tensors(), self.task_vectors.parts(), lam, self.layout, self.partitions.inverse()
-        )
+        return merge_tensors(self.base_tensors(), self.task_vectors.parts(), lam, self.layout, self.partitions.inverse())
 
     def forward(
         self,
@@ -316,9 +314,7 @@ class MergedModel(nn.Module):
         by_task: dict[str, list[Inputs]] = {task: [] for task in self.tasks}
         for task, inputs in batches:
             by_task[task].append(inputs)
-        statistics = per_task_running_stats(
-            self.model, self.tasks, lambda task: run((task, inputs) for inputs in by_task[task])
-        )
+        statistics = per_task_running_stats(self.model, self.tasks, lambda task: run((task, inputs) for inputs in by_task[task]))
         self.statistics = TaskHeads(statistics)
         return sum(input_batch_size(inputs) for items in by_task.values() for inputs in items)
 

@@ -173,9 +173,7 @@ class FactoredDelta(nn.Module):
             raise IncompatibleExpertError(f"expert indices {tasks} must be distinct and in [0, {self.num_tasks})")
         if (dense is None) != (not dense_tasks) or (dense is not None and dense.shape != (len(dense_tasks), *self.shape)):
             got = None if dense is None else tuple(dense.shape)
-            raise IncompatibleExpertError(
-                f"dense rows of shape {got} for experts {list(dense_tasks)}, tensor {tuple(self.shape)}"
-            )
+            raise IncompatibleExpertError(f"dense rows of shape {got} for experts {list(dense_tasks)}, tensor {tuple(self.shape)}")
         for f in factors:
             r = f.right.shape[0]
             if f.left.numel() != self.rows * r or f.right.numel() != r * self.cols:
@@ -222,11 +220,31 @@ class FactoredDelta(nn.Module):
         """All K task vectors as one dense ``(K, *shape)`` tensor in the storage dtype (K dense copies)."""
         return torch.stack([self.task_delta(k) for k in range(self.num_tasks)]).to(self.dtype)  # (K, *shape)
 
+    def scaled(self, factors: torch.Tensor) -> FactoredDelta:
+        """A copy with ``τ_k`` multiplied by ``factors[k]`` (``(K,)``): the dense rows are scaled,
+        a LoRA expert's factors are shared and only its scale ``s_k`` changes (nothing densified)."""
+        factors = factors.detach().float().to(self.rank_scale.device)
+        copy = nn.Module.__new__(FactoredDelta)
+        copy.__dict__.update(self.__dict__)
+        copy._buffers = dict(self._buffers)  # left, right and rank_owner shared with this delta
+        copy.dense = _rows_scaled(self.dense, factors[self.dense_index].tolist())
+        copy.rank_scale = self.rank_scale * factors[self.rank_owner]  # (R,)
+        return copy
+
     def extra_repr(self) -> str:
         return (
             f"shape={tuple(self.shape)}, dense_tasks={self.dense_index.tolist()}, "
             f"low_rank_tasks={list(self.low_rank_tasks)}, rank={self.rank}"
         )
+
+
+def _rows_scaled(rows: torch.Tensor, factors: Sequence[float]) -> torch.Tensor:
+    """``rows[i] · factors[i]`` for ``rows`` ``(n, *shape)``: a copy in its dtype, one row at a time
+    (no float32 copy of the whole stack)."""
+    out = rows.clone()
+    for i, factor in enumerate(factors):
+        out[i].mul_(factor)
+    return out
 
 
 def _cat(tensors: Sequence[torch.Tensor], dim: int, empty: tuple[int, ...]) -> torch.Tensor:
@@ -266,9 +284,7 @@ class TaskVectors(nn.Module):
         for index, (name, vector) in enumerate(vectors.items()):
             stacked = vector.num_tasks if isinstance(vector, FactoredDelta) else vector.shape[0]
             if stacked != len(self.tasks):
-                raise IncompatibleExpertError(
-                    f"task vector {name!r} stacks {stacked} experts, expected {len(self.tasks)}"
-                )
+                raise IncompatibleExpertError(f"task vector {name!r} stacks {stacked} experts, expected {len(self.tasks)}")
             if isinstance(vector, FactoredDelta):
                 self.factored[self.buffer_name(index)] = vector
             else:
@@ -312,7 +328,9 @@ class TaskVectors(nn.Module):
             self._densify_logged = True
             logger.warning(
                 "densifying factored (LoRA) task vectors for a dense consumer, first %r: %.1f MB dense vs %.1f MB stored",
-                name, self.dense_nbytes() / 2**20, self.nbytes() / 2**20,
+                name,
+                self.dense_nbytes() / 2**20,
+                self.nbytes() / 2**20,
             )
         return part.densify()
 
@@ -361,6 +379,19 @@ class TaskVectors(nn.Module):
         part = self._part(self.names.index(name))
         return part.task_delta(k, part.dtype) if isinstance(part, FactoredDelta) else part[k]
 
+    def scaled(self, factors: torch.Tensor) -> TaskVectors:
+        """The task vectors ``factors[k] · τ_k`` (``factors`` ``(K,)``), in the storage dtype and
+        form: LoRA factors stay factored, only their scale changes."""
+        if factors.shape != (self.num_tasks,):
+            raise AdamergeError(f"task-vector scale factors of shape {tuple(factors.shape)}, expected ({self.num_tasks},)")
+        vectors: dict[str, TaskVector] = {}
+        for name, part in self.parts():
+            if isinstance(part, FactoredDelta):
+                vectors[name] = part.scaled(factors)
+            else:
+                vectors[name] = _rows_scaled(part, factors.tolist())
+        return TaskVectors(self.tasks, vectors)
+
     def extra_repr(self) -> str:
         factored = len(self.factored)
         return (
@@ -400,8 +431,7 @@ class TaskVectors(nn.Module):
                     raise IncompatibleExpertError(f"expert {task!r} has no tensor {name!r} (the base has it)")
                 if state[name].shape != base[name].shape:
                     raise IncompatibleExpertError(
-                        f"expert {task!r}: tensor {name!r} has shape {tuple(state[name].shape)}, "
-                        f"the base has {tuple(base[name].shape)}"
+                        f"expert {task!r}: tensor {name!r} has shape {tuple(state[name].shape)}, the base has {tuple(base[name].shape)}"
                     )
                 check_dtype(task, name, state[name], base[name])
                 vectors[name][k] = task_difference(state[name], base[name])
@@ -438,8 +468,7 @@ def check_expert_keys(base: StateDict, expert: StateDict, task: str, head_names:
             continue
         if name not in heads and expert[name].shape != tensor.shape:
             raise IncompatibleExpertError(
-                f"expert {task!r}: tensor {name!r} has shape {tuple(expert[name].shape)}, "
-                f"the base has {tuple(tensor.shape)}"
+                f"expert {task!r}: tensor {name!r} has shape {tuple(expert[name].shape)}, the base has {tuple(tensor.shape)}"
             )
         check_dtype(task, name, expert[name], tensor)
     check_finite_tensors(expert, f"expert {task!r}")

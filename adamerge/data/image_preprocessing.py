@@ -217,8 +217,10 @@ def resolve_image_preprocessing(
     data_size, count = common_image_size(image_paths)
     fallback = False
     if size is not None:
-        chosen = replace(metadata, size=(size, size), resize=None, origin="--image-size") if metadata else ImagePreprocessing(
-            size=(size, size), origin="--image-size"
+        chosen = (
+            replace(metadata, size=(size, size), resize=None, origin="--image-size")
+            if metadata
+            else ImagePreprocessing(size=(size, size), origin="--image-size")
         )
     elif metadata is not None:
         chosen = metadata
@@ -226,7 +228,12 @@ def resolve_image_preprocessing(
             logger.warning(
                 "the model's metadata asks for %dx%d px images (%s) and all %d calibration images are %dx%d: they are "
                 "resized to %dx%d; pass --image-size %d if the experts were fine-tuned at the images' own size",
-                *metadata.size, metadata.origin, count, *data_size, *metadata.size, data_size[0],
+                *metadata.size,
+                metadata.origin,
+                count,
+                *data_size,
+                *metadata.size,
+                data_size[0],
             )
     elif data_size is not None:
         chosen = ImagePreprocessing(size=None, origin=f"all {count} calibration images are {data_size[0]}x{data_size[1]}")
@@ -243,7 +250,8 @@ def resolve_image_preprocessing(
     if fallback or (metadata is None and mean is None and std is None):
         logger.warning(
             "image preprocessing: %s. The model carries no preprocessing metadata: if its experts were fine-tuned "
-            "otherwise, pass --image-size / --image-mean / --image-std", chosen.describe(),
+            "otherwise, pass --image-size / --image-mean / --image-std",
+            chosen.describe(),
         )
     else:
         logger.info("image preprocessing: %s", chosen.describe())

@@ -57,9 +57,7 @@ def list_images(folder: Path) -> list[Path]:
 # SyntaxError / struct.error / IndexError / TypeError / ValueError / EOFError from format
 # plugins on malformed headers, DecompressionBombError (an Exception, not an OSError) for a header
 # declaring more than twice ``Image.MAX_IMAGE_PIXELS`` pixels
-_DECODE_ERRORS = (
-    OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error, Image.DecompressionBombError
-)
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error, Image.DecompressionBombError)
 
 
 def _open_image(path: Path) -> Image.Image | None:
@@ -106,7 +104,10 @@ def _decodes(path: Path) -> bool:
                 if limit and image.width * image.height > limit:
                     logger.warning(
                         "%s: large image (%dx%d pixels, over PIL's MAX_IMAGE_PIXELS %d): decoding it anyway",
-                        path, image.width, image.height, limit,
+                        path,
+                        image.width,
+                        image.height,
+                        limit,
                     )
                 image.load()
         return True
@@ -114,8 +115,10 @@ def _decodes(path: Path) -> bool:
         size = _declared_size(path)
         declared = f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels" if size else str(error)
         logger.warning(
-            "skipping %s: its header declares %s, over PIL's decompression-bomb limit "
-            "(2 x Image.MAX_IMAGE_PIXELS = %s pixels)", path, declared, 2 * (Image.MAX_IMAGE_PIXELS or 0),
+            "skipping %s: its header declares %s, over PIL's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS = %s pixels)",
+            path,
+            declared,
+            2 * (Image.MAX_IMAGE_PIXELS or 0),
         )
         return False
     except _DECODE_ERRORS as error:
@@ -192,10 +195,7 @@ class LabelledImageFolder(Dataset):
         if not self.classes:
             raise DataError(f"evaluation folder {self.root} has no class sub-folders (expected <class>/<image>)")
         self.samples = [
-            (path, label)
-            for label, name in enumerate(self.classes)
-            for path in list_images(self.root / name)
-            if _decodes(path)
+            (path, label) for label, name in enumerate(self.classes) for path in list_images(self.root / name) if _decodes(path)
         ]
         if not self.samples:
             raise DataError(f"evaluation folder {self.root} holds no decodable image")
@@ -306,9 +306,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.holdout = holdout
         self.held_out: dict[str, CalibrationView] = {}
 
-    def calibration_split(
-        self, task: str, dataset: Dataset, seed: int, labels: Sequence[int] | None = None
-    ) -> CalibrationView:
+    def calibration_split(self, task: str, dataset: Dataset, seed: int, labels: Sequence[int] | None = None) -> CalibrationView:
         """The training view of one task's calibration ``dataset``; its held-out inputs go to
         :attr:`held_out`.
 
@@ -357,9 +355,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             indices = sorted(torch.randperm(size, generator=generator)[: self.limit_per_task].tolist())
         return indices
 
-    def _loader(
-        self, dataset: Dataset, batch_size: int, shuffle: bool, seed_offset: int = 0, distributed: bool = False
-    ) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, seed_offset: int = 0, distributed: bool = False) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed + seed_offset)
         # our own shard per rank, honouring ``shuffle`` (Lightning would always shuffle training data)
         distributed = distributed and torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -482,8 +478,18 @@ class MultiTaskImageDataModule(MultiTaskDataModule):
         holdout: float = 0.0,
     ) -> None:
         super().__init__(
-            calib_dir, tasks, eval_dir, batch_size, eval_batch_size, num_workers, seed, shuffle, shots,
-            limit_per_task, with_index, holdout,
+            calib_dir,
+            tasks,
+            eval_dir,
+            batch_size,
+            eval_batch_size,
+            num_workers,
+            seed,
+            shuffle,
+            shots,
+            limit_per_task,
+            with_index,
+            holdout,
         )
         self.transform = transform if transform is not None else build_image_transform(image_size, mean, std)
         if not self.calib_dir.is_dir():

@@ -89,7 +89,9 @@ def _read_jsonl(path: Path, labelled: bool, num_classes: int | None) -> TextReco
         text = record.get("text")
         if not isinstance(text, str):
             found = "missing" if text is None else type(text).__name__
-            raise DataError(f"{where}: field 'text' is {found}, expected a string" + ("" if labelled else " (or 'prompt', or chat 'messages')"))
+            raise DataError(
+                f"{where}: field 'text' is {found}, expected a string" + ("" if labelled else " (or 'prompt', or chat 'messages')")
+            )
         if labelled:
             label = record.get("label")
             if isinstance(label, bool) or not isinstance(label, int):
@@ -373,8 +375,18 @@ class MultiTaskTextDataModule(MultiTaskDataModule):
         answers: bool = False,
     ) -> None:
         super().__init__(
-            calib_dir, tasks, eval_dir, batch_size, eval_batch_size, num_workers, seed, shuffle, shots,
-            limit_per_task, with_index, holdout,
+            calib_dir,
+            tasks,
+            eval_dir,
+            batch_size,
+            eval_batch_size,
+            num_workers,
+            seed,
+            shuffle,
+            shots,
+            limit_per_task,
+            with_index,
+            holdout,
         )
         if tokenizer is None:
             raise DataError("text data needs a tokenizer (the expert source provides the base's)")
@@ -406,9 +418,7 @@ class MultiTaskTextDataModule(MultiTaskDataModule):
         if self.eval_dir is not None and not self.evaluation and stage in (None, "fit", "validate", "test"):
             if not self.eval_dir.is_dir():
                 raise DataError(f"--eval {self.eval_dir} does not exist (expected <task>.jsonl or <task>/*.jsonl files)")
-            self.evaluation = {
-                t: self._tokenized(read_labelled(self.eval_dir, t, self.num_classes.get(t)), t) for t in self.tasks
-            }
+            self.evaluation = {t: self._tokenized(read_labelled(self.eval_dir, t, self.num_classes.get(t)), t) for t in self.tasks}
             for task, dataset in self.evaluation.items():
                 logger.info("evaluation %s: %d labelled texts, %s classes", task, len(dataset), dataset.num_classes)
 

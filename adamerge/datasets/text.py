@@ -77,13 +77,9 @@ class TextExamples:
 
     def __post_init__(self) -> None:
         if self.labels.dtype != np.int64 or self.labels.shape != (len(self.texts),):
-            raise DataError(
-                f"labels must be int64 of shape ({len(self.texts)},), got {self.labels.dtype} {self.labels.shape}"
-            )
+            raise DataError(f"labels must be int64 of shape ({len(self.texts)},), got {self.labels.dtype} {self.labels.shape}")
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
-            raise DataError(
-                f"labels span {self.labels.min()}..{self.labels.max()}, expected 0..{len(self.classes) - 1}"
-            )
+            raise DataError(f"labels span {self.labels.min()}..{self.labels.max()}, expected 0..{len(self.classes) - 1}")
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -142,10 +138,7 @@ def normalise_text(text: str) -> str:
 def _require_file(data_root: Path, relative: str) -> Path:
     path = data_root / relative
     if not path.is_file():
-        raise DataError(
-            f"missing data file {relative} under data root {data_root} "
-            f"(pass data_root=... or set ${DATA_ROOT_ENV})"
-        )
+        raise DataError(f"missing data file {relative} under data root {data_root} (pass data_root=... or set ${DATA_ROOT_ENV})")
     return path
 
 
@@ -329,9 +322,7 @@ def _file_task(name: str, root: Path, files: Mapping[str, str], read: Callable[[
     return TextTask(name, splits, record)
 
 
-def _seeded_task(
-    name: str, root: Path, relative: str, read: Callable[[Path], TextExamples], seed: int, test_fraction: float
-) -> TextTask:
+def _seeded_task(name: str, root: Path, relative: str, read: Callable[[Path], TextExamples], seed: int, test_fraction: float) -> TextTask:
     examples = read(_require_file(root, relative))
     task_seed = split_seed(seed, name)
     parts = seeded_split(len(examples), test_fraction, task_seed)
@@ -394,9 +385,7 @@ TEXT_TASKS: dict[str, Callable[..., TextTask]] = {
 }
 
 
-def load_text_task(
-    task: str, data_root: str | Path | None = None, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION
-) -> TextTask:
+def load_text_task(task: str, data_root: str | Path | None = None, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION) -> TextTask:
     """The splits of one task of :data:`TEXT_TASKS`.
 
     Args:

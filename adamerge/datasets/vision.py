@@ -60,9 +60,7 @@ class ImageArrays:
         if self.labels.shape != (len(self.images),):
             raise DataError(f"labels shape {self.labels.shape} does not match {len(self.images)} images")
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
-            raise DataError(
-                f"labels span {self.labels.min()}..{self.labels.max()}, expected 0..{len(self.classes) - 1}"
-            )
+            raise DataError(f"labels span {self.labels.min()}..{self.labels.max()}, expected 0..{len(self.classes) - 1}")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -89,10 +87,7 @@ def resolve_data_root(data_root: str | Path | None = None) -> Path:
 def _require_file(data_root: Path, relative: str) -> Path:
     path = data_root / relative
     if not path.is_file():
-        raise DataError(
-            f"missing data file {relative} under data root {data_root} "
-            f"(pass data_root=... or set ${DATA_ROOT_ENV})"
-        )
+        raise DataError(f"missing data file {relative} under data root {data_root} (pass data_root=... or set ${DATA_ROOT_ENV})")
     return path
 
 
@@ -122,9 +117,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header_size).reshape(shape)
 
 
-def read_idx_pair(
-    data_root: str | Path | None, images_file: str, labels_file: str, classes: Sequence[str]
-) -> ImageArrays:
+def read_idx_pair(data_root: str | Path | None, images_file: str, labels_file: str, classes: Sequence[str]) -> ImageArrays:
     """An idx image file and its idx label file (MNIST, Fashion-MNIST, Kannada-MNIST).
 
     Args:
@@ -215,9 +208,7 @@ def read_image_npz(data_root: str | Path | None, files: Sequence[str]) -> ImageA
 
 def load_mnist(data_root: str | Path | None = None) -> ImageArrays:
     """MNIST test split: 10,000 images (28, 28)."""
-    return read_idx_pair(
-        data_root, "images/mnist/t10k-images-idx3-ubyte.gz", "images/mnist/t10k-labels-idx1-ubyte.gz", DIGIT_CLASSES
-    )
+    return read_idx_pair(data_root, "images/mnist/t10k-images-idx3-ubyte.gz", "images/mnist/t10k-labels-idx1-ubyte.gz", DIGIT_CLASSES)
 
 
 def load_fashion_mnist(data_root: str | Path | None = None) -> ImageArrays:
@@ -247,9 +238,7 @@ def load_usps(data_root: str | Path | None = None) -> ImageArrays:
 
 def load_cifar10(data_root: str | Path | None = None) -> ImageArrays:
     """CIFAR-10: 10,000 training rows then the 10,000 test rows, images (32, 32, 3)."""
-    return read_image_npz(
-        data_root, ["images/cifar10/cifar10_train10k_jpeg.npz", "images/cifar10/cifar10_test_jpeg.npz"]
-    )
+    return read_image_npz(data_root, ["images/cifar10/cifar10_train10k_jpeg.npz", "images/cifar10/cifar10_test_jpeg.npz"])
 
 
 VISION_TASKS: dict[str, Callable[[str | Path | None], ImageArrays]] = {

@@ -41,7 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with stages.stage("building the experts", total=len(args.tasks), unit="experts") as bar:
             assets = build_vision_demo(
-                data_root=args.data_root, cache_dir=args.cache_dir, tasks=args.tasks, quick=args.quick,
+                data_root=args.data_root,
+                cache_dir=args.cache_dir,
+                tasks=args.tasks,
+                quick=args.quick,
                 on_task_done=bar.advance,
             )
         settings = FitSettings(

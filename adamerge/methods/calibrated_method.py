@@ -23,7 +23,6 @@ from adamerge.errors import AdamergeError
 from adamerge.methods.rewrite_method import RewriteMethod
 
 if TYPE_CHECKING:
-
     from adamerge.core.task_vectors import TaskVectors
 
 logger = logging.getLogger(__name__)

@@ -70,7 +70,12 @@ class ChunkRefinedMethod(LearnedMethod):
         )
         logger.info(
             "%s: %d of %d tensors refined into %d chunks (budget %d, kappa %g)",
-            self.name, sum(m > 0 for m in chunks.values()), len(chunks), sum(chunks.values()), budget, settings.chunk_kappa,
+            self.name,
+            sum(m > 0 for m in chunks.values()),
+            len(chunks),
+            sum(chunks.values()),
+            budget,
+            settings.chunk_kappa,
         )
         return MergedModel(
             previous.model,

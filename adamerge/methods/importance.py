@@ -18,9 +18,7 @@ import torch
 from adamerge.errors import AdamergeError
 
 
-def layer_importance(
-    coefficients: torch.Tensor, task_vectors: Iterable[tuple[str, torch.Tensor]]
-) -> dict[str, float]:
+def layer_importance(coefficients: torch.Tensor, task_vectors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
     """Normalised importance (sums to 1) of each tensor.
 
     Args:

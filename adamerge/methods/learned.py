@@ -73,6 +73,9 @@ class LearnedMethod(Method):
             share per task, elect the sign: AdaMerging++'s 0.2).
         few_shot: whether ``--shots`` switches the method to its few-shot setting (aTLAS:
             cross-entropy on labelled shots, λ = 0, lr 1e-1, cosine).
+        start_from: ``None``, or the static merge whose rewritten task vectors the method learns
+            on, scaled so that λ = ``init`` is that merge (``--start-from``;
+            :mod:`adamerge.run.task_vector_rewrites`).
     """
 
     constraint: str = "clamp"  # type: ignore[assignment]  (a field here, a property on Method)
@@ -84,6 +87,7 @@ class LearnedMethod(Method):
     scheduler: str | None = None
     trim_density: float | None = None
     few_shot: bool = False
+    start_from: str | None = None
 
     learned: ClassVar[bool] = True
 
@@ -107,11 +111,33 @@ class LearnedMethod(Method):
             if shots < 1:
                 raise AdamergeError(f"--shots {shots}: expected at least 1 labelled image per class")
             method = replace(method, init=FEW_SHOT_INIT, objective="cross-entropy", lr=FEW_SHOT_LR, scheduler="cosine")
-        overrides = {k: value(k) for k in ("init", "constraint", "lr")}
+        overrides = {k: value(k) for k in ("init", "constraint", "lr", "start_from")}
         method = replace(method, **{k: v for k, v in overrides.items() if v is not None})
         extra = dict(getattr(settings, "options", None) or {}) | dict(options.get("options") or {})
         check_options(self.name, extra, {f.name for f in dataclasses.fields(method)} - {"name", "paper"})
-        return replace(method, **extra)
+        method = replace(method, **extra)
+        method.check_start()
+        return method
+
+    def check_start(self) -> None:
+        """Refuse a ``start_from`` this method cannot scale to.
+
+        Raises:
+            AdamergeError: ``start_from`` with a TIES trim of its own (two rewrites), or with
+                λ = 0 at the start (no scale maps 0 onto the static merge's λ).
+        """
+        if self.start_from is None:
+            return
+        if self.trim_density is not None:
+            raise AdamergeError(
+                f"--start-from {self.start_from}: {self.name} rewrites the task vectors itself (TIES trim); "
+                "start the method without its trim (adamerging) or drop --start-from"
+            )
+        if self.init == 0:
+            raise AdamergeError(
+                f"--start-from {self.start_from}: {self.name} starts at λ = 0, which no scale of the task vectors "
+                "maps onto that merge: pass --init (e.g. 0.5)"
+            )
 
     def rewrite(self, task_vectors: TaskVectors) -> TaskVectors:
         """The TIES-trimmed task vectors when ``trim_density`` is set, else the experts' own."""
@@ -126,6 +152,8 @@ class LearnedMethod(Method):
         return self.init
 
     def start_label(self) -> str:
+        if self.start_from is not None:
+            return f"{self.start_from} (start, λ={self.init:g})"
         if self.init == 0:
             return "pretrained (λ=0)"
         if self.trim_density is not None:

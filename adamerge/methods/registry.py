@@ -43,12 +43,13 @@ def method_names(learned: bool | None = None) -> list[str]:
     return [name for name, m in _REGISTRY.items() if learned is None or m.learned == learned]
 
 
-def get_method(name: str, learned: bool | None = None) -> Method:
+def get_method(name: str, learned: bool | None = None, option: str = "--method") -> Method:
     """The method called ``name`` (see the module docstring for where it is looked up).
 
     Args:
         name: registered name, ``package.module:ATTRIBUTE`` or an entry-point name.
         learned: refuse a static method (``True``) or a learned one (``False``).
+        option: the option that named it, for the error messages.
 
     Raises:
         AdamergeError: nothing of that name, or the wrong kind, with the valid names.
@@ -57,12 +58,13 @@ def get_method(name: str, learned: bool | None = None) -> Method:
     command = {True: "adamerge fit", False: "adamerge merge", None: "adamerge"}[learned]
     if method is None:
         raise AdamergeError(
-            f"--method {name!r}: expected one of {', '.join(method_names(learned))}, "
-            "or package.module:ATTRIBUTE of a Method"
+            f"{option} {name!r}: expected one of {', '.join(method_names(learned))}, or package.module:ATTRIBUTE of a Method"
         )
     if learned is not None and method.learned != learned:
         other = "adamerge merge" if method.learned is False else "adamerge fit"
-        raise AdamergeError(f"--method {name!r} is a {'learned' if method.learned else 'static'} method: run it with {other}, not {command}")
+        raise AdamergeError(
+            f"{option} {name!r} is a {'learned' if method.learned else 'static'} method: run it with {other}, not {command}"
+        )
     return method
 
 

@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass
 class TaskBatch:
     """One task's share of a training step.
@@ -227,9 +226,7 @@ class ExpertAlignment(Objective):
         )
 
     @torch.no_grad()
-    def cache_targets(
-        self, task: str, logits: torch.Tensor, hidden: Mapping[str, torch.Tensor], spans: torch.Tensor | None = None
-    ) -> None:
+    def cache_targets(self, task: str, logits: torch.Tensor, hidden: Mapping[str, torch.Tensor], spans: torch.Tensor | None = None) -> None:
         """Store an expert's outputs on its whole calibration set.
 
         Args:

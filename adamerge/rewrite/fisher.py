@@ -95,10 +95,12 @@ class FisherMerge(CalibratedRewrite):
         scale = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)  # (K,)
         if not self.normalise:
             return scale
-        norms = torch.stack([
-            torch.sqrt(sum((f.double() ** 2).sum() for f in fisher.values()) if fisher else torch.zeros((), dtype=torch.float64))
-            for fisher in fishers
-        ])  # (K,)
+        norms = torch.stack(
+            [
+                torch.sqrt(sum((f.double() ** 2).sum() for f in fisher.values()) if fisher else torch.zeros((), dtype=torch.float64))
+                for fisher in fishers
+            ]
+        )  # (K,)
         inverse = 1.0 / (norms + self.minimal_fisher)
         logger.info("Fisher norms per expert: %s", [f"{v:.3g}" for v in norms.tolist()])
         return scale * inverse / inverse.sum()
@@ -132,7 +134,9 @@ class FisherMerge(CalibratedRewrite):
                 raise AdamergeError(f"Fisher merging: tensor {name!r} has a Fisher for some experts only")
             fisher = torch.stack([f[name] for f in statistics]).to(wide)  # (K, *shape)
             if fisher.shape != x.shape:
-                raise AdamergeError(f"Fisher merging: Fisher of {name!r} has shape {tuple(fisher.shape[1:])}, the tensor {tuple(x.shape[1:])}")
+                raise AdamergeError(
+                    f"Fisher merging: Fisher of {name!r} has shape {tuple(fisher.shape[1:])}, the tensor {tuple(x.shape[1:])}"
+                )
             c = scale.to(wide).view(-1, *([1] * (x.dim() - 1)))  # (K, 1, ...)
             weighted = c * (fisher + self.minimal_fisher)  # (K, *shape)
             out[name] = (weighted / weighted.sum(dim=0) * x.to(wide)).to(x.dtype)  # (K, *shape)

@@ -93,14 +93,11 @@ def as_items(tv: TaskVectorMap, arg: str = "tv") -> list[tuple[str, torch.Tensor
     first_name, first = items[0]
     for name, tensor in items:
         if not isinstance(tensor, torch.Tensor) or tensor.dim() < 1 or not tensor.is_floating_point():
-            what = (
-                f"{tensor.dtype} {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            )
+            what = f"{tensor.dtype} {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise AdamergeError(f"{arg}[{name!r}] must be a floating tensor (K, *shape), got {what}")
         if tensor.shape[0] != first.shape[0]:
             raise AdamergeError(
-                f"{arg}: mismatched number of experts K: {first_name!r} stacks {first.shape[0]}, "
-                f"{name!r} stacks {tensor.shape[0]}"
+                f"{arg}: mismatched number of experts K: {first_name!r} stacks {first.shape[0]}, {name!r} stacks {tensor.shape[0]}"
             )
         if tensor.device != first.device:
             raise AdamergeError(f"{arg}: {first_name!r} is on {first.device}, {name!r} on {tensor.device}")
@@ -131,9 +128,7 @@ def _check_scope(scope: str) -> str:
 
 def _check_rule(rule: str) -> str:
     if rule not in ("sum", "count"):
-        raise AdamergeError(
-            f"rule must be 'sum' (sign of Σ_k τ_k, TIES) or 'count' (majority of signs), got {rule!r}"
-        )
+        raise AdamergeError(f"rule must be 'sum' (sign of Σ_k τ_k, TIES) or 'count' (majority of signs), got {rule!r}")
     return rule
 
 
@@ -186,9 +181,7 @@ def _window_ranks(n: int, density: float, outlier_fraction: float, count: TrimCo
     return n_top + 1, n_top + n_keep
 
 
-def _window_of(
-    magnitudes: torch.Tensor, density: float, outlier_fraction: float, count: TrimCount
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _window_of(magnitudes: torch.Tensor, density: float, outlier_fraction: float, count: TrimCount) -> tuple[torch.Tensor, torch.Tensor]:
     """Thresholds ``(lo, hi)`` per row of ``magnitudes`` ``(R, n)``: keep ``lo ≤ |τ| ≤ hi``.
 
     ``hi`` is the magnitude of the first kept rank and ``lo`` of the last, both found exactly with
@@ -253,9 +246,7 @@ def window_tensor(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.
     return torch.where(keep, x, zeros_like_scalar(x))
 
 
-def magnitude_trim(
-    tv: TaskVectorMap, density: float, scope: Scope = "model", count: TrimCount = "ties"
-) -> dict[str, torch.Tensor]:
+def magnitude_trim(tv: TaskVectorMap, density: float, scope: Scope = "model", count: TrimCount = "ties") -> dict[str, torch.Tensor]:
     """Keep the top-``density`` fraction of ``|τ_k|`` per task, zero the rest (TIES "trim").
 
     By default the ranking runs over the whole model per task and keeps ``⌊density · P⌋ + 1``
@@ -419,9 +410,7 @@ def sign_agreement_mask(tv: TaskVectorMap, elected: Mapping[str, torch.Tensor]) 
         if name not in elected:
             raise AdamergeError(f"elected has no sign for tensor {name!r}")
         if tuple(elected[name].shape) != tuple(x.shape[1:]):
-            raise AdamergeError(
-                f"elected[{name!r}] has shape {tuple(elected[name].shape)}, expected {tuple(x.shape[1:])}"
-            )
+            raise AdamergeError(f"elected[{name!r}] has shape {tuple(elected[name].shape)}, expected {tuple(x.shape[1:])}")
         masks[name] = agreement_tensor(x, elected[name])
     return masks
 
@@ -612,9 +601,7 @@ def layer_depths(
     if isinstance(depth_count, bool) or not isinstance(depth_count, int) or depth_count < 1:
         raise AdamergeError(f"num_layers must be a positive int, got {num_layers!r}")
     if max(indices) >= depth_count or min(indices) < 0:
-        raise AdamergeError(
-            f"layer indices span {min(indices)}..{max(indices)}, outside 0..{depth_count - 1} (num_layers)"
-        )
+        raise AdamergeError(f"layer indices span {min(indices)}..{max(indices)}, outside 0..{depth_count - 1} (num_layers)")
     last_indexed = max(i for i, index in enumerate(parsed) if index is not None)
     depths, previous = {}, None
     for position, (name, index) in enumerate(zip(names, parsed)):

@@ -132,17 +132,14 @@ class StaticMerge:
         object.__setattr__(self, "lines", tuple(self.lines))
         scales = self.scale if isinstance(self.scale, tuple) else (self.scale,)
         if any(s != 1.0 for s in scales):
-            raise AdamergeError(
-                "lines replaces scale with the depth profile α + β·ℓ/(L−1): "
-                f"set scale=1.0, got scale={self.scale!r}"
-            )
+            raise AdamergeError(f"lines replaces scale with the depth profile α + β·ℓ/(L−1): set scale=1.0, got scale={self.scale!r}")
 
     # ------------------------------------------------------------------------------------------
 
     def is_linear(self) -> bool:
         """Whether the merge is ``Σ_k c_k τ_k`` of the unchanged task vectors (average, task arithmetic)."""
-        return self.sparsify is None and self.sign is None and self.mask is None and self.lines is None and (
-            self.aggregate != "disjoint_mean"
+        return (
+            self.sparsify is None and self.sign is None and self.mask is None and self.lines is None and (self.aggregate != "disjoint_mean")
         )
 
     def coefficients(self, num_tasks: int, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -195,9 +192,7 @@ class StaticMerge:
             rewritten = {name: y * scales[name] for name, y in rewritten.items()}
         return {name: y.to(x.dtype) for (name, y), (_, x) in zip(rewritten.items(), items)}
 
-    def merged_delta(
-        self, tv: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
-    ) -> dict[str, torch.Tensor]:
+    def merged_delta(self, tv: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The merged task vector, ``θ = θ_0 + merged_delta = θ_0 + Σ_k λ_k τ'_k``.
 
         Args:
@@ -248,9 +243,7 @@ class StaticMerge:
             y = torch.where(active, y, pp.zeros_like_scalar(y))
         return y
 
-    def _lines_scales(
-        self, names: list[str], summed_norm: float, merged_norm: float, num_tasks: int
-    ) -> dict[str, float]:
+    def _lines_scales(self, names: list[str], summed_norm: float, merged_norm: float, num_tasks: int) -> dict[str, float]:
         alpha, beta = self.lines
         if alpha is None:
             if merged_norm == 0.0:

@@ -122,7 +122,7 @@ def _reference_path(reference: str) -> Path:
         return Path(reference.rpartition("@")[2])
     for prefix in ("hf:", "peft:"):
         if reference.startswith(prefix):
-            return Path(reference[len(prefix):])
+            return Path(reference[len(prefix) :])
     return Path(reference)
 
 
@@ -135,8 +135,14 @@ def check_accelerator(accelerator: str, devices: Any, strategy: str, precision: 
     quiet.setLevel(logging.WARNING)
     try:
         trainer = L.Trainer(
-            accelerator=accelerator, devices=devices, strategy=strategy, precision=precision, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            accelerator=accelerator,
+            devices=devices,
+            strategy=strategy,
+            precision=precision,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
         )
         if precision == "16-mixed" and trainer.accelerator.__class__.__name__ == "CPUAccelerator":
             raise ValueError("float16 autocast needs a CUDA GPU; on a CPU use --precision bf16-mixed")
@@ -175,4 +181,3 @@ def check_eval_classes(data: Any, forward: Callable[[str, Any], Any]) -> None:
                 f"--eval {Path(data.eval_dir) / task}: {classes} class folder(s) ({names}), but task {task!r}'s head "
                 f"predicts {predicted} classes; expected one folder per class, in the head's order (sorted names)"
             )
-

@@ -53,8 +53,13 @@ def build_datamodule(
         from adamerge.data.texts import MultiTaskTextDataModule
 
         return MultiTaskTextDataModule(
-            calib_dir, experts.tasks, experts.tokenizer, max_length=max_length, num_classes=experts.num_classes or None,
-            answers=experts.task_type.generates, **options,
+            calib_dir,
+            experts.tasks,
+            experts.tokenizer,
+            max_length=max_length,
+            num_classes=experts.num_classes or None,
+            answers=experts.task_type.generates,
+            **options,
         )
     if experts.modality != "image":
         raise DataError(f"expert source produced modality {experts.modality!r}: expected 'image' or 'text'")

@@ -12,9 +12,7 @@ from adamerge.task_types import CLASSIFICATION, TaskType
 
 
 @torch.no_grad()
-def accuracy(
-    forward: Callable[[Any], Any], batches: Iterable[tuple[Any, torch.Tensor]], task_type: TaskType = CLASSIFICATION
-) -> float:
+def accuracy(forward: Callable[[Any], Any], batches: Iterable[tuple[Any, torch.Tensor]], task_type: TaskType = CLASSIFICATION) -> float:
     """Fraction of correct top-1 predictions of ``forward`` over the scored positions of labelled
     ``(inputs, labels)`` batches (``forward`` may return logits or an output with ``.logits``)."""
     correct = total = 0

@@ -43,8 +43,7 @@ class ScoredEvaluation:
         """Each expert alone (its own weights, statistics and head) on its own task."""
         loaders = dict(zip(self.data.tasks, self.data.evaluation_loaders(), strict=True))
         per_task = {
-            task: accuracy(module_forward(experts.expert_model(task).eval()), loaders[task], experts.task_type)
-            for task in experts.tasks
+            task: accuracy(module_forward(experts.expert_model(task).eval()), loaders[task], experts.task_type) for task in experts.tasks
         }
         return with_average(per_task), {}
 

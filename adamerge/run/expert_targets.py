@@ -136,8 +136,6 @@ def in_index_order(
     return logits[order], {name: value[order] for name, value in hidden.items()}
 
 
-
-
 def module_forward(model: torch.nn.Module):
     """``inputs -> logits`` of a plain module (tensor or tokenizer-dict inputs)."""
     return lambda inputs: call_module(model, inputs)

@@ -66,7 +66,11 @@ def score_generation(
             inputs = _on(device, left.pad([_encoding(p) for p in prompts[start : start + batch_size]]))  # (B, T)
             width = inputs["input_ids"].shape[1]
             out = model.generate(
-                **inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                **inputs,
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
             )  # (B, T + new)
             for row, expected in zip(out[:, width:].tolist(), answers[start : start + batch_size], strict=True):
                 completion = tokenizer.decode(_until_eos(row, tokenizer.eos_token_id), skip_special_tokens=True)

@@ -136,7 +136,8 @@ class MergingModule(L.LightningModule):
         if self.merged.merges_at_use:
             logger.info(
                 "LoRA task vectors: merged %s (adapted weights merged: %.1f MiB)",
-                "at use, per task" if self.merges_at_use else "once per step", self.merged.use_time_nbytes() / 2**20,
+                "at use, per task" if self.merges_at_use else "once per step",
+                self.merged.use_time_nbytes() / 2**20,
             )
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
@@ -200,9 +201,7 @@ class MergingModule(L.LightningModule):
             self._log_training(f"train/loss/{task}", task_loss.detach(), batch_size=task_batch.size)
         return self._with_regularizer(PrecomputedGradient.apply(total, (grad,), raw))  # hands Σ_task ∂L/∂λ to λ
 
-    def _outputs(
-        self, batch: TaskBatch, task: str, tensors: Mapping[str, torch.Tensor] | None
-    ) -> tuple[ModelOutputs, TaskBatch]:
+    def _outputs(self, batch: TaskBatch, task: str, tensors: Mapping[str, torch.Tensor] | None) -> tuple[ModelOutputs, TaskBatch]:
         """The task type's scored positions of the merged model on ``batch`` (and the hidden states
         the objective asks for), with the batch's labels as the positions' targets."""
         hidden: Mapping[str, torch.Tensor] = {}
@@ -253,9 +252,7 @@ class MergingModule(L.LightningModule):
                 self.merged.batchnorm,
             )
             return
-        batches = (
-            (task, move_inputs(as_task_batch(item).inputs, self.device)) for task, loader in loaders.items() for item in loader
-        )
+        batches = ((task, move_inputs(as_task_batch(item).inputs, self.device)) for task, loader in loaders.items() for item in loader)
         seen = self.merged.reestimate_batchnorm(batches)
         self._bn_estimated_for = current.clone()
         if seen:

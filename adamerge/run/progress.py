@@ -32,7 +32,12 @@ _IGNORED_WARNINGS = (
     ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",  # inside Lightning's own pytree helper
 )
 _IGNORED_LOG_PREFIXES = (
-    "💡 Tip:", "`weights_only` was not set", "`Trainer.fit` stopped", "GPU available:", "TPU available:", "HPU available:"
+    "💡 Tip:",
+    "`weights_only` was not set",
+    "`Trainer.fit` stopped",
+    "GPU available:",
+    "TPU available:",
+    "HPU available:",
 )
 
 
@@ -48,8 +53,12 @@ def quiet_third_party() -> None:
     """Silence the third-party warnings and log lines listed above (idempotent)."""
     for pattern in _IGNORED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
-                 "lightning.pytorch.trainer.connectors.checkpoint_connector"):
+    for name in (
+        "lightning.pytorch",
+        "lightning.fabric",
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.pytorch.trainer.connectors.checkpoint_connector",
+    ):
         target = logging.getLogger(name)
         if _NOISE_FILTER not in target.filters:
             target.addFilter(_NOISE_FILTER)
@@ -127,8 +136,12 @@ class StepBar(L.Callback):
             self._bar.refresh()
         elif self.total and self.count % self.every == 0 and self.count < self.total:
             logger.info(
-                "%s: step %d/%d%s, %.0f s", self.name, self.count, self.total,
-                f", loss {float(loss):.4f}" if loss is not None else "", time.perf_counter() - self.started,
+                "%s: step %d/%d%s, %.0f s",
+                self.name,
+                self.count,
+                self.total,
+                f", loss {float(loss):.4f}" if loss is not None else "",
+                time.perf_counter() - self.started,
             )
 
     def advance(self, steps: int = 1) -> None:

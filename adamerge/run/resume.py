@@ -72,9 +72,7 @@ class ResumeState:
             take part in Lightning's collective checkpoint saving.
     """
 
-    def __init__(
-        self, output: str | Path, settings: Mapping[str, Any], resume: bool, checkpoint_every: int, writer: bool = True
-    ) -> None:
+    def __init__(self, output: str | Path, settings: Mapping[str, Any], resume: bool, checkpoint_every: int, writer: bool = True) -> None:
         self.folder = resume_dir(output)
         self.settings = {k: v for k, v in settings.items() if k not in RESUME_FREE_SETTINGS}
         self.resume = resume
@@ -88,9 +86,7 @@ class ResumeState:
         if self.resume:
             saved_file = self.folder / SETTINGS_FILE
             if not saved_file.is_file():
-                raise AdamergeError(
-                    f"--resume: no interrupted fit to continue ({saved_file} does not exist); run without --resume"
-                )
+                raise AdamergeError(f"--resume: no interrupted fit to continue ({saved_file} does not exist); run without --resume")
             saved = yaml.safe_load(saved_file.read_text()) or {}
             changed = sorted(k for k in set(saved) | set(self.settings) if saved.get(k) != self.settings.get(k))
             if changed:

@@ -133,13 +133,18 @@ class KeepBestCoefficients(L.Callback):
         lines = [header, "|" + "---|" * (len(tasks) + 2)]
         lines += [f"| {name} | " + " | ".join(f"{row[t]:.1f}" for t in tasks) + f" | {row['mean']:.1f} |" for name, row in rows.items()]
         verdict = (
-            "the last λ is kept" if kept == last
-            else "the start is kept: training did not raise held-out agreement" if kept == first
+            "the last λ is kept"
+            if kept == last
+            else "the start is kept: training did not raise held-out agreement"
+            if kept == first
             else f"the λ of step {kept} is kept"
         )
         logger.info(
             "%sheld-out agreement with each expert (%%; held-out inputs per task: %d; %s):\n%s",
-            self._prefix(), len(self.targets[tasks[0]]) if tasks else 0, verdict, "\n".join(lines),
+            self._prefix(),
+            len(self.targets[tasks[0]]) if tasks else 0,
+            verdict,
+            "\n".join(lines),
         )
         for task in tasks:
             drop = self.history[first][task] - self.history[kept][task]
@@ -148,7 +153,11 @@ class KeepBestCoefficients(L.Callback):
                     "%stask %r: held-out agreement with its expert fell from %.1f %% at the start to %.1f %% at the kept "
                     "λ while the mean rose: the objective favours the other tasks; check this task on labelled data, or weight it "
                     "up (--task-weights '{%s: 2}')",
-                    self._prefix(), task, self.history[first][task], self.history[kept][task], task,
+                    self._prefix(),
+                    task,
+                    self.history[first][task],
+                    self.history[kept][task],
+                    task,
                 )
 
     def _prefix(self) -> str:

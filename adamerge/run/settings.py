@@ -104,6 +104,10 @@ class FitSettings(RunSettings):
             each tensor outside the blocks its own), ``group:REGEX[;REGEX...]``, ``chunk:N`` or
             ``partition:N``; default: ``block`` for causal language models, ``layer`` otherwise.
         init: initial λ (method default when unset).
+        start_from: a static merge to start from (``regmean``, ``tsv-m``, ``ties``, ...): the
+            fit learns λ on that merge's rewritten task vectors, scaled so that λ = ``init`` is
+            that merge exactly (a learned method refines it instead of task arithmetic).
+        start_options: options of the ``start_from`` merge, e.g. ``{alpha: 0.5}`` (its fields).
         constraint: constraint ``g`` of λ (method default when unset).
         task_vector_dtype: storage dtype of the task vectors.
         steps: optimisation steps (each sees one batch of every task).
@@ -154,6 +158,8 @@ class FitSettings(RunSettings):
     method: str = "adamerging"
     granularity: str | None = None
     init: float | None = None
+    start_from: str | None = None
+    start_options: dict[str, Any] = option(factory=dict)
     constraint: str | None = option(None, choices=CONSTRAINTS)
     task_vector_dtype: str = option("float32", choices=TASK_VECTOR_DTYPES)
     steps: int = 500

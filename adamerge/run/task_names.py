@@ -15,9 +15,7 @@ from adamerge.errors import AdamergeError
 
 MAX_TASK_NAME_LENGTH = 64
 TASK_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
-TASK_NAME_RULE = (
-    f"1-{MAX_TASK_NAME_LENGTH} characters from A-Z a-z 0-9 _ . + -, starting with a letter or digit"
-)
+TASK_NAME_RULE = f"1-{MAX_TASK_NAME_LENGTH} characters from A-Z a-z 0-9 _ . + -, starting with a letter or digit"
 
 
 def check_task_name(name: str) -> None:
@@ -29,9 +27,7 @@ def check_task_name(name: str) -> None:
     if not isinstance(name, str) or not name:
         raise AdamergeError(f"--experts: task name {name!r} is empty; expected {TASK_NAME_RULE}")
     if len(name) > MAX_TASK_NAME_LENGTH:
-        raise AdamergeError(
-            f"--experts: task name {name[:20]!r}... has {len(name)} characters; expected {TASK_NAME_RULE}"
-        )
+        raise AdamergeError(f"--experts: task name {name[:20]!r}... has {len(name)} characters; expected {TASK_NAME_RULE}")
     if not TASK_NAME_PATTERN.fullmatch(name):
         raise AdamergeError(f"--experts: task name {name!r} is not a plain file name; expected {TASK_NAME_RULE}")
 

@@ -36,11 +36,8 @@ from lightning.pytorch.loggers import CSVLogger
 from adamerge.choices import REESTIMATING_POLICIES, TASK_VECTOR_DTYPES
 from adamerge.core.batchnorm import batchnorm_layers, resolve_policy
 from adamerge.core.merged_model import MergedModel
-from adamerge.core.task_vectors import TaskVectors
 from adamerge.errors import AdamergeError
 from adamerge.methods import LearnedMethod, Method, get_method
-from adamerge.methods.calibrated_method import CalibratedMethod
-from adamerge.run.calibration_statistics import expert_statistics
 from adamerge.run.checks import check_eval_classes
 from adamerge.run.datamodules import build_datamodule
 from adamerge.run.evaluators import GeneratedEvaluation, ScoredEvaluation
@@ -51,6 +48,7 @@ from adamerge.run.progress import Stages, quiet_third_party
 from adamerge.run.resume import ResumeState, save_checkpoint
 from adamerge.run.safeguard import KeepBestCoefficients, held_out_batches
 from adamerge.run.settings import FitSettings
+from adamerge.run.task_vector_rewrites import rewritten, start_method, started_from
 from adamerge.sources import ExpertSet, SourceOptions, load_experts
 from adamerge.sources.task_specific import keep_task_specific
 from adamerge.storage.files import write_json, write_yaml
@@ -152,9 +150,7 @@ def _train(
                 _test_stage_one(method, trainer, module, evaluation, settings, metrics, time.perf_counter() - fit_started)
         guard = _safeguard(experts, data, settings, f"stage {stage}", safeguard)
         with stages.stage(f"fitting stage {stage}", total=settings.steps) as bar:
-            module, trainer = _next_stage(
-                module, method, stage, settings, experts, targets, data, staging, resume, [guard, bar]
-            )
+            module, trainer = _next_stage(module, method, stage, settings, experts, targets, data, staging, resume, [guard, bar])
         if guard is not None:
             metrics["safeguard"][f"stage {stage}"] = guard.summary()
     metrics["timing_s"]["fit"] = time.perf_counter() - fit_started
@@ -189,6 +185,7 @@ class _Loaded:
 def _load(settings: FitSettings) -> _Loaded:
     """Experts, data, the merged model at the method's start, its LightningModule and the safeguard."""
     method = get_method(settings.method).configured(settings)
+    static_start = start_method(settings, method)
     L.seed_everything(settings.seed, verbose=False)
 
     experts = load_experts(settings.base, settings.experts, source_options(settings, DTYPES[settings.task_vector_dtype]))
@@ -211,7 +208,7 @@ def _load(settings: FitSettings) -> _Loaded:
     data = None if settings.calib is None and (settings.eval is None or generates) else _datamodule(settings, experts, method)
     if settings.positions == "auto":
         experts = _with_positions(experts, _auto_positions(experts, data))
-    task_vectors = _rewritten(method, experts, data)
+    task_vectors = started_from(static_start, method, experts, data) if static_start else rewritten(method, experts, data)
     start = method.start(len(experts.tasks))
     merged = MergedModel(
         experts.model,
@@ -234,14 +231,6 @@ def _load(settings: FitSettings) -> _Loaded:
     targets = ExpertTargets(experts, data, merged) if method.needs_expert_outputs else None
     module = _module(method, merged, settings, experts, targets)
     return _Loaded(settings, method, experts, data, merged, module, targets, _safeguard(experts, data, settings))
-
-
-def _rewritten(method: Method, experts: ExpertSet, data: L.LightningDataModule | None) -> TaskVectors:
-    """The task vectors the method merges; a data-informed one's from each expert's statistics on
-    its own calibration data (its ``configured`` refused a run without ``--calib``)."""
-    if not isinstance(method, CalibratedMethod):
-        return method.rewrite(experts.task_vectors)
-    return method.rewrite_with_statistics(experts.task_vectors, expert_statistics(method.merge(), experts, data))
 
 
 def _warn_if_stuck(method: LearnedMethod, steps: int) -> None:
@@ -394,8 +383,9 @@ def _safeguard(
     if missing or experts.expert_model is None:
         logger.warning(
             "safeguard off: %s",
-            f"--holdout {settings.holdout:g} leaves no held-out calibration input for {', '.join(missing)} "
-            "(too few inputs)" if missing else "this expert source cannot rebuild the experts alone",
+            f"--holdout {settings.holdout:g} leaves no held-out calibration input for {', '.join(missing)} (too few inputs)"
+            if missing
+            else "this expert source cannot rebuild the experts alone",
         )
         return None
     return KeepBestCoefficients(

@@ -58,8 +58,7 @@ def _torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
     available = torchvision.models.list_models()
     if name not in available:
         raise ArchitectureError(
-            f"architecture 'torchvision:{name}': torchvision has no model {name!r} "
-            f"(e.g. {', '.join(sorted(available)[:8])}, ...)"
+            f"architecture 'torchvision:{name}': torchvision has no model {name!r} (e.g. {', '.join(sorted(available)[:8])}, ...)"
         )
     return torchvision.models.get_model(name, weights=None, **kwargs)
 
@@ -70,8 +69,7 @@ def _open_clip(name: str, kwargs: dict[str, Any]) -> nn.Module:
     available = open_clip.list_models()
     if name not in available:
         raise ArchitectureError(
-            f"architecture 'open_clip:{name}': open_clip has no model config {name!r} "
-            f"(e.g. {', '.join(sorted(available)[:8])}, ...)"
+            f"architecture 'open_clip:{name}': open_clip has no model config {name!r} (e.g. {', '.join(sorted(available)[:8])}, ...)"
         )
     return open_clip.create_model(name, pretrained=None, **kwargs).visual
 
@@ -82,9 +80,7 @@ def _timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
     except ImportError:
         raise ArchitectureError(f"architecture 'timm:{name}': timm is not installed (pip install timm)") from None
     if not timm.is_model(name):
-        raise ArchitectureError(
-            f"architecture 'timm:{name}': timm has no model {name!r} (e.g. {', '.join(timm.list_models()[:8])}, ...)"
-        )
+        raise ArchitectureError(f"architecture 'timm:{name}': timm has no model {name!r} (e.g. {', '.join(timm.list_models()[:8])}, ...)")
     return timm.create_model(name, pretrained=False, **kwargs)
 
 

@@ -75,9 +75,7 @@ def load_base(model: nn.Module, path: Path, trust_pickles: bool = False) -> dict
     return model.state_dict()
 
 
-def check_state_fits(
-    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str, target: str
-) -> None:
+def check_state_fits(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str, target: str) -> None:
     """Refuse a state dict whose keys or shapes differ from ``expected``, naming keys and shapes.
 
     Whatever ``nn.Module.load_state_dict(strict=True)`` accepts is accepted: BatchNorm
@@ -94,15 +92,11 @@ def check_state_fits(
     missing = [k for k in expected if k not in state and k not in counters]
     extra = [k for k in state if k not in expected]
     if missing or extra:
-        raise CheckpointError(
-            f"{what} {target}: "
-            f"{len(missing)} missing (e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]})"
-        )
+        raise CheckpointError(f"{what} {target}: {len(missing)} missing (e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]})")
     for name, tensor in expected.items():
         if name in state and state[name].shape != tensor.shape:
             raise CheckpointError(
-                f"{what}: tensor {name!r} has shape {tuple(state[name].shape)}, "
-                f"the architecture expects {tuple(tensor.shape)}"
+                f"{what}: tensor {name!r} has shape {tuple(state[name].shape)}, the architecture expects {tuple(tensor.shape)}"
             )
 
 
@@ -165,9 +159,7 @@ def load_file_experts(
 
         return read
 
-    task_vectors = TaskVectors.from_states(
-        base_state, {task: reader(task, Path(path)) for task, path in experts.items()}, names, dtype
-    )
+    task_vectors = TaskVectors.from_states(base_state, {task: reader(task, Path(path)) for task, path in experts.items()}, names, dtype)
     if not heads or not head_names:
         heads = {}
     logger.info("task vectors: %s", task_vectors.extra_repr())
@@ -187,9 +179,7 @@ def load_file_experts(
     )
 
 
-def load_expert_module(
-    arch: str, path: str | Path, arch_kwargs: Mapping[str, Any] | None = None, trust_pickles: bool = False
-) -> nn.Module:
+def load_expert_module(arch: str, path: str | Path, arch_kwargs: Mapping[str, Any] | None = None, trust_pickles: bool = False) -> nn.Module:
     """An expert as a plain module of the architecture, its own weights and statistics loaded
     (head tensors of another shape than the architecture's replace its parameters).
 

@@ -173,16 +173,12 @@ def load_hf_experts(base: str, experts: Mapping[str, str], options: SourceOption
             )
         foreign = sorted(set(base_state) ^ set(state))
         if foreign:
-            raise IncompatibleExpertError(
-                f"expert {task!r} ({path}): tensor names differ from the base model's, e.g. {foreign[:3]}"
-            )
+            raise IncompatibleExpertError(f"expert {task!r} ({path}): tensor names differ from the base model's, e.g. {foreign[:3]}")
         check_finite_tensors({n: state[n] for n in [*names, *head_names]}, f"expert {task!r} ({path})")
         heads[task] = {n: state[n].detach().clone() for n in head_names}
         return state
 
-    task_vectors = TaskVectors.from_states(
-        base_state, {task: partial(read_expert, task) for task in paths}, names, options.dtype
-    )
+    task_vectors = TaskVectors.from_states(base_state, {task: partial(read_expert, task) for task in paths}, names, options.dtype)
     if heads:  # the model's own head: the first task's (never used in a merged forward)
         model.load_state_dict(heads[first], strict=False)
     logger.info("task vectors: %s; heads: %s", task_vectors.extra_repr(), head_names)
@@ -276,7 +272,11 @@ def _load_peft_experts(base_path: Path, experts: Mapping[str, str], options: Sou
         modality="text",
         expert_model=expert_model,
         export=partial(
-            export_hf, base_path=base_path, configs=configs, tokenizer=tokenizer, prefix=prefix,
+            export_hf,
+            base_path=base_path,
+            configs=configs,
+            tokenizer=tokenizer,
+            prefix=prefix,
             auto_class=task_auto_class(options.task_type),
         ),
         tokenizer=tokenizer,

@@ -52,7 +52,6 @@ from adamerge.task_types import LANGUAGE_MODELLING
 logger = logging.getLogger(__name__)
 
 
-
 def load_causal_lm_experts(base_path: Path, experts: Mapping[str, str], options: SourceOptions) -> ExpertSet:
     """The :class:`ExpertSet` of a causal-LM base and its fine-tunes / LoRA adapters.
 
@@ -121,7 +120,9 @@ def load_causal_lm_experts(base_path: Path, experts: Mapping[str, str], options:
 
         task_vectors = TaskVectors.from_states(base_state, {t: partial(keep_heads, t) for t in dense_paths}, names, options.dtype)
     logger.info(
-        "causal LM %s: task vectors %s%s", type(model).__name__, task_vectors.extra_repr(),
+        "causal LM %s: task vectors %s%s",
+        type(model).__name__,
+        task_vectors.extra_repr(),
         f"; tied: {', '.join(f'{a} = {n}' for a, n in tied.items())}" if tied else "",
     )
     sources = source_references(base_path, dense_paths, adapters, options.head_pattern)
@@ -142,7 +143,11 @@ def load_causal_lm_experts(base_path: Path, experts: Mapping[str, str], options:
 
 
 def _expert_alone(
-    task: str, *, model: nn.Module, task_vectors: TaskVectors, heads: Mapping[str, Mapping[str, torch.Tensor]],
+    task: str,
+    *,
+    model: nn.Module,
+    task_vectors: TaskVectors,
+    heads: Mapping[str, Mapping[str, torch.Tensor]],
     dense_paths: Mapping[str, Path],
 ) -> nn.Module:
     """Expert ``task`` alone: its own folder for a full fine-tune, the base plus its adapter's delta for LoRA."""

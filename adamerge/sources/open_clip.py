@@ -140,11 +140,10 @@ def load_open_clip_experts(base: str, experts: Mapping[str, str], options: Sourc
     if not experts:
         raise AdamergeError("no experts given: pass --experts NAME=PATH [NAME=PATH ...]")
     spec, path = parse_base_spec(base)
-    arch = spec[len(PREFIX):]
+    arch = spec[len(PREFIX) :]
     if arch not in open_clip.list_models():
         raise ArchitectureError(
-            f"architecture '{spec}': open_clip has no model config {arch!r} "
-            f"(e.g. {', '.join(sorted(open_clip.list_models())[:8])}, ...)"
+            f"architecture '{spec}': open_clip has no model config {arch!r} (e.g. {', '.join(sorted(open_clip.list_models())[:8])}, ...)"
         )
     state = read_checkpoint(path, options.trust_pickles, "base")
     kind = _clip_layout(state)
@@ -329,7 +328,7 @@ def _model_config(arch: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _clip_layout(state: Mapping[str, torch.Tensor]) -> str:
@@ -420,9 +419,7 @@ def read_expert_tower(
     return tower
 
 
-def _warn_if_text_differs(
-    task: str, path: Path, rest: Mapping[str, torch.Tensor], base_rest: Mapping[str, torch.Tensor]
-) -> None:
+def _warn_if_text_differs(task: str, path: Path, rest: Mapping[str, torch.Tensor], base_rest: Mapping[str, torch.Tensor]) -> None:
     """A fine-tuned CLIP whose non-image tensors differ from the base's was likely fine-tuned from
     another pretrained model (or its text tower was trained): say so, heads use the base's."""
     differing = [
@@ -543,9 +540,7 @@ def build_zero_shot_heads(
                 clip, tokenizer=tokenizer, classnames=names, templates=prompts, device=device
             )  # (D, C)
         heads[task] = ZeroShotHead(weight.T.contiguous().float().cpu(), names, templates, names_file, templates_file)
-        logger.info(
-            "zero-shot head of %r: %d classes from %s, %d template(s)", task, len(names), names_file, len(templates)
-        )
+        logger.info("zero-shot head of %r: %d classes from %s, %d template(s)", task, len(names), names_file, len(templates))
     return heads
 
 

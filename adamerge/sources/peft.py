@@ -140,7 +140,8 @@ def load_lora_experts(
     heads = _collect_heads(order, read, dense_heads, heads_union, base_state)
     logger.info(
         "LoRA task vectors: %s (a dense store would take %.1f MB)",
-        task_vectors.extra_repr(), task_vectors.dense_nbytes() / 2**20,
+        task_vectors.extra_repr(),
+        task_vectors.dense_nbytes() / 2**20,
     )
     return task_vectors, heads
 
@@ -196,7 +197,9 @@ def read_lora_adapter(
     if base_name and config.base_model_name_or_path and config.base_model_name_or_path != base_name:
         logger.warning(
             "adapter %s was trained on %r, the base is %r: shapes are checked, weights cannot be",
-            directory, config.base_model_name_or_path, base_name,
+            directory,
+            config.base_model_name_or_path,
+            base_name,
         )
     base_state = base_state if base_state is not None else model.state_dict()
     adapter = LoraAdapter(directory, base_name=config.base_model_name_or_path)
@@ -222,9 +225,7 @@ def _check_options(config: object, directory: Path) -> None:
         if value not in (None, False, {}, [], ()):
             raise IncompatibleExpertError(f"adapter {directory} uses {what} ({option}={value!r}): not supported")
     if getattr(config, "bias", "none") != "none":
-        raise IncompatibleExpertError(
-            f"adapter {directory} trains base biases (bias={config.bias!r}): not supported, only bias='none'"
-        )
+        raise IncompatibleExpertError(f"adapter {directory} trains base biases (bias={config.bias!r}): not supported, only bias='none'")
 
 
 def _head_name(name: str, config: object, directory: Path, base_state: Mapping[str, torch.Tensor]) -> str:
@@ -233,13 +234,9 @@ def _head_name(name: str, config: object, directory: Path, base_state: Mapping[s
     module = name.rpartition(".")[0]
     saved = list(getattr(config, "modules_to_save", None) or [])
     if not any(module == m or module.endswith(f".{m}") for m in saved):
-        raise IncompatibleExpertError(
-            f"adapter {directory}: tensor {name!r} is neither a LoRA factor nor in modules_to_save {saved}"
-        )
+        raise IncompatibleExpertError(f"adapter {directory}: tensor {name!r} is neither a LoRA factor nor in modules_to_save {saved}")
     if name not in base_state:
-        raise IncompatibleExpertError(
-            f"adapter {directory}: modules_to_save tensor {name!r} is not a tensor of the base model"
-        )
+        raise IncompatibleExpertError(f"adapter {directory}: modules_to_save tensor {name!r} is not a tensor of the base model")
     return name
 
 
@@ -253,8 +250,7 @@ def _factors(
         module = model.get_submodule(module_name)
     except AttributeError:
         raise IncompatibleExpertError(
-            f"adapter {directory} targets module {module_name!r}, which the base model "
-            f"({type(model).__name__}) does not have"
+            f"adapter {directory} targets module {module_name!r}, which the base model ({type(model).__name__}) does not have"
         ) from None
     missing = sorted({"A", "B"} - set(factors))
     if missing:
@@ -355,9 +351,7 @@ def _build_vectors(
     dense_tasks = [k for k, t in enumerate(order) if t not in read]
     vectors: dict[str, torch.Tensor | FactoredDelta] = {}
     for name in names:
-        factors = [
-            LowRankFactor(k, *read[t].factors[name]) for k, t in enumerate(order) if t in read and name in read[t].factors
-        ]
+        factors = [LowRankFactor(k, *read[t].factors[name]) for k, t in enumerate(order) if t in read and name in read[t].factors]
         rows = dense_rows.get(name)
         keep = [j for j in range(len(dense_tasks)) if bool(rows[j].any())] if rows is not None else []
         if not factors and not keep:
@@ -366,9 +360,7 @@ def _build_vectors(
             vectors[name] = rows  # every expert dense: the plain (K, *shape) fast path
             continue
         kept_rows = rows[keep] if keep else None  # (Kd', *shape)
-        vectors[name] = FactoredDelta(
-            base_state[name].shape, len(order), [dense_tasks[j] for j in keep], kept_rows, factors, dtype
-        )
+        vectors[name] = FactoredDelta(base_state[name].shape, len(order), [dense_tasks[j] for j in keep], kept_rows, factors, dtype)
     if not vectors:
         raise AdamergeError("the experts change no tensor of the base model: nothing to merge")
     return vectors
@@ -407,9 +399,7 @@ def expert_state_dict(
     return state
 
 
-def expert_alone(
-    model: nn.Module, task_vectors: TaskVectors, heads: Mapping[str, Mapping[str, torch.Tensor]], task: str
-) -> nn.Module:
+def expert_alone(model: nn.Module, task_vectors: TaskVectors, heads: Mapping[str, Mapping[str, torch.Tensor]], task: str) -> nn.Module:
     """Expert ``task`` alone, in eval mode: a copy of the base holding :func:`expert_state_dict`
     (tied parameters stay tied; a head of another size replaces the base's)."""
     import copy

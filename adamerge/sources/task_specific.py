@@ -83,9 +83,7 @@ def keep_task_specific(experts: ExpertSet, spec: str | None) -> ExpertSet:
     remaining = TaskVectors(experts.tasks, {n: part for n, part in experts.task_vectors.parts() if n not in chosen})
     sources = experts.sources | {"task_specific": {"spec": spec, "tensors": len(names)}}
     numbers = sum(base[n].numel() for n in names)
-    logger.info(
-        "--task-specific %s: %d tensors (%d numbers per task) kept from each expert, not merged", spec, len(names), numbers
-    )
+    logger.info("--task-specific %s: %d tensors (%d numbers per task) kept from each expert, not merged", spec, len(names), numbers)
     return dataclasses.replace(experts, task_vectors=remaining, task_specific=kept, sources=sources)
 
 

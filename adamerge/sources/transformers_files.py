@@ -66,9 +66,7 @@ def hf_dir(reference: str, what: str) -> Path:
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{what} {path}: no config.json (save the model with model.save_pretrained(DIR))")
     if not any((path / name).is_file() for name in WEIGHT_FILES):
-        raise CheckpointError(
-            f"{what} {path}: no weights ({' / '.join(WEIGHT_FILES)}); save the model with model.save_pretrained(DIR)"
-        )
+        raise CheckpointError(f"{what} {path}: no weights ({' / '.join(WEIGHT_FILES)}); save the model with model.save_pretrained(DIR)")
     return path
 
 
@@ -80,9 +78,7 @@ def peft_dir(reference: str, task: str) -> Path:
     return path
 
 
-def source_references(
-    base_path: Path, dense: Mapping[str, Path], adapters: Mapping[str, Path], head_pattern: str | None
-) -> dict[str, Any]:
+def source_references(base_path: Path, dense: Mapping[str, Path], adapters: Mapping[str, Path], head_pattern: str | None) -> dict[str, Any]:
     """What a run records of its Hugging Face sources: ``hf:`` / ``peft:`` references with absolute paths."""
     return {
         "base": f"{HF_PREFIX}{base_path.resolve()}",
@@ -159,9 +155,7 @@ def load_pretrained(auto_class: Any, path: Path, what: str) -> tuple[nn.Module, 
     mismatched = sorted(info.get("mismatched_keys") or [], key=str)
     if mismatched:
         name, stored, expected = mismatched[0]
-        raise CheckpointError(
-            f"{what} {path}: tensor {name!r} has shape {tuple(stored)}, its config.json implies {tuple(expected)}"
-        )
+        raise CheckpointError(f"{what} {path}: tensor {name!r} has shape {tuple(stored)}, its config.json implies {tuple(expected)}")
     unexpected = sorted(info.get("unexpected_keys") or [])
     if unexpected:
         logger.debug("%s %s: ignored %d stored tensor(s), e.g. %s", what, path, len(unexpected), unexpected[:3])
@@ -193,15 +187,11 @@ def load_tokenizer(path: Path, what: str) -> Any:
 def check_architecture(config: Any, base_config: Any, task: str, path: Path) -> None:
     """Refuse an expert of another model type or size than the base (names the field)."""
     if config.model_type != base_config.model_type:
-        raise IncompatibleExpertError(
-            f"expert {task!r} ({path}) is a {config.model_type!r} model, the base is {base_config.model_type!r}"
-        )
+        raise IncompatibleExpertError(f"expert {task!r} ({path}) is a {config.model_type!r} model, the base is {base_config.model_type!r}")
     for name in ARCHITECTURE_FIELDS:
         mine, theirs = getattr(config, name, None), getattr(base_config, name, None)
         if mine is not None and theirs is not None and mine != theirs:
-            raise IncompatibleExpertError(
-                f"expert {task!r} ({path}) has {name}={mine}, the base has {name}={theirs}: another architecture"
-            )
+            raise IncompatibleExpertError(f"expert {task!r} ({path}) has {name}={mine}, the base has {name}={theirs}: another architecture")
 
 
 def check_vocabulary(tokenizer: Any, base_tokenizer: Any, task: str, path: Path) -> None:
@@ -219,9 +209,7 @@ def check_vocabulary(tokenizer: Any, base_tokenizer: Any, task: str, path: Path)
         parts.append(f"{len(only_base)} of the base's missing (e.g. {only_base[:3]})")
     if moved:
         parts.append(f"{len(moved)} with another id (e.g. {moved[0]!r}: {mine[moved[0]]} vs {theirs[moved[0]]})")
-    raise IncompatibleExpertError(
-        f"expert {task!r} ({path}): its tokenizer's vocabulary differs from the base's: {'; '.join(parts)}"
-    )
+    raise IncompatibleExpertError(f"expert {task!r} ({path}): its tokenizer's vocabulary differs from the base's: {'; '.join(parts)}")
 
 
 def read_expert_configs(paths: Mapping[str, Path], base_config: Any, tokenizer: Any) -> dict[str, Any]:

@@ -130,7 +130,7 @@ def _unwrap(obj: object, path: Path) -> StateDict:
     if not tensors:
         raise CheckpointError(f"{path} holds no tensors (keys: {', '.join(list(map(str, obj))[:5])})")
     if all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
     return tensors
 
 

@@ -233,4 +233,3 @@ class OutputFolder:
         os.replace(self.output, retired)
         os.replace(staging, self.output)
         shutil.rmtree(retired, ignore_errors=True)
-

@@ -19,9 +19,7 @@ class Classification(TaskType):
     def auto_class(self) -> str:
         return "AutoModelForSequenceClassification"
 
-    def scored(
-        self, logits: torch.Tensor, inputs: Any, labels: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def scored(self, logits: torch.Tensor, inputs: Any, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if logits.dim() != 2:
             raise AdamergeError(
                 f"classification expects (batch, classes) logits, got shape {tuple(logits.shape)}: "

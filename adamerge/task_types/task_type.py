@@ -33,9 +33,7 @@ class TaskType:
         """The transformers auto-class a Hugging Face source builds for this task type."""
         raise NotImplementedError
 
-    def scored(
-        self, logits: torch.Tensor, inputs: Any, labels: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def scored(self, logits: torch.Tensor, inputs: Any, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The scored positions of one batch.
 
         Args:

@@ -54,9 +54,7 @@ class TokenLevel(TaskType):
     def auto_class(self) -> str:
         return "AutoModelForCausalLM" if self.next_token else "AutoModelForTokenClassification"
 
-    def scored(
-        self, logits: torch.Tensor, inputs: Any, labels: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def scored(self, logits: torch.Tensor, inputs: Any, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if logits.dim() != 3:
             raise AdamergeError(f"a token-level task expects (batch, tokens, classes) logits, got shape {tuple(logits.shape)}")
         batch, tokens = logits.shape[:2]
