@@ -49,11 +49,18 @@ LEARNED = {  # row: (method, granularity, extra options)
     "expert-merging (layer-wise)": ("expert-merging", "layer", ["--init", "0.3"]),
     "expert-merging++": ("expert-merging++", "layer", ["--init", "0.3"]),
     "atlas few-shot (block-wise)": ("atlas", "block", ["--shots", "SHOTS"]),
+    # the same, refining RegMean's merge instead of task arithmetic (fit --start-from)
+    "expert-merging from regmean (layer-wise)": ("expert-merging", "layer", ["--init", "0.3", "--start-from", "regmean"]),
+    "expert-merging++ from regmean": ("expert-merging++", "layer", ["--init", "0.3", "--start-from", "regmean"]),
 }
-STAGE_ONE = {"expert-merging (layer-wise)": "expert-merging++"}  # row: the run that reports it
+STAGE_ONE = {  # row: the run that reports it
+    "expert-merging (layer-wise)": "expert-merging++",
+    "expert-merging from regmean (layer-wise)": "expert-merging++ from regmean",
+}
 REFERENCE_FIT = "adamerging (block-wise)"  # also evaluates its start, task arithmetic at λ = 0.3
 # densify LoRA adapters' B·A (magnitudes, chunks, spectra, per-entry statistics)
-DENSE_ONLY = {"ties", "pcb", "tsv-m", "iso-c", "iso-cts", "fisher", "regmean", "expert-merging++"}
+DENSE_ONLY = {"ties", "pcb", "tsv-m", "iso-c", "iso-cts", "fisher", "regmean", "expert-merging++",
+              "expert-merging from regmean (layer-wise)", "expert-merging++ from regmean"}
 STEPS = 30
 
 
