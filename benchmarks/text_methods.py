@@ -48,7 +48,8 @@ LEARNED = dict(VISION_LEARNED)
 LEARNED["atlas 16-shot (layer-wise)"] = ("atlas", "layer", ["--shots", "16"])
 # methods that need dense task vectors (magnitude / sign statistics over every entry, chunks): on
 # LoRA experts they densify each adapter's B·A (adamerge warns; peak RSS shows the cost)
-DENSE_ONLY = {"ties", "dare", "breadcrumbs", "consensus", "lines", "adamerging++ (layer-wise)", "expert-merging++"}
+DENSE_ONLY = {"ties", "dare", "breadcrumbs", "consensus", "lines", "pcb", "tsv-m", "iso-c", "iso-cts", "fisher", "regmean",
+              "adamerging++ (layer-wise)", "expert-merging++"}  # fmt: skip
 
 
 def main() -> None:

@@ -35,7 +35,8 @@ from pathlib import Path
 from benchmarks.runner import cpu_slot, run_all, write_results  # (one fresh, measured process per row)
 
 PRETRAINED = "pretrained (λ=0, expert heads)"  # the base backbone with each expert's head
-STATIC = ["average", "task-arithmetic", "ties", "dare", "breadcrumbs", "consensus", "lines"]
+STATIC = ["average", "task-arithmetic", "ties", "dare", "breadcrumbs", "consensus", "lines",
+          "pcb", "tsv-m", "iso-c", "iso-cts", "fisher", "regmean"]  # fmt: skip
 LEARNED = {
     # name in the table: (method, granularity, extra options)
     "adamerging (task-wise)": ("adamerging", "task", []),
