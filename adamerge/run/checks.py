@@ -73,6 +73,9 @@ def check_common_settings(settings: Any) -> None:
     for name in ("batch_size", "eval_batch_size", "max_length"):
         _at_least(settings, name, 1)
     _at_least(settings, "image_size", 1, optional=True)
+    _at_least(settings, "surgery_steps", 0)
+    _at_least(settings, "surgery_rank", 1)
+    _finite(settings, "surgery_lr", positive=True)
     for name in ("image_mean", "image_std"):
         _channel_values(settings, name)
     _choice(settings, "batchnorm", BATCHNORM_POLICIES)

@@ -1,5 +1,6 @@
-"""Writing results into the (temporary) output folder: JSON / YAML / TSV files and the merged
-model as plain state dicts. The folder itself is handled by :mod:`adamerge.storage.output_folder`."""
+"""Writing results into the (temporary) output folder: JSON / YAML / TSV files, the merged
+model as plain state dicts, the Representation Surgery adapters. The folder itself is handled by
+:mod:`adamerge.storage.output_folder`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 from adamerge.core.merged_model import MergedModel
+from adamerge.core.surgery import RepresentationSurgery
 from adamerge.errors import AdamergeError
 from adamerge.storage.checkpoints import save_state_dict
 from adamerge.storage.files import write_json
@@ -93,6 +95,25 @@ def export_merged(
     :func:`write_merged_model`, after refusing non-finite values (:func:`check_finite_export`)."""
     check_finite_export(state, heads)
     return (writer or write_merged_model)(directory, state, heads)
+
+
+def write_surgery(directory: Path, surgery: RepresentationSurgery) -> dict[str, str]:
+    """``surgery/<task>.pt``: each task's Representation Surgery adapter as a plain state dict
+    ``{"down.weight": (r, D), "up.weight": (D, r)}``; without adamerge, the features entering the
+    task's head become ``features - up(relu(down(features)))``.
+
+    Raises:
+        AdamergeError: an adapter holds NaN or Inf (nothing is written then).
+    """
+    states = {task: surgery.task_state_dict(task) for task in surgery.tasks}
+    for task, state in states.items():
+        if not all(bool(torch.isfinite(tensor).all()) for tensor in state.values()):
+            raise AdamergeError(f"refusing to write non-finite representation surgery weights of task {task!r}: lower --surgery-lr")
+    files = {}
+    for task, state in states.items():
+        save_state_dict(state, inside(directory, "surgery", f"{task}.pt"))
+        files[f"surgery/{task}"] = f"surgery/{task}.pt"
+    return files
 
 
 def format_table(rows: Mapping[str, Mapping[str, float]], tasks: list[str]) -> str:

@@ -17,6 +17,7 @@ from adamerge.run.checks import check_accelerator, check_fit_settings, input_pat
 from adamerge.run.export import plain_config
 from adamerge.run.resume import ResumeState
 from adamerge.run.settings import FitSettings
+from adamerge.run.surgery import check_surgery_settings
 from adamerge.run.workflow import run_workflow
 from adamerge.storage.output_folder import OutputFolder
 
@@ -32,6 +33,7 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
     get_method(settings.method, learned=True)
     if settings.calib is None:
         raise AdamergeError("--calib: a learned method needs a folder of calibration data (one sub-folder per task)")
+    check_surgery_settings(settings)
     with OutputFolder(settings.output, settings.overwrite, input_paths(settings)) as output:
         check_accelerator(settings.accelerator, settings.devices, settings.strategy, settings.precision)
         resume = ResumeState(

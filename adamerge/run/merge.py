@@ -2,8 +2,8 @@
 
 A static method (:class:`~adamerge.methods.StaticMethod`) rewrites the task vectors and fixes λ;
 the :class:`~adamerge.core.merged_model.MergedModel`, the BatchNorm policy (statistics re-estimated on
-``--calib`` data when given), the evaluation (``--eval``, each task with its own head) and the
-export are the learned merges' own.
+``--calib`` data when given), the Representation Surgery (``--surgery-steps``, on ``--calib``),
+the evaluation (``--eval``, each task with its own head) and the export are the learned merges' own.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 from adamerge.methods import get_method
 from adamerge.run.checks import check_common_settings, input_paths
 from adamerge.run.settings import FitSettings, MergeSettings
+from adamerge.run.surgery import check_surgery_settings
 from adamerge.run.workflow import run_workflow
 from adamerge.storage.output_folder import OutputFolder
 
@@ -37,6 +38,7 @@ def run_merge(settings: MergeSettings) -> dict[str, Any]:
     method = get_method(settings.method, learned=False)
     workflow = as_workflow_settings(settings)
     method.configured(workflow)  # bad --options fail before the output folder is touched
+    check_surgery_settings(settings)  # --surgery-steps needs --calib, and per-task heads
     with OutputFolder(settings.output, settings.overwrite, input_paths(settings)) as output:
         return run_workflow(workflow, output, None, started)
 

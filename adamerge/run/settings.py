@@ -71,6 +71,12 @@ class RunSettings:
         overwrite: replace an existing output folder.
         options: the method's own options, e.g. ``{scale: 0.4, density: 0.2}`` for a static merge
             or ``{trim_density: 0.3}`` for adamerging++ (fields of the method's class).
+        surgery_steps: Representation Surgery after the merge (``0``: off): Adam steps of a small
+            per-task adapter on the features entering each task's head, trained on ``calib`` to
+            match the expert's; ``surgery/<task>.pt`` is written and ``eval`` gets a "+ surgery"
+            row (classifiers with per-task heads; FusionBench's default: 1000).
+        surgery_rank: hidden size r of each task's surgery adapter ``f − up(ReLU(down(f)))``.
+        surgery_lr: Adam learning rate of the surgery adapters.
     """
 
     base: str
@@ -90,6 +96,9 @@ class RunSettings:
     output: Path
     overwrite: bool = False
     options: dict[str, Any] = option(factory=dict)
+    surgery_steps: int = 0
+    surgery_rank: int = 16
+    surgery_lr: float = 1e-3
 
 
 @dataclass(kw_only=True)

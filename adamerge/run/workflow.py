@@ -3,7 +3,8 @@
 :func:`run_workflow` loads the base and the experts, lets the method rewrite the task vectors and
 fix its start, runs the method's training stages with a Lightning ``Trainer`` on the unlabeled
 calibration data (none for a static merge), keeps the λ that agrees best with the experts on
-held-out calibration inputs (:mod:`adamerge.run.safeguard`; the start included), evaluates
+held-out calibration inputs (:mod:`adamerge.run.safeguard`; the start included), optionally
+trains a Representation Surgery on the result (:mod:`adamerge.run.surgery`), evaluates
 (optionally) on labelled data, logs one line per stage with its time (:mod:`adamerge.run.progress`),
 and writes the output folder atomically:
 
@@ -12,9 +13,12 @@ and writes the output folder atomically:
   ``heads/<task>.pt`` (plain state dicts for the architecture's ``load_state_dict``),
   ``open_clip_model.safetensors`` + ``heads/<task>.pt`` (open_clip), or ``model/`` +
   ``tasks/<task>/`` (transformers ``from_pretrained`` folders);
+- ``surgery/<task>.pt`` (``--surgery-steps``): each task's Representation Surgery adapter
+  (:mod:`adamerge.run.surgery`), a plain state dict applied before the task's head;
 - ``metrics.json``: per-task accuracy of each expert alone, the initial merge (task arithmetic at
-  the initial λ) and the learned merge, the BatchNorm policy used, the safeguard's held-out
-  scores and kept step, plus timings (``timing_s``; ``stages``: seconds per stage);
+  the initial λ) and the learned merge (and it with surgery), the BatchNorm policy used, the
+  safeguard's held-out scores and kept step, the surgery's losses, plus timings (``timing_s``;
+  ``stages``: seconds per stage);
 - ``config.yaml``: the resolved settings; ``checkpoints/last.ckpt``: λ and optimiser state
   (resume with ``ckpt_path``); ``logs/``: the losses per step (CSV).
 """
@@ -36,18 +40,20 @@ from lightning.pytorch.loggers import CSVLogger
 from adamerge.choices import REESTIMATING_POLICIES, TASK_VECTOR_DTYPES
 from adamerge.core.batchnorm import batchnorm_layers, resolve_policy
 from adamerge.core.merged_model import MergedModel
+from adamerge.core.surgery import RepresentationSurgery
 from adamerge.errors import AdamergeError
 from adamerge.methods import LearnedMethod, Method, get_method
 from adamerge.run.checks import check_eval_classes
 from adamerge.run.datamodules import build_datamodule
 from adamerge.run.evaluators import GeneratedEvaluation, ScoredEvaluation
 from adamerge.run.expert_targets import ExpertTargets
-from adamerge.run.export import format_table, plain_config, write_coefficients, write_merged_model_of
+from adamerge.run.export import format_table, plain_config, write_coefficients, write_merged_model_of, write_surgery
 from adamerge.run.module import MergingModule, statistics_loaders_of
 from adamerge.run.progress import Stages, quiet_third_party
 from adamerge.run.resume import ResumeState, save_checkpoint
 from adamerge.run.safeguard import KeepBestCoefficients, held_out_batches
 from adamerge.run.settings import FitSettings
+from adamerge.run.surgery import check_surgery_target, fit_surgery
 from adamerge.run.task_vector_rewrites import rewritten, start_method, started_from
 from adamerge.sources import ExpertSet, SourceOptions, load_experts
 from adamerge.sources.task_specific import keep_task_specific
@@ -67,7 +73,8 @@ def run_workflow(settings: FitSettings, output: OutputFolder, resume: ResumeStat
 
     Load the sources → the method rewrites τ → :class:`MergedModel` at the method's start → the
     method's training stages (none for a static merge) → normalisation statistics → evaluation →
-    write. ``resume`` is ``None`` for a method without training stages.
+    Representation Surgery (``--surgery-steps``) and its evaluation → write. ``resume`` is ``None``
+    for a method without training stages.
     """
     stages = Stages(live=settings.progress_bar)
     with stages.stage("loading experts and data"):
@@ -98,20 +105,23 @@ def run_workflow(settings: FitSettings, output: OutputFolder, resume: ResumeStat
             )
             merged = module.merged
             metrics["steps"] = trainer.global_step
+        label = f"{settings.method} ({settings.granularity})" if method.learned else settings.method
         if settings.eval is not None:
             with stages.stage("evaluating the merge"):
-                label = f"{settings.method} ({settings.granularity})" if method.learned else settings.method
                 _record(metrics, label, evaluation.merge(trainer, module))
         elif merged.batchnorm in REESTIMATING_POLICIES and data is not None:
             with stages.stage("re-estimating BatchNorm statistics"):
                 trainer.strategy.barrier()
                 module.reestimate_batchnorm(statistics_loaders_of(data))  # exported statistics belong to this λ
+        surgery = _surgery(settings, merged, module, experts, data, evaluation, trainer, stages, metrics, label)
         with stages.stage("writing"):
             if method.learned:
                 save_checkpoint(trainer, staging / "checkpoints" / "last.ckpt")
             if trainer.is_global_zero:
                 write_coefficients(staging, merged)
                 metrics["files"] = write_merged_model_of(staging, merged, experts.export)
+                if surgery is not None:
+                    metrics["files"] |= write_surgery(staging, surgery)
                 metrics["timing_s"]["total"] = time.perf_counter() - started
                 metrics["timing_s"]["stages"] = dict(stages.seconds)
                 write_json(staging / "metrics.json", metrics)
@@ -120,6 +130,34 @@ def run_workflow(settings: FitSettings, output: OutputFolder, resume: ResumeStat
         logger.info("per-task accuracy (%%):\n%s", format_table(metrics["accuracy"], list(experts.tasks)))
     logger.info("stage times: %s", stages.summary())
     return metrics
+
+
+def _surgery(
+    settings: FitSettings,
+    merged: MergedModel,
+    module: MergingModule,
+    experts: ExpertSet,
+    data: L.LightningDataModule,
+    evaluation: ScoredEvaluation | GeneratedEvaluation | None,
+    trainer: L.Trainer,
+    stages: Stages,
+    metrics: dict[str, Any],
+    label: str,
+) -> RepresentationSurgery | None:
+    """Representation Surgery on the final merge (``--surgery-steps``; ``None``: off) and, with
+    ``--eval``, the row ``"<label> + surgery"``: the merge with each task's surgery before its head."""
+    if not settings.surgery_steps:
+        return None
+    started = time.perf_counter()
+    with stages.stage("representation surgery", total=settings.surgery_steps) as bar:
+        if merged.batchnorm in REESTIMATING_POLICIES:
+            module.reestimate_batchnorm(statistics_loaders_of(data))  # (done already for this λ: a no-op)
+        surgery, metrics["surgery"] = fit_surgery(merged, experts, data, settings, trainer.strategy.root_device, bar)
+    if settings.eval is not None:
+        with stages.stage("evaluating the merge + surgery"), surgery.applied(merged):
+            _record(metrics, f"{label} + surgery", evaluation.merge(trainer, module))
+    metrics["timing_s"]["surgery"] = time.perf_counter() - started
+    return surgery
 
 
 def _train(
@@ -190,6 +228,8 @@ def _load(settings: FitSettings) -> _Loaded:
 
     experts = load_experts(settings.base, settings.experts, source_options(settings, DTYPES[settings.task_vector_dtype]))
     experts = keep_task_specific(experts, settings.task_specific)
+    if settings.surgery_steps:
+        check_surgery_target(experts)  # before any data is read
     if settings.granularity is None:  # the source's own default: one λ per decoder block for causal LMs
         settings = dataclasses.replace(settings, granularity=experts.default_granularity)
         logger.info("granularity: %s (the default for these experts)", settings.granularity)
