@@ -41,7 +41,17 @@ from pathlib import Path
 
 from benchmarks.runner import cpu_slot, run_all, write_results  # (one fresh, measured process per row)
 from benchmarks.vision_methods import LEARNED as VISION_LEARNED
-from benchmarks.vision_methods import REFERENCE_FIT, STATIC, STEPS, results_table, rows_with_a_run, stage_one_rows
+from benchmarks.vision_methods import (
+    REFERENCE_FIT,
+    STATIC,
+    STEPS,
+    SURGERY_OPTIONS,
+    SURGERY_ROWS,
+    results_table,
+    rows_with_a_run,
+    stage_one_rows,
+    without_surgery,
+)  # fmt: skip
 
 # the vision benchmark's rows plus aTLAS few-shot on the labelled 16-per-class pool
 LEARNED = dict(VISION_LEARNED)
@@ -83,7 +93,7 @@ def main() -> None:
     build_s = time.perf_counter() - started
     steps = args.steps or (5 if args.quick else STEPS)
     work = Path(tempfile.mkdtemp(prefix="adamerge-text-"))
-    rows = [*STATIC, *LEARNED] if args.methods is None else args.methods
+    rows = [*STATIC, *LEARNED, *SURGERY_ROWS] if args.methods is None else args.methods
     jobs = []
     for flavour in args.flavours:
         prefix = "hf:" if flavour == "full" else "peft:"
@@ -98,10 +108,11 @@ def main() -> None:
         ]
         for row in rows_with_a_run(rows):
             output = work / flavour / row.replace(" ", "_").replace("(", "").replace(")", "")
-            if row in STATIC:
-                argv = ["merge", "--method", row, *common, "--calib", str(assets.calib_dir), "--output", str(output)]
+            base = without_surgery(row)
+            if base in STATIC:
+                argv = ["merge", "--method", base, *common, "--calib", str(assets.calib_dir), "--output", str(output)]
             else:
-                method, granularity, extra = LEARNED[row]
+                method, granularity, extra = LEARNED[base]
                 calib = assets.fewshot_dir if "--shots" in extra else assets.calib_dir
                 argv = [
                     "fit", "--method", method, "--granularity", granularity, *common, "--calib", str(calib),
@@ -111,8 +122,10 @@ def main() -> None:
                 argv += ["--eval-experts", "false"]  # the build measured each expert on these test rows
                 if row != REFERENCE_FIT:  # the initial merge (λ = 0.3) is evaluated once, by this row
                     argv += ["--eval-init", "false"]
+            if row != base:
+                argv += SURGERY_OPTIONS
             jobs.append(((flavour, row, output), argv))
-    jobs.sort(key=lambda job: job[0][1] in STATIC)  # the long fits first, then the merges
+    jobs.sort(key=lambda job: without_surgery(job[0][1]) in STATIC)  # the long fits first, then the merges
     measured_rows: dict[str, dict[str, dict]] = {flavour: {} for flavour in args.flavours}
 
     def collect(key: tuple[str, str, Path], measured: dict) -> None:
@@ -129,7 +142,8 @@ def main() -> None:
         if row == REFERENCE_FIT:
             initial = next(k for k in accuracy if k.startswith("task arithmetic"))
             results["task arithmetic (λ=0.3, fit's init)"] = {"per_task": accuracy[initial]}
-        final = accuracy[row if row in STATIC else f"{LEARNED[row][0]} ({LEARNED[row][1]})"]
+        base = without_surgery(row)
+        final = accuracy[(base if base in STATIC else f"{LEARNED[base][0]} ({LEARNED[base][1]})") + row.removeprefix(base)]
         results[row] = {"per_task": final, "wall_s": measured["wall_s"], "peak_rss_mb": measured["peak_rss_mb"]}
         if flavour == "lora" and row in DENSE_ONLY:
             results[row]["densified"] = True  # ran on the adapters' dense B·A

@@ -74,6 +74,11 @@ BATCHNORM_ROWS = {
 # Merging's cosine restarts (T_0 = 50), ending at a learning rate near 0 (70 steps would stop in the
 # middle of the second, at about a third of the peak)
 ROW_STEPS = {"expert-merging + expert BatchNorm (chunk:128)": 100}
+# "ROW + surgery": the run of ROW with Representation Surgery after it (--surgery-steps, FusionBench's
+# 1000 steps); its table row is that run's "<merge> + surgery" accuracy
+SURGERY = " + surgery"
+SURGERY_OPTIONS = ["--surgery-steps", "1000"]
+SURGERY_ROWS = ["task-arithmetic + surgery", "adamerging (layer-wise) + surgery"]
 
 
 def main() -> None:
@@ -107,26 +112,29 @@ def main() -> None:
         "--batchnorm", args.batchnorm,
     ]
     work = Path(tempfile.mkdtemp(prefix="adamerge-vision-"))
-    rows = [PRETRAINED, *STATIC, *LEARNED, *BATCHNORM_ROWS] if args.methods is None else args.methods
+    rows = [PRETRAINED, *STATIC, *LEARNED, *BATCHNORM_ROWS, *SURGERY_ROWS] if args.methods is None else args.methods
     outputs = {row: work / row.replace(" ", "_").replace("(", "").replace(")", "") for row in rows}
     jobs = []
     for row in rows_with_a_run(rows):
+        base = without_surgery(row)
         if is_static(row):
-            if row == PRETRAINED:
+            if base == PRETRAINED:
                 method, options = "task-arithmetic", ["--options", "{scale: 0.0}"]
-            elif row in BATCHNORM_ROWS:
-                method, _, options = BATCHNORM_ROWS[row]
+            elif base in BATCHNORM_ROWS:
+                method, _, options = BATCHNORM_ROWS[base]
             else:
-                method, options = row, []
+                method, options = base, []
             argv = ["merge", "--method", method, *options, *common, "--calib", str(assets.calib_dir), "--output", str(outputs[row])]
         else:
-            method, granularity, extra = LEARNED.get(row) or BATCHNORM_ROWS[row]
+            method, granularity, extra = LEARNED.get(base) or BATCHNORM_ROWS[base]
             argv = [
                 "fit", "--method", method, "--granularity", granularity, *common, "--calib", str(assets.calib_dir),
-                "--steps", str(row_steps(row, args)), "--output", str(outputs[row]), "--progress-bar", "false", *extra,
+                "--steps", str(row_steps(base, args)), "--output", str(outputs[row]), "--progress-bar", "false", *extra,
             ]
             if row != REFERENCE_FIT:  # the experts and the initial merge are evaluated once, by this row
                 argv += ["--eval-experts", "false", "--eval-init", "false"]
+        if row != base:
+            argv += SURGERY_OPTIONS
         jobs.append((row, argv))
     jobs.sort(key=lambda job: is_static(job[0]))  # the long fits first, then the merges
     results: dict[str, dict] = {}
@@ -198,8 +206,14 @@ def row_steps(row: str, args: argparse.Namespace) -> int:
     return ROW_STEPS.get(row, steps)
 
 
+def without_surgery(row: str) -> str:
+    """The row whose run a ``"ROW + surgery"`` row extends (any other row: itself)."""
+    return row.removesuffix(SURGERY)
+
+
 def is_static(row: str) -> bool:
-    """Whether a table row is an ``adamerge merge`` run (no training)."""
+    """Whether a table row is an ``adamerge merge`` run (no training of λ)."""
+    row = without_surgery(row)
     return row in STATIC or row == PRETRAINED or (row in BATCHNORM_ROWS and BATCHNORM_ROWS[row][1] is None)
 
 
@@ -234,6 +248,8 @@ def stage_one_rows(
 
 def result_key(row: str) -> str:
     """The key of a row's learned or static merge in its run's ``metrics.json`` accuracy."""
+    if row.endswith(SURGERY):
+        return result_key(without_surgery(row)) + SURGERY
     if row == PRETRAINED:
         return "task-arithmetic"
     if row in STATIC:

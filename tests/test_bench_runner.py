@@ -179,6 +179,15 @@ def test_every_vision_row_is_one_run_whose_result_key_is_known():
     assert all(vision.result_key(row) == f"{m} ({g})" for row, (m, g, _) in vision.LEARNED.items())
 
 
+def test_a_surgery_row_extends_its_row_run_with_surgery():
+    vision = load_benchmark("vision_methods")
+    assert vision.SURGERY_ROWS and all(vision.without_surgery(row) in {*vision.STATIC, *vision.LEARNED} for row in vision.SURGERY_ROWS)
+    assert vision.is_static("task-arithmetic + surgery") and not vision.is_static("adamerging (layer-wise) + surgery")
+    assert vision.result_key("task-arithmetic + surgery") == "task-arithmetic + surgery"
+    assert vision.result_key("adamerging (layer-wise) + surgery") == "adamerging (layer) + surgery"
+    assert vision.without_surgery("adamerging (layer-wise)") == "adamerging (layer-wise)"
+
+
 @pytest.mark.parametrize(
     ("steps_option", "quick", "expected_chunk_row", "expected_other_rows"),
     [(None, False, 100, 50), (None, True, 20, 20), (40, False, 40, 40), (40, True, 40, 40)],
