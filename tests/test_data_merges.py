@@ -262,6 +262,20 @@ def test_regmean_properties():
         RegMeanMerge(alpha=1.5)
 
 
+def test_regmean_on_a_model_of_few_linear_layers_warns_that_it_averages(caplog):
+    generator = torch.Generator().manual_seed(3)
+    tv = {"conv": torch.randn(2, 8, 4, 3, 3, generator=generator), "w": torch.randn(2, 6, 5, generator=generator)}
+    x = torch.randn(10, 5, generator=generator)
+    grams = [{"w": LayerInputs(x.T @ x, 10)}] * 2
+    with caplog.at_level(logging.WARNING, logger="adamerge.rewrite"):
+        RegMeanMerge().rewrite(tv, grams)
+    assert "RegMean: only 9.4 % of the merged entries (1 of 2 tensors) are in linear layers" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="adamerge.rewrite"):
+        RegMeanMerge().rewrite({"w": tv["w"]}, grams)
+    assert not caplog.text
+
+
 def test_methods_are_registered_static_and_densify_lora():
     for name in ("fisher", "regmean"):
         method = get_method(name, learned=False)

@@ -379,3 +379,21 @@ def test_an_svd_that_does_not_converge_is_taken_again_in_float64_then_transposed
         q = polar_factor(a)
         torch.testing.assert_close(q.T @ q, torch.eye(4), atol=1e-5, rtol=0)
     assert "did not converge; taking it again in float64" in caplog.text
+
+
+@pytest.mark.parametrize("merge", [TSVMerge(), IsoCMerge(), IsoCTSMerge()])
+def test_a_model_of_few_matrices_is_warned_that_the_merge_is_an_average(merge, caplog):
+    """Convolution kernels are averaged: a model made mostly of them gets one warning line with
+    the covered share; a model of matrices gets none."""
+    import logging
+
+    torch.manual_seed(0)
+    conv_heavy = {"conv.weight": torch.randn(3, 8, 4, 3, 3), "fc.weight": torch.randn(3, 4, 5)}  # 288 vs 20 entries
+    with caplog.at_level(logging.WARNING, logger="adamerge.rewrite"):
+        out = merge.rewrite(conv_heavy)
+    assert "are in 2-D matrices" in caplog.text and "6.5 %" in caplog.text and "(1 of 2 tensors)" in caplog.text
+    torch.testing.assert_close(out["conv.weight"], conv_heavy["conv.weight"] / 3)  # averaged
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="adamerge.rewrite"):
+        merge.rewrite({"fc.weight": torch.randn(3, 4, 5), "fc.bias": torch.randn(3, 4)})
+    assert "averaged" not in caplog.text

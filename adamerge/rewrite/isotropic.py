@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from adamerge.errors import AdamergeError
+from adamerge.rewrite.coverage import warn_if_mostly_averaged
 from adamerge.rewrite.scaled_rewrite import ScaledRewrite, compute_dtype
 from adamerge.rewrite.spectral import is_matrix, polar_factor, task_average, thin_svd
 
@@ -49,6 +50,7 @@ class IsoCMerge(ScaledRewrite):
 
     def rewrite_items(self, items: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Per matrix ``merged / K`` for every task; other tensors averaged."""
+        warn_if_mostly_averaged("Iso-C", items, lambda _, x: is_matrix(x), "in 2-D matrices")
         out = {}
         for name, x in items:
             wide = x.to(compute_dtype(x.dtype))
@@ -112,6 +114,7 @@ class IsoCTSMerge(ScaledRewrite):
 
     def rewrite_items(self, items: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Per matrix, each task's block plus its share of the common block; other tensors averaged."""
+        warn_if_mostly_averaged("Iso-CTS", items, lambda _, x: is_matrix(x), "in 2-D matrices")
         out = {}
         for name, x in items:
             wide = x.to(compute_dtype(x.dtype))

@@ -29,6 +29,7 @@ import torch
 from adamerge.errors import AdamergeError
 from adamerge.rewrite import operations as pp
 from adamerge.rewrite.calibrated import CalibratedRewrite
+from adamerge.rewrite.coverage import warn_if_mostly_averaged
 from adamerge.rewrite.scaled_rewrite import compute_dtype
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ class RegMeanMerge(CalibratedRewrite):
         num_tasks = items[0][1].shape[0]
         if len(statistics) != num_tasks:
             raise AdamergeError(f"RegMean: {len(statistics)} sets of Grams for {num_tasks} experts")
+        warn_if_mostly_averaged("RegMean", items, lambda name, _: name in statistics[0], "in linear layers")
         out, solved = {}, 0
         for name, x in items:
             present = [name in grams for grams in statistics]

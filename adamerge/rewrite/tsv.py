@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from adamerge.errors import AdamergeError
+from adamerge.rewrite.coverage import warn_if_mostly_averaged
 from adamerge.rewrite.scaled_rewrite import ScaledRewrite, compute_dtype
 from adamerge.rewrite.spectral import is_matrix, polar_factor, task_average, thin_svd
 
@@ -75,6 +76,7 @@ class TSVMerge(ScaledRewrite):
 
     def rewrite_items(self, items: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Per matrix, each task's orthogonalised singular component; other tensors averaged."""
+        warn_if_mostly_averaged("TSV-M", items, lambda _, x: is_matrix(x), "in 2-D matrices")
         out = {}
         for name, x in items:
             wide = x.to(compute_dtype(x.dtype))
