@@ -32,3 +32,5 @@ POSITION_CHOICES = ("auto", *TOKEN_POSITIONS)
 IGNORE_INDEX = -100
 #: ``--align-modules`` name of the features entering a task's head (see :mod:`adamerge.core.hooks`).
 HEAD_INPUT = "<head input>"
+#: ``adamerge pareto --metric``: each task's score at a λ (see :mod:`adamerge.run.pareto`).
+PARETO_METRICS = ("auto", "accuracy", "agreement")

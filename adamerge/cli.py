@@ -26,7 +26,7 @@ from typing import Any, Literal
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from adamerge.errors import AdamergeError, Terminated
-from adamerge.run.settings import FitSettings, MergeSettings, field_help
+from adamerge.run.settings import FitSettings, MergeSettings, ParetoSettings, field_help
 
 logger = logging.getLogger("adamerge")
 
@@ -118,6 +118,8 @@ def build_parser() -> ArgumentParser:
     merge = _parser(MergeSettings, "Merge experts with a static method (no training).", learned=False)
     subcommands.add_subcommand("fit", fit, help="learn merging coefficients and export the merged model")
     subcommands.add_subcommand("merge", merge, help="static merge (average, task arithmetic, TIES, ...)")
+    pareto = _parser(ParetoSettings, "Amortized Pareto front of task-wise λ by quadratic surrogates (MAP).", learned=False)
+    subcommands.add_subcommand("pareto", pareto, help="Pareto front of task arithmetic λ per task (MAP); export a picked point")
     return parser
 
 
@@ -176,10 +178,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from adamerge.run.fit import run_fit
 
                 run_fit(as_settings(FitSettings, options))
-            else:
+            elif args.command == "merge":
                 from adamerge.run.merge import run_merge
 
                 run_merge(as_settings(MergeSettings, options))
+            else:
+                from adamerge.run.pareto import run_pareto
+
+                run_pareto(as_settings(ParetoSettings, options))
     except AdamergeError as error:
         logger.error("%s", error)
         return 2

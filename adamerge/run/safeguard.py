@@ -73,24 +73,10 @@ class KeepBestCoefficients(L.Callback):
     @torch.no_grad()
     def score(self, module: Any) -> dict[str, float]:
         """``{task: agreement %}`` of ``module.merged`` at its current λ (and ``"mean"``)."""
-        merged = module.merged
         if self.targets is None:
             self.targets = expert_predictions(self.held_out, self.expert_model, module.device, module.task_type)
-        training = merged.training
-        merged.train()  # as a training step runs it: BatchNorm on batch statistics (re-estimating policies)
-        try:
-            merged_tensors = None if merged.merges_at_use else merged.merged_tensors()
-            agreement: dict[str, float] = {}
-            for task, batches in self.held_out.items():
-                predictions = []
-                for inputs in batches:
-                    inputs = move_inputs(inputs, module.device)
-                    logits = merged(inputs, task, merged=merged_tensors)
-                    predictions.append(module.task_type.predictions(as_logits(logits), inputs).cpu())  # (N,)
-                agree = torch.cat(predictions) == self.targets[task]  # (N,)
-                agreement[task] = 100.0 * agree.float().mean().item()
-        finally:
-            merged.train(training)
+        shares = agreement_with_experts(module.merged, self.held_out, self.targets, module.device, module.task_type)
+        agreement = {task: 100.0 * share for task, share in shares.items()}
         agreement["mean"] = sum(agreement.values()) / len(agreement)
         return agreement
 
@@ -175,6 +161,45 @@ class KeepBestCoefficients(L.Callback):
         self.history = {int(k): dict(v) for k, v in state_dict["history"].items()}
         self.best_step = state_dict["best_step"]
         self.best_raw = state_dict["best_raw"]
+
+
+@torch.no_grad()
+def agreement_with_experts(
+    merged: Any,
+    held_out: Mapping[str, Sequence[Any]],
+    targets: Mapping[str, torch.Tensor],
+    device: torch.device,
+    task_type: TaskType = CLASSIFICATION,
+) -> dict[str, float]:
+    """``{task: share}`` of the scored positions of each task's inputs on which the merged model at
+    its current λ predicts the class its expert predicts (``targets``, :func:`expert_predictions`).
+
+    The merge runs as a training step runs it (BatchNorm on batch statistics under the
+    re-estimating policies), without gradients, merged once for all tasks.
+
+    Args:
+        merged: the :class:`~adamerge.core.merged_model.MergedModel`.
+        held_out: ``{task: [inputs batch, ...]}``.
+        targets: ``{task: (N,) classes}`` the experts predict on those inputs, in order.
+        device: where the merge runs.
+        task_type: how predictions are read from the logits.
+    """
+    training = merged.training
+    merged.train()  # as a training step runs it: BatchNorm on batch statistics (re-estimating policies)
+    try:
+        merged_tensors = None if merged.merges_at_use else merged.merged_tensors()
+        shares: dict[str, float] = {}
+        for task, batches in held_out.items():
+            predictions = []
+            for inputs in batches:
+                inputs = move_inputs(inputs, device)
+                logits = merged(inputs, task, merged=merged_tensors)
+                predictions.append(task_type.predictions(as_logits(logits), inputs).cpu())  # (N,)
+            agree = torch.cat(predictions) == targets[task]  # (N,)
+            shares[task] = agree.float().mean().item()
+    finally:
+        merged.train(training)
+    return shares
 
 
 @torch.no_grad()

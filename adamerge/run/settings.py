@@ -1,4 +1,4 @@
-"""The settings of ``adamerge fit`` and ``adamerge merge``: every option declared once.
+"""The settings of ``adamerge fit``, ``adamerge merge`` and ``adamerge pareto``: every option declared once.
 
 Each field is one command-line option (``--field-name``), one YAML key and one keyword of the
 Python API. The command line (:mod:`adamerge.cli`) is derived from these dataclasses: the option's
@@ -16,7 +16,15 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adamerge.choices import BATCHNORM_POLICIES, CONSTRAINTS, HEAD_INPUT, POSITION_CHOICES, PRECISIONS, TASK_VECTOR_DTYPES
+from adamerge.choices import (
+    BATCHNORM_POLICIES,
+    CONSTRAINTS,
+    HEAD_INPUT,
+    PARETO_METRICS,
+    POSITION_CHOICES,
+    PRECISIONS,
+    TASK_VECTOR_DTYPES,
+)
 
 
 def option(
@@ -213,6 +221,41 @@ class MergeSettings(RunSettings):
     method: str
     calib: Path | None = None
     batch_size: int = 16
+
+
+@dataclass(kw_only=True)
+class ParetoSettings(RunSettings):
+    """Everything ``adamerge pareto`` needs (MAP: an amortized Pareto front of task-wise λ).
+
+    Attributes:
+        calib: unlabeled data per task: the agreement metric's inputs and the BatchNorm statistics.
+        metric: what each task's score is: ``accuracy`` on ``eval``, ``agreement`` with the task's
+            own expert on its ``calib`` inputs (no labels), or ``auto``: accuracy when ``eval`` is
+            given, else agreement.
+        points: λ sampled (scrambled Sobol, seeded) and evaluated on every task, besides the
+            task-arithmetic point λ = 0.3; at least (K + 1)(K + 2) / 2, the quadratic's
+            coefficients (default: twice that).
+        bounds: low and high of every task's λ (the box searched).
+        ridge: ridge penalty on the surrogates' non-constant coefficients.
+        candidates: Sobol candidates the surrogates score (besides the weighted-sum optima).
+        front_size: most points kept on the front (spread by crowding distance).
+        pick: task weights choosing the front point to evaluate and export, e.g. ``{alpha: 2}``
+            (unnamed tasks weigh 1; default: equal weights).
+        batch_size: inputs per batch of BatchNorm statistics (and of the agreement metric).
+        progress_bar: a live bar of the evaluated points (on an interactive terminal; each point
+            logs its metrics either way).
+    """
+
+    calib: Path | None = None
+    metric: str = option("auto", choices=PARETO_METRICS)
+    points: int | None = None
+    bounds: tuple[float, float] = option((0.0, 1.0), nargs=2)
+    ridge: float = 1e-6
+    candidates: int = 20000
+    front_size: int = 200
+    pick: dict[str, float] = option(factory=dict)
+    batch_size: int = 16
+    progress_bar: bool = True
 
 
 def field_help(cls: type) -> dict[str, str]:

@@ -220,6 +220,25 @@ class _Loaded:
     safeguard: KeepBestCoefficients | None
 
 
+def load_run(settings: FitSettings) -> _Loaded:
+    """Experts, data and the merged model at the method's start, as :func:`run_workflow` holds
+    them once loaded (the settings with the source's defaults filled in); for commands that then
+    drive the merge themselves (``adamerge pareto`` evaluates it at many λ)."""
+    return _load(settings)
+
+
+def evaluation_trainer(settings: FitSettings, root: Path) -> L.Trainer:
+    """The Lightning ``Trainer`` a run evaluates merges with (no logger, no callbacks)."""
+    return _trainer(settings, root, None, [])
+
+
+def evaluation_of(
+    settings: FitSettings, experts: ExpertSet, data: L.LightningDataModule | None
+) -> ScoredEvaluation | GeneratedEvaluation | None:
+    """How the run scores ``--eval`` for these experts (``None``: no ``--eval``)."""
+    return _evaluation(settings, experts, data)
+
+
 def _load(settings: FitSettings) -> _Loaded:
     """Experts, data, the merged model at the method's start, its LightningModule and the safeguard."""
     method = get_method(settings.method).configured(settings)
