@@ -221,8 +221,17 @@ def test_pareto_end_to_end_with_eval(tiny_setup, tmp_path):
     assert chosen == pytest.approx(best, abs=1e-5)  # the pick is the front's weighted best (front.csv: 6 decimals)
     assert set(picked["measured"]) == {"alpha", "beta", "mean"} and picked["weights"] == {"alpha": 1.0, "beta": 3.0}
 
-    # the export at the picked λ is θ_0 + Σ_k λ_k τ_k, computed from the files
-    lam = picked["lambda"]
+    # the export is the pick, or a sampled point that measured better (then named), and is
+    # θ_0 + Σ_k λ_k τ_k at its λ, computed from the files
+    exported_point = picked["exported"]
+    sampled = json.loads((output / "points.json").read_text())["points"]
+    scores = [(p["metric"]["alpha"] + 3 * p["metric"]["beta"]) / 4 for p in sampled]
+    picked_score = (picked["measured"]["alpha"] + 3 * picked["measured"]["beta"]) / 4
+    if exported_point["source"] == "front pick":
+        assert max(scores) <= picked_score + 1e-12 and exported_point["lambda"] == picked["lambda"]
+    else:
+        assert exported_point["index"] == scores.index(max(scores)) and max(scores) > picked_score
+    lam = exported_point["lambda"]
     base = torch.load(tiny_setup.base, weights_only=True)
     experts = {t: torch.load(p, weights_only=True) for t, p in tiny_setup.experts.items()}
     exported = torch.load(output / "merged.pt", weights_only=True)
@@ -318,7 +327,7 @@ def test_pareto_of_causal_lms_by_agreement_exports_task_arithmetic(tmp_path):
                  "--output", str(output), "--points", "6", *FAST]) == 0  # fmt: skip
     points = json.loads((output / "points.json").read_text())
     assert points["metric"] == "agreement" and all(0 <= p["metric"]["mean"] <= 1 for p in points["points"])
-    lam = json.loads((output / "picked.json").read_text())["lambda"]
+    lam = json.loads((output / "picked.json").read_text())["exported"]["lambda"]
     base = AutoModelForCausalLM.from_pretrained(setup.base).state_dict()
     experts = {t: AutoModelForCausalLM.from_pretrained(p).state_dict() for t, p in setup.experts.items()}
     exported = AutoModelForCausalLM.from_pretrained(output / "model").state_dict()
@@ -348,3 +357,18 @@ def test_pareto_of_text_classifiers_agrees_with_merge(hf, tmp_path):
                  "--points", str(num_coefficients(len(CLASSES))), *FAST]) == 0  # fmt: skip
     assert json.loads((tmp_path / "agree" / "points.json").read_text())["metric"] == "agreement"
     assert (tmp_path / "agree" / "tasks").is_dir() and (tmp_path / "agree" / "model").is_dir()
+
+
+def test_a_sampled_point_that_measured_better_than_the_pick_is_exported(caplog):
+    from adamerge.run.pareto import exported_point
+
+    lam = torch.tensor([[0.1, 0.2], [0.3, 0.3]], dtype=torch.float64)
+    measured = torch.tensor([[0.9, 0.5], [0.6, 0.6]], dtype=torch.float64)  # weighted (1, 3): 0.6, 0.6
+    picked = {"lambda": {"a": 0.8, "b": 0.9}, "measured": {"a": 0.5, "b": 0.7}, "predicted": {"a": 0.9, "b": 0.9}}
+    weights = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    assert exported_point(picked, lam, measured, weights, ["a", "b"])["source"] == "front pick"  # 0.65 ≥ 0.6
+    picked["measured"] = {"a": 0.5, "b": 0.5}
+    with caplog.at_level("WARNING", logger="adamerge.run.pareto"):
+        chosen = exported_point(picked, lam, measured, weights, ["a", "b"])
+    assert chosen["source"] == "sampled point" and chosen["index"] == 0 and chosen["lambda"] == {"a": 0.1, "b": 0.2}
+    assert "below sampled point 0" in caplog.text

@@ -115,6 +115,7 @@ def run_pareto(settings: ParetoSettings) -> dict[str, Any]:
                 "picked λ %s: predicted %s, measured %s",
                 _fmt(picked["lambda"]), _fmt(picked["predicted"]), _fmt(picked["measured"]),
             )  # fmt: skip
+            picked["exported"] = exported_point(picked, lam, measured, weights, tasks)
             with stages.stage("writing"):
                 metrics = _write(staging, settings, loaded, metric, lam, measured, surrogates, front_lam, front_values, picked)
                 metrics["timing_s"] = {"total": time.perf_counter() - started, "stages": dict(stages.seconds)}
@@ -281,6 +282,39 @@ def fit_surrogates(lam: torch.Tensor, measured: torch.Tensor, ridge: float, seed
     return {"features": names, "ridge": ridge, "points": n, "held_out_points": sorted(test.tolist()) if enough else [], "tasks": per_task}
 
 
+def exported_point(
+    picked: dict[str, Any], lam: torch.Tensor, measured: torch.Tensor, weights: torch.Tensor, tasks: list[str]
+) -> dict[str, Any]:
+    """The λ to export: the front's pick, unless a sampled point measured better under the same
+    weights (the surrogates were wrong there), in which case that point, with a warning.
+
+    Args:
+        picked: the front's pick, measured (``"lambda"``, ``"measured"``).
+        lam: ``(N, K)`` the sampled points (the reference included).
+        measured: ``(N, K)`` their measured metrics.
+        weights: ``(K,)`` the pick's task weights.
+        tasks: the K task names.
+    """
+    scores = (measured * weights).sum(dim=1) / weights.sum()  # (N,) weighted mean per sampled point
+    best = int(torch.argmax(scores))
+    picked_score = sum(picked["measured"][t] * float(w) for t, w in zip(tasks, weights, strict=True)) / float(weights.sum())
+    if float(scores[best]) <= picked_score:
+        return {"source": "front pick", "lambda": picked["lambda"], "weighted_measured": picked_score}
+    logger.warning(
+        "the front's pick measures %.4g (weighted mean; predicted %.4g), below sampled point %d at %.4g: exporting that "
+        "point (the surrogates are off there: see the held-out R² in surrogates.json; narrower --bounds or more --points help)",
+        picked_score, sum(picked["predicted"][t] * float(w) for t, w in zip(tasks, weights, strict=True)) / float(weights.sum()),
+        best, float(scores[best]),
+    )  # fmt: skip
+    return {
+        "source": "sampled point",
+        "index": best,
+        "lambda": dict(zip(tasks, lam[best].tolist(), strict=True)),
+        "measured": _with_mean(dict(zip(tasks, measured[best].tolist(), strict=True))),
+        "weighted_measured": float(scores[best]),
+    }
+
+
 def _write(
     staging: Path,
     settings: ParetoSettings,
@@ -321,9 +355,9 @@ def _write(
     picked_values = torch.tensor([[picked["predicted"][t] for t in tasks], [picked["measured"][t] for t in tasks]])  # (2, K)
     if plot_front(staging / "front.png", tasks, front_values, measured, picked_values, metric):
         files["front_plot"] = "front.png"
-    merged.coefficients.set_values(torch.tensor(list(picked["lambda"].values()), dtype=torch.float32))
+    merged.coefficients.set_values(torch.tensor(list(picked["exported"]["lambda"].values()), dtype=torch.float32))
     if merged.batchnorm in REESTIMATING_POLICIES and data is not None:
-        module.reestimate_batchnorm(statistics_loaders_of(data))  # exported statistics belong to the picked λ
+        module.reestimate_batchnorm(statistics_loaders_of(data))  # exported statistics belong to the exported λ
     write_coefficients(staging, merged)
     files |= write_merged_model_of(staging, merged, experts.export)
     write_yaml(staging / "config.yaml", plain_config(dataclasses.asdict(settings)))
