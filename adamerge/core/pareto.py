@@ -279,10 +279,14 @@ def spread_subset(values: torch.Tensor, size: int, protected: torch.Tensor | Non
     return torch.sort(index).values
 
 
+def weighted_scores(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``Σ_k w_k M_k / Σ_k w_k`` ``(F,)`` of each row of ``(F, K)`` metrics (float64)."""
+    return values.double() @ weights.double() / weights.double().sum()  # (F,)
+
+
 def weighted_pick(values: torch.Tensor, weights: torch.Tensor) -> int:
     """The row of ``(F, K)`` predicted metrics maximising ``Σ_k w_k M̂_k / Σ_k w_k`` (the first on a tie)."""
-    score = values.double() @ weights.double() / weights.double().sum()  # (F,)
-    return int(torch.argmax(score))
+    return int(torch.argmax(weighted_scores(values, weights)))
 
 
 def amortized_front(

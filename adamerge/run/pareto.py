@@ -48,6 +48,7 @@ from adamerge.core.pareto import (
     r_squared,
     sobol_box,
     weighted_pick,
+    weighted_scores,
 )
 from adamerge.errors import AdamergeError
 from adamerge.run.checks import check_common_settings, input_paths
@@ -295,16 +296,19 @@ def exported_point(
         weights: ``(K,)`` the pick's task weights.
         tasks: the K task names.
     """
-    scores = (measured * weights).sum(dim=1) / weights.sum()  # (N,) weighted mean per sampled point
-    best = int(torch.argmax(scores))
-    picked_score = sum(picked["measured"][t] * float(w) for t, w in zip(tasks, weights, strict=True)) / float(weights.sum())
+    scores = weighted_scores(measured, weights)  # (N,) weighted mean per sampled point
+    best = weighted_pick(measured, weights)
+
+    def score(values: Mapping[str, float]) -> float:
+        return float(weighted_scores(torch.tensor([[values[t] for t in tasks]], dtype=torch.float64), weights)[0])
+
+    picked_score = score(picked["measured"])
     if float(scores[best]) <= picked_score:
         return {"source": "front pick", "lambda": picked["lambda"], "weighted_measured": picked_score}
     logger.warning(
         "the front's pick measures %.4g (weighted mean; predicted %.4g), below sampled point %d at %.4g: exporting that "
         "point (the surrogates are off there: see the held-out R² in surrogates.json; narrower --bounds or more --points help)",
-        picked_score, sum(picked["predicted"][t] * float(w) for t, w in zip(tasks, weights, strict=True)) / float(weights.sum()),
-        best, float(scores[best]),
+        picked_score, score(picked["predicted"]), best, float(scores[best]),
     )  # fmt: skip
     return {
         "source": "sampled point",
