@@ -12,15 +12,18 @@ Results: ``--out`` JSON (per flavour and method: ``per_task`` exact match, ``ave
 ``normalized`` = mean over tasks of merged ÷ expert exact match, ``wall_s``, ``peak_rss_mb``;
 the build's manifest and splits) and a Markdown table beside it::
 
-    OMP_NUM_THREADS=1 python -m benchmarks.llm_methods --workers 2 --out benchmarks/results/llm.json
+    OMP_NUM_THREADS=1 python -m benchmarks.llm_methods --workers 2 --out benchmarks/results/llm.json  # the default table
+    OMP_NUM_THREADS=1 python -m benchmarks.llm_methods --all --workers 2 --out /tmp/llm-all.json  # every row
     OMP_NUM_THREADS=1 python -m benchmarks.llm_methods --quick --workers 2 --out /tmp/llm-quick.json  # about 15 minutes: a smoke run
 
 The calibration records are prompts (``{"prompt"}``), so the unlabeled objectives score the
 response's first token (``fit --positions auto``). Unlabeled rows learn from the calibration prompts
 only (Fisher and RegMean take their statistics there too); the aTLAS row is few-shot (``--shots``,
 the labelled pool of the build, cross-entropy on the answer tokens). The Expert Merging row is
-stage one of the Expert Merging++ run. The experts' and the base's exact matches come from the
-build's manifest (the same test prompts, the same scoring).
+stage one of the Expert Merging++ run; a fit in ``START_ROWS`` also scores its start
+(``--eval-init``: task arithmetic at λ = 0.3, RegMean on the fit's training prompts). The experts'
+and the base's exact matches come from the build's manifest (the same test prompts, the same
+scoring).
 """
 
 from __future__ import annotations
@@ -38,8 +41,14 @@ from benchmarks.runner import cpu_slot, run_all, write_results
 from benchmarks.vision_methods import results_table, stage_one_rows
 
 STATIC = ["average", "task-arithmetic", "ties", "pcb", "tsv-m", "iso-c", "iso-cts", "fisher", "regmean"]
+# the default table: the static merges of the issue and the best one here (TSV-M), every learned
+# method once (Expert Merging and ++ refining RegMean, whose start is the RegMean row); --all or
+# --methods for the rest (the other static and data-informed merges, Expert Merging from task
+# arithmetic)
+DEFAULT = ["average", "task-arithmetic", "ties", "tsv-m", "adamerging (block-wise)", "atlas few-shot (block-wise)",
+           "expert-merging from regmean (layer-wise)", "expert-merging++ from regmean"]  # fmt: skip
 # --quick: the rows whose cost shrinks with the quick assets (the spectral and per-entry merges cost
-# minutes at this model size whatever the data); --methods runs any
+# minutes at this model size whatever the data)
 QUICK_STATIC = ["average", "task-arithmetic", "ties", "regmean"]
 LEARNED = {  # row: (method, granularity, extra options)
     # 30 steps instead of the paper's 500: the lr goes up tenfold, or λ could not leave its start
@@ -57,7 +66,10 @@ STAGE_ONE = {  # row: the run that reports it
     "expert-merging (layer-wise)": "expert-merging++",
     "expert-merging from regmean (layer-wise)": "expert-merging++ from regmean",
 }
-REFERENCE_FIT = "adamerging (block-wise)"  # also evaluates its start, task arithmetic at λ = 0.3
+START_ROWS = {  # fit: the row its start gives (--eval-init true)
+    "adamerging (block-wise)": "task arithmetic (λ=0.3, fit's init)",
+    "expert-merging++ from regmean": "regmean (the fit's start, its training prompts)",
+}
 # densify LoRA adapters' B·A (magnitudes, chunks, spectra, per-entry statistics)
 DENSE_ONLY = {"ties", "pcb", "tsv-m", "iso-c", "iso-cts", "fisher", "regmean", "expert-merging++",
               "expert-merging from regmean (layer-wise)", "expert-merging++ from regmean"}
@@ -78,7 +90,9 @@ def main() -> None:
     parser.add_argument("--flavours", nargs="+", default=["full", "lora"], choices=["full", "lora"])
     parser.add_argument("--steps", type=int, default=None, help=f"steps of every learned method (default {STEPS}, quick 4)")
     parser.add_argument("--batch-size", type=int, default=2, help="calibration prompts per task per step")
-    parser.add_argument("--methods", nargs="+", default=None, help="subset of table rows to run")
+    rows_of = parser.add_mutually_exclusive_group()
+    rows_of.add_argument("--methods", nargs="+", default=None, help="the table rows to run (default: the default table)")
+    rows_of.add_argument("--all", action="store_true", help="every row: the default table, the other static merges, Expert Merging from task arithmetic")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--workers", type=int, default=1, help="rows (and experts) side by side; set OMP_NUM_THREADS=1")
@@ -86,6 +100,16 @@ def main() -> None:
     args = parser.parse_args()
 
     from adamerge.demo.llm import build_llm_demo
+
+    if args.methods is not None:
+        rows = args.methods
+    elif args.all:
+        rows = [*STATIC, *LEARNED]
+    else:
+        rows = [*QUICK_STATIC, *LEARNED] if args.quick else DEFAULT
+    unknown = [r for r in rows if r not in STATIC and r not in LEARNED]
+    if unknown:
+        parser.error(f"--methods {', '.join(map(repr, unknown))}: expected rows among {', '.join(map(repr, [*STATIC, *LEARNED]))}")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -99,7 +123,6 @@ def main() -> None:
     shots = manifest["settings"]["fewshot_per_class"]
     steps = args.steps or (4 if args.quick else STEPS)
     work = Path(tempfile.mkdtemp(prefix="adamerge-llm-"))
-    rows = [*(QUICK_STATIC if args.quick else STATIC), *LEARNED] if args.methods is None else args.methods
     jobs = []
     for flavour in args.flavours:
         prefix = "hf:" if flavour == "full" else "peft:"
@@ -121,8 +144,7 @@ def main() -> None:
                     "--steps", str(steps), "--batch-size", str(args.batch_size), "--output", str(output),
                     "--progress-bar", "false", "--eval-experts", "false", *extra,
                 ]  # fmt: skip
-                if row != REFERENCE_FIT:
-                    argv += ["--eval-init", "false"]
+                argv += ["--eval-init", "true" if row in START_ROWS else "false"]
             jobs.append(((flavour, row, output), argv))
     jobs.sort(key=lambda job: job[0][1] in STATIC)  # the long fits first
     measured_rows: dict[str, dict[str, dict]] = {flavour: {} for flavour in args.flavours}
@@ -133,9 +155,9 @@ def main() -> None:
         metrics = json.loads((output / "metrics.json").read_text())
         accuracy = metrics["accuracy"]
         shutil.rmtree(output, ignore_errors=True)
-        if row == REFERENCE_FIT:
-            initial = next(k for k in accuracy if k.startswith("task arithmetic"))
-            results["task arithmetic (λ=0.3, fit's init)"] = {"per_task": accuracy[initial]}
+        if row in START_ROWS:
+            initial = next(k for k in accuracy if "start" in k or k.startswith("task arithmetic"))
+            results[START_ROWS[row]] = {"per_task": accuracy[initial]}  # no time of its own: part of the fit's
         final = accuracy[result_key(row)]
         results[row] = {"per_task": final, "wall_s": measured["wall_s"], "peak_rss_mb": measured["peak_rss_mb"]}
         if flavour == "lora" and row in DENSE_ONLY:
@@ -156,7 +178,7 @@ def main() -> None:
             "pretrained base (same prompts)": {"per_task": base | {"average": sum(base.values()) / len(base)}},
         }
         measured = measured_rows[flavour]
-        results |= {k: measured[k] for k in ["task arithmetic (λ=0.3, fit's init)", *rows] if k in measured}
+        results |= {k: measured[k] for k in [*START_ROWS.values(), *rows] if k in measured}
         for entry in results.values():
             per_task = entry["per_task"]
             entry["average"] = per_task["average"]

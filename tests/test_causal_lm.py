@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralC
 
 from adamerge.cli import main  # noqa: E402
 from adamerge.core.merged_model import MergedModel  # noqa: E402
+from adamerge.errors import AdamergeError  # noqa: E402
 from adamerge.run.module import MergingModule  # noqa: E402
 from adamerge.sources import load_experts  # noqa: E402
 from adamerge.task_types import TokenLevel  # noqa: E402
@@ -111,7 +112,7 @@ def one_hot(k: int, n: int) -> torch.Tensor:
 
 def test_one_hot_coefficients_give_each_expert(lm):
     experts = lm.load()
-    assert experts.task_type == TokenLevel(next_token=True) and experts.heads == {} and experts.modality == "text"
+    assert experts.task_type == TokenLevel(next_token=True, keep_logits=True) and experts.heads == {} and experts.modality == "text"
     names = set(experts.task_vectors.names)
     tied = experts.model.config.tie_word_embeddings
     assert ("lm_head.weight" in names) != tied  # a tied head is the embedding: one task vector, not two
@@ -174,6 +175,50 @@ def test_response_positions_score_the_distribution_after_each_prompt(lm, side):
     assert targets is None and rows.shape == alone.shape
     torch.testing.assert_close(rows, alone, atol=1e-5, rtol=0)
     assert labelled.shape[0] == int((padded["attention_mask"].sum(1) - 1).sum())  # every labelled next token
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_kept_logits_score_what_the_full_logits_score(lm, side):
+    """``keep_logits``: the forward computes the logits of the scored positions only
+    (``logits_to_keep``) and :meth:`TokenLevel.scored` reads the same rows, with the same targets,
+    as from every position's logits: response positions and labelled answers, either padding side;
+    the gradient reaching λ is the same."""
+    experts = lm.load()
+    assert experts.task_type.keep_logits  # Llama, Mistral and GPT-2 of transformers take logits_to_keep
+    merged = MergedModel(experts.model, experts.task_vectors, granularity="layer", init=0.3)
+    texts = ["the movie is good", "a team won the game , yes", "world"]
+    lm.tokenizer.padding_side = side
+    try:
+        padded = dict(lm.tokenizer(texts, padding=True, return_tensors="pt"))
+    finally:
+        lm.tokenizer.padding_side = "right"
+    if side == "left":
+        padded["position_ids"] = (padded["attention_mask"].cumsum(1) - 1).clamp(min=0)
+    answers = torch.full_like(padded["input_ids"], -100)  # the last two real tokens of each text are its answer
+    last = padded["attention_mask"].cumsum(1).argmax(1)
+    for row, end in enumerate(last.tolist()):
+        answers[row, end - 1 : end + 1] = padded["input_ids"][row, end - 1 : end + 1]
+    for positions, labels in [("response", None), ("all", answers), ("response", answers)]:
+        full = TokenLevel(next_token=True, positions=positions)
+        kept = TokenLevel(next_token=True, positions=positions, keep_logits=True)
+        narrow = kept.model_inputs(padded, labels)
+        assert narrow["logits_to_keep"].numel() < padded["input_ids"].shape[1]
+        results = []
+        for task_type, inputs in [(full, padded), (kept, narrow)]:
+            merged.coefficients.raw.grad = None
+            logits = merged(inputs)
+            assert logits.shape[1] == (inputs["logits_to_keep"].numel() if task_type is kept else padded["input_ids"].shape[1])
+            rows, targets = task_type.scored(logits, inputs, labels)
+            torch.logsumexp(rows, -1).sum().backward()
+            results.append((rows.detach(), targets, merged.coefficients.raw.grad.clone()))
+        (rows, targets, grad), (kept_rows, kept_targets, kept_grad) = results
+        torch.testing.assert_close(kept_rows, rows, atol=1e-5, rtol=0)
+        assert (targets is None and kept_targets is None) or torch.equal(kept_targets, targets)
+        torch.testing.assert_close(kept_grad, grad, atol=1e-5, rtol=1e-4)
+    every = TokenLevel(next_token=True, keep_logits=True)
+    assert every.model_inputs(padded) is padded  # plain language modelling scores every position
+    with pytest.raises(AdamergeError, match="logits_to_keep"):
+        kept.scored(merged(padded), kept.model_inputs(padded, None))  # a forward that ignored the positions
 
 
 def test_response_positions_are_refused_outside_language_modelling():

@@ -140,6 +140,7 @@ def fisher_diagonals(
         for inputs in batches:
             for one in examples(inputs):
                 count += 1
+                one = task_type.model_inputs(one)  # a causal LM's logits at the scored positions only
                 scored, _ = task_type.scored(call_module(model, one), one)  # (N, C)
                 if scored.shape[0] == 0:  # nothing scored (a one-token text): a zero gradient
                     continue

@@ -8,6 +8,7 @@ from typing import ContextManager
 import lightning as L
 import torch
 
+from adamerge.choices import HEAD_INPUT
 from adamerge.core.hooks import capture_hidden
 from adamerge.core.merged_model import MergedModel
 from adamerge.core.model_inputs import Inputs, as_logits, call_module
@@ -15,6 +16,7 @@ from adamerge.errors import AdamergeError
 from adamerge.objectives.task_objectives import ExpertAlignment, as_task_batch, collect_outputs
 from adamerge.sources import ExpertSet
 from adamerge.storage.spill import SpillingRows
+from adamerge.task_types import LOGITS_TO_KEEP
 
 #: Bytes of token-level expert logits one run keeps in memory; past them the rest of the targets
 #: go to a temporary file read back memory-mapped (:class:`~adamerge.storage.spill.SpillingRows`).
@@ -106,13 +108,19 @@ def token_targets(
     spans: dict[int, tuple[int, int, int, int]] = {}
     run = module_forward(model)
     for inputs in batches:
+        if HEAD_INPUT not in hidden_modules:  # the head's input is aligned at every token
+            inputs = experts.task_type.model_inputs(inputs)  # a causal LM's logits at the scored positions only
         with capture(hidden_modules) as captured:
             logits = as_logits(run(inputs))  # (B, T, C)
         mask = inputs["attention_mask"].bool() if isinstance(inputs, dict) and "attention_mask" in inputs else None
         for row, index in enumerate(positions[-1].tolist()):
             if index in spans:
                 raise AdamergeError(f"expert targets: the calibration loader visited example {index} twice")
-            one = {k: v[row : row + 1] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[row : row + 1]
+            one = (
+                {k: v if k == LOGITS_TO_KEEP else v[row : row + 1] for k, v in inputs.items()}
+                if isinstance(inputs, dict)
+                else inputs[row : row + 1]
+            )
             scored, _ = experts.task_type.scored(logits[row : row + 1], one)  # (N_i, C)
             real = mask[row] if mask is not None else slice(None)
             tokens = 0

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from adamerge.choices import REESTIMATING_POLICIES
+from adamerge.choices import HEAD_INPUT, REESTIMATING_POLICIES
 from adamerge.core.merge import PrecomputedGradient
 from adamerge.core.merged_model import MergedModel
 from adamerge.core.model_inputs import move_inputs
@@ -205,12 +205,15 @@ class MergingModule(L.LightningModule):
         """The task type's scored positions of the merged model on ``batch`` (and the hidden states
         the objective asks for), with the batch's labels as the positions' targets."""
         hidden: Mapping[str, torch.Tensor] = {}
+        inputs = batch.inputs
+        if HEAD_INPUT not in self.objective.hidden_modules:  # the head's input is aligned at every token
+            inputs = self.task_type.model_inputs(inputs, batch.labels)  # a causal LM's scored positions only
         if not self.objective.hidden_modules:
-            logits = self.merged(batch.inputs, task, merged=tensors)
+            logits = self.merged(inputs, task, merged=tensors)
         else:
             with self.merged.capture(self.objective.hidden_modules) as hidden:
-                logits = self.merged(batch.inputs, task, merged=tensors)
-        positions, targets = self.task_type.scored(logits, batch.inputs, batch.labels)  # (N, C), (N,)
+                logits = self.merged(inputs, task, merged=tensors)
+        positions, targets = self.task_type.scored(logits, inputs, batch.labels)  # (N, C), (N,)
         return ModelOutputs(positions, dict(hidden)), dataclasses.replace(batch, labels=targets)
 
     def _log_training(self, name: str, value: torch.Tensor, **kwargs: Any) -> None:

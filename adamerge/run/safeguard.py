@@ -192,7 +192,7 @@ def agreement_with_experts(
         for task, batches in held_out.items():
             predictions = []
             for inputs in batches:
-                inputs = move_inputs(inputs, device)
+                inputs = task_type.model_inputs(move_inputs(inputs, device))  # a causal LM's scored positions only
                 logits = merged(inputs, task, merged=merged_tensors)
                 predictions.append(task_type.predictions(as_logits(logits), inputs).cpu())  # (N,)
             agree = torch.cat(predictions) == targets[task]  # (N,)
@@ -214,7 +214,7 @@ def expert_predictions(
     predictions = {}
     for task, batches in held_out.items():
         model = expert_model(task).eval().to(device)
-        moved = [move_inputs(inputs, device) for inputs in batches]
+        moved = [task_type.model_inputs(move_inputs(inputs, device)) for inputs in batches]
         predictions[task] = torch.cat([task_type.predictions(call_module(model, inputs), inputs) for inputs in moved]).cpu()
         del model
     return predictions

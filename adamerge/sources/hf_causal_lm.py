@@ -19,6 +19,8 @@ without adamerge.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 from collections.abc import Mapping
 from functools import partial
@@ -137,9 +139,15 @@ def load_causal_lm_experts(base_path: Path, experts: Mapping[str, str], options:
         export=partial(export_causal_lm, base_config=base_config, tokenizer=tokenizer),
         tokenizer=tokenizer,
         num_classes={task: vocabulary for task in experts},
-        task_type=LANGUAGE_MODELLING,
+        task_type=dataclasses.replace(LANGUAGE_MODELLING, keep_logits=takes_logits_to_keep(model)),
         default_granularity="block",  # one λ per expert and decoder block, embeddings, final norm and head
     )
+
+
+def takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model``'s forward computes the logits of given positions only (transformers'
+    ``logits_to_keep``, a 1-D tensor of positions: the causal LMs of transformers 4.50 on)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def _expert_alone(

@@ -33,6 +33,16 @@ class TaskType:
         """The transformers auto-class a Hugging Face source builds for this task type."""
         raise NotImplementedError
 
+    def model_inputs(self, inputs: Any, labels: torch.Tensor | None = None) -> Any:
+        """``inputs`` as a forward that is only read through :meth:`scored` takes them: a task type
+        whose model can skip the logits of unscored positions says so here (default: unchanged).
+
+        Args:
+            inputs: the batch's inputs.
+            labels: the batch's labels, if any (they decide which positions are scored).
+        """
+        return inputs
+
     def scored(self, logits: torch.Tensor, inputs: Any, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The scored positions of one batch.
 
