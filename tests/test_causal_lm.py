@@ -182,7 +182,8 @@ def test_kept_logits_score_what_the_full_logits_score(lm, side):
     """``keep_logits``: the forward computes the logits of the scored positions only
     (``logits_to_keep``) and :meth:`TokenLevel.scored` reads the same rows, with the same targets,
     as from every position's logits: response positions and labelled answers, either padding side;
-    the gradient reaching λ is the same."""
+    the gradient reaching λ is the same, and ``<head input>`` (Expert Merging's alignment) is still
+    every token's."""
     experts = lm.load()
     assert experts.task_type.keep_logits  # Llama, Mistral and GPT-2 of transformers take logits_to_keep
     merged = MergedModel(experts.model, experts.task_vectors, granularity="layer", init=0.3)
@@ -215,6 +216,14 @@ def test_kept_logits_score_what_the_full_logits_score(lm, side):
         torch.testing.assert_close(kept_rows, rows, atol=1e-5, rtol=0)
         assert (targets is None and kept_targets is None) or torch.equal(kept_targets, targets)
         torch.testing.assert_close(kept_grad, grad, atol=1e-5, rtol=1e-4)
+    narrow = kept.model_inputs(padded, None)
+    with torch.no_grad():
+        with merged.capture(["<head input>"]) as full_head:
+            merged(padded)
+        with merged.capture(["<head input>"]) as kept_head:
+            merged(narrow)
+    assert kept_head["<head input>"].shape[:2] == padded["input_ids"].shape  # every token's, not the kept ones'
+    torch.testing.assert_close(kept_head["<head input>"], full_head["<head input>"], atol=1e-6, rtol=0)
     every = TokenLevel(next_token=True, keep_logits=True)
     assert every.model_inputs(padded) is padded  # plain language modelling scores every position
     with pytest.raises(AdamergeError, match="logits_to_keep"):

@@ -35,7 +35,11 @@ def capture_hidden(model: nn.Module, names: Sequence[str], head_module: str | No
                 if head_module is None:
                     raise AdamergeError("hidden state '<head input>' needs task heads (--head-pattern)")
                 module = _submodule(model, head_module)
-                handles.append(module.register_forward_pre_hook(_store_input(captured, name)))
+                decoder = _decoder_feeding(model, module)
+                if decoder is not None:  # every token's, even where logits_to_keep narrows the head's input
+                    handles.append(decoder.register_forward_hook(_store_last_hidden_state(captured, name)))
+                else:
+                    handles.append(module.register_forward_pre_hook(_store_input(captured, name)))
             else:
                 handles.append(_submodule(model, name).register_forward_hook(_store_output(captured, name)))
         yield captured
@@ -54,6 +58,25 @@ def _submodule(model: nn.Module, name: str) -> nn.Module:
 def _store_input(captured: dict[str, torch.Tensor], name: str):
     def hook(module, args):
         captured[name] = args[0]
+
+    return hook
+
+
+def _decoder_feeding(model: nn.Module, head: nn.Module) -> nn.Module | None:
+    """A transformers language model's decoder (``get_decoder``) when ``head`` is its LM head
+    (``get_output_embeddings``): the decoder's ``last_hidden_state`` is the head's input at every
+    token, before ``logits_to_keep`` keeps some positions; ``None`` for other models."""
+    get_decoder, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
+    if not (callable(get_decoder) and callable(get_head)) or get_head() is not head:
+        return None
+    decoder = get_decoder()
+    return decoder if isinstance(decoder, nn.Module) and decoder is not model else None
+
+
+def _store_last_hidden_state(captured: dict[str, torch.Tensor], name: str):
+    def hook(module, args, output):
+        hidden = getattr(output, "last_hidden_state", None)
+        captured[name] = hidden if isinstance(hidden, torch.Tensor) else output[0]
 
     return hook
 

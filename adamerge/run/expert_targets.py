@@ -8,7 +8,6 @@ from typing import ContextManager
 import lightning as L
 import torch
 
-from adamerge.choices import HEAD_INPUT
 from adamerge.core.hooks import capture_hidden
 from adamerge.core.merged_model import MergedModel
 from adamerge.core.model_inputs import Inputs, as_logits, call_module
@@ -108,8 +107,7 @@ def token_targets(
     spans: dict[int, tuple[int, int, int, int]] = {}
     run = module_forward(model)
     for inputs in batches:
-        if HEAD_INPUT not in hidden_modules:  # the head's input is aligned at every token
-            inputs = experts.task_type.model_inputs(inputs)  # a causal LM's logits at the scored positions only
+        inputs = experts.task_type.model_inputs(inputs)  # a causal LM's logits at the scored positions only
         with capture(hidden_modules) as captured:
             logits = as_logits(run(inputs))  # (B, T, C)
         mask = inputs["attention_mask"].bool() if isinstance(inputs, dict) and "attention_mask" in inputs else None

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from adamerge.choices import HEAD_INPUT, REESTIMATING_POLICIES
+from adamerge.choices import REESTIMATING_POLICIES
 from adamerge.core.merge import PrecomputedGradient
 from adamerge.core.merged_model import MergedModel
 from adamerge.core.model_inputs import move_inputs
@@ -205,9 +205,7 @@ class MergingModule(L.LightningModule):
         """The task type's scored positions of the merged model on ``batch`` (and the hidden states
         the objective asks for), with the batch's labels as the positions' targets."""
         hidden: Mapping[str, torch.Tensor] = {}
-        inputs = batch.inputs
-        if HEAD_INPUT not in self.objective.hidden_modules:  # the head's input is aligned at every token
-            inputs = self.task_type.model_inputs(inputs, batch.labels)  # a causal LM's scored positions only
+        inputs = self.task_type.model_inputs(batch.inputs, batch.labels)  # a causal LM's scored positions only
         if not self.objective.hidden_modules:
             logits = self.merged(inputs, task, merged=tensors)
         else:

@@ -16,9 +16,9 @@ A causal LM's logits cost a ``(hidden × vocabulary)`` product per position, a f
 model's forward and backward. Where the model takes transformers' ``logits_to_keep``
 (``keep_logits``), :meth:`TokenLevel.model_inputs` asks for the scored positions only: the sorted
 union over the batch of each row's response position, or of the positions whose next token is
-labelled; :meth:`TokenLevel.scored` reads the same positions from the narrower logits. A caller
-that also reads the head's input at every token (Expert Merging's ``<head input>``) passes the
-inputs unchanged.
+labelled; :meth:`TokenLevel.scored` reads the same positions from the narrower logits. The head's
+input is still captured at every token (:func:`adamerge.core.hooks.capture_hidden` reads the
+decoder's output).
 """
 
 from __future__ import annotations
