@@ -152,6 +152,18 @@ def test_padding_does_not_change_the_token_level_entropy(lm):
     torch.testing.assert_close(positions, expected, atol=1e-5, rtol=0)
 
 
+def padded_on(tokenizer, texts: list[str], side: str) -> dict[str, torch.Tensor]:
+    """``texts`` as one batch padded on ``side`` (the tokenizer left padding on the right)."""
+    tokenizer.padding_side = side
+    try:
+        padded = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    finally:
+        tokenizer.padding_side = "right"
+    if side == "left":  # GPT-2's absolute positions: count from each prompt's first real token
+        padded["position_ids"] = (padded["attention_mask"].cumsum(1) - 1).clamp(min=0)
+    return padded
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_response_positions_score_the_distribution_after_each_prompt(lm, side):
     """``positions="response"``: one ``(C,)`` row per prompt, the next-token distribution after its
@@ -160,13 +172,7 @@ def test_response_positions_score_the_distribution_after_each_prompt(lm, side):
     merged = MergedModel(experts.model, experts.task_vectors, granularity="layer", init=0.3)
     response = TokenLevel(next_token=True, positions="response")
     texts = ["the movie is good", "a team won the game , yes", "world"]
-    lm.tokenizer.padding_side = side
-    try:
-        padded = dict(lm.tokenizer(texts, padding=True, return_tensors="pt"))
-    finally:
-        lm.tokenizer.padding_side = "right"
-    if side == "left":  # GPT-2's absolute positions: count from each prompt's first real token
-        padded["position_ids"] = (padded["attention_mask"].cumsum(1) - 1).clamp(min=0)
+    padded = padded_on(lm.tokenizer, texts, side)
     with torch.no_grad():
         rows, targets = response.scored(merged(padded), padded)
         alone = torch.stack([merged(dict(lm.tokenizer([t], return_tensors="pt")))[0, -1] for t in texts])  # (B, V)
@@ -188,13 +194,7 @@ def test_kept_logits_score_what_the_full_logits_score(lm, side):
     assert experts.task_type.keep_logits  # Llama, Mistral and GPT-2 of transformers take logits_to_keep
     merged = MergedModel(experts.model, experts.task_vectors, granularity="layer", init=0.3)
     texts = ["the movie is good", "a team won the game , yes", "world"]
-    lm.tokenizer.padding_side = side
-    try:
-        padded = dict(lm.tokenizer(texts, padding=True, return_tensors="pt"))
-    finally:
-        lm.tokenizer.padding_side = "right"
-    if side == "left":
-        padded["position_ids"] = (padded["attention_mask"].cumsum(1) - 1).clamp(min=0)
+    padded = padded_on(lm.tokenizer, texts, side)
     answers = torch.full_like(padded["input_ids"], -100)  # the last two real tokens of each text are its answer
     last = padded["attention_mask"].cumsum(1).argmax(1)
     for row, end in enumerate(last.tolist()):

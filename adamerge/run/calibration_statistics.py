@@ -33,7 +33,7 @@ from adamerge.objectives.task_objectives import as_task_batch
 from adamerge.rewrite.calibrated import CalibratedRewrite
 from adamerge.rewrite.regmean import LayerInputs
 from adamerge.sources import ExpertSet
-from adamerge.task_types import TaskType
+from adamerge.task_types import LOGITS_TO_KEEP, TaskType
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +67,15 @@ def expert_statistics(rewrite: CalibratedRewrite, experts: ExpertSet, data: L.Li
 
 
 def examples(inputs: Inputs) -> Iterator[Inputs]:
-    """The batch ``inputs`` one example at a time, each a batch of one (a tensor or a dict of tensors)."""
+    """The batch ``inputs`` one example at a time, each a batch of one (a tensor or a dict of
+    tensors; ``logits_to_keep``, positions shared by the batch's rows, stays whole)."""
     if isinstance(inputs, torch.Tensor):
         for row in range(inputs.shape[0]):
             yield inputs[row : row + 1]
         return
     size = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]
     for row in range(size):
-        yield {k: v[row : row + 1] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        yield {k: v[row : row + 1] if isinstance(v, torch.Tensor) and k != LOGITS_TO_KEEP else v for k, v in inputs.items()}
 
 
 def example_score(log_probs: torch.Tensor, labels: str, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -13,9 +13,9 @@ from adamerge.core.merged_model import MergedModel
 from adamerge.core.model_inputs import Inputs, as_logits, call_module
 from adamerge.errors import AdamergeError
 from adamerge.objectives.task_objectives import ExpertAlignment, as_task_batch, collect_outputs
+from adamerge.run.calibration_statistics import examples
 from adamerge.sources import ExpertSet
 from adamerge.storage.spill import SpillingRows
-from adamerge.task_types import LOGITS_TO_KEEP
 
 #: Bytes of token-level expert logits one run keeps in memory; past them the rest of the targets
 #: go to a temporary file read back memory-mapped (:class:`~adamerge.storage.spill.SpillingRows`).
@@ -111,14 +111,9 @@ def token_targets(
         with capture(hidden_modules) as captured:
             logits = as_logits(run(inputs))  # (B, T, C)
         mask = inputs["attention_mask"].bool() if isinstance(inputs, dict) and "attention_mask" in inputs else None
-        for row, index in enumerate(positions[-1].tolist()):
+        for (row, index), one in zip(enumerate(positions[-1].tolist()), examples(inputs), strict=True):
             if index in spans:
                 raise AdamergeError(f"expert targets: the calibration loader visited example {index} twice")
-            one = (
-                {k: v if k == LOGITS_TO_KEEP else v[row : row + 1] for k, v in inputs.items()}
-                if isinstance(inputs, dict)
-                else inputs[row : row + 1]
-            )
             scored, _ = experts.task_type.scored(logits[row : row + 1], one)  # (N_i, C)
             real = mask[row] if mask is not None else slice(None)
             tokens = 0
