@@ -89,6 +89,66 @@ def test_finetune_learns_the_answer_tokens_only(tmp_path):
     assert tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip() == "no"
 
 
+def _own_loss_finetune(model, examples, pad, lr, settings, seed):
+    """The previous loop: the model's ``labels=`` loss, for the same batches and schedule."""
+    from adamerge.choices import IGNORE_INDEX
+    from adamerge.data.texts import PadCollator
+    from adamerge.demo.vision import _warmup_cosine
+
+    total = settings.epochs * -(-len(examples) // settings.batch_size)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total, max(1, round(settings.warmup_fraction * total))))
+    generator = torch.Generator().manual_seed(seed)
+    inputs_collator, labels_collator = PadCollator(pad, "right"), PadCollator(IGNORE_INDEX, "right")
+    model.train()
+    losses = []
+    for _ in range(settings.epochs):
+        for batch in torch.randperm(len(examples), generator=generator).split(settings.batch_size):
+            items = [examples[i] for i in batch.tolist()]
+            inputs = inputs_collator.pad([encoding for encoding, _ in items])
+            labels = labels_collator.pad([{"input_ids": labels} for _, labels in items])["input_ids"]
+            optimizer.zero_grad(set_to_none=True)
+            output = model(**inputs, labels=labels)
+            output.loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(output.loss))
+    return losses
+
+
+@pytest.mark.parametrize("flavour", llm.FLAVOURS)
+def test_finetune_with_kept_logits_trains_as_the_models_own_loss(flavour, tmp_path):
+    """Logits at the answer positions only (``logits_to_keep``) give the ``labels=`` loss's steps."""
+    tokenizer = tiny_base(tmp_path)
+    rows = [
+        {"prompt": "the movie is good and long", "answer": " yes"},
+        {"prompt": "bad", "answer": " no"},
+        {"prompt": "the film is bad", "answer": " no way"},
+    ] * 3  # prompts of several lengths: right padding differs per batch
+    examples = AnswerTokens(llm.records_of(rows, "rows"), tokenizer, max_length=16)
+    pad = pad_token_of(tokenizer)
+    settings = llm.LLMDemoSettings(batch_size=4, epochs=2, full_lr=1e-3, lora_lr=1e-2, lora_rank=2, lora_alpha=4, warmup_fraction=0.0)
+    lr = settings.full_lr if flavour == "full" else settings.lora_lr
+
+    def fresh() -> torch.nn.Module:
+        torch.manual_seed(1)
+        model = llm.load_base(tmp_path / "base")
+        return peft.get_peft_model(model, llm.lora_config(settings)) if flavour == "lora" else model
+
+    kept, own = fresh(), fresh()
+    assert llm.takes_logits_to_keep(llm.load_base(tmp_path / "base"))
+    head_positions = []
+    kept.get_output_embeddings().register_forward_hook(lambda _m, args, _out: head_positions.append(args[0].shape[1]))
+    steps, last = llm.finetune(kept, examples, pad, lr, settings, seed=0, keep_logits=True)
+    longest = max(len(encoding["input_ids"]) for encoding, _ in examples)
+    assert max(head_positions) < longest - 2  # the head saw the answer positions only
+    losses = _own_loss_finetune(own, examples, pad, lr, settings, seed=0)
+    assert steps == len(losses) == 6 and last == pytest.approx(losses[-1], rel=1e-4)
+    for (name, a), (_, b) in zip(kept.named_parameters(), own.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
 @needs_data
 @pytest.mark.parametrize("flavour", llm.FLAVOURS)
 def test_an_expert_is_trained_scored_and_saved_as_its_library_loads_it(flavour, tmp_path):

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -102,10 +103,14 @@ from adamerge.demo.vision import _read_json, _swap_folder, _warmup_cosine, _writ
 from adamerge.demo.vision import resolve_cache_dir as vision_cache_dir
 from adamerge.errors import CheckpointError, DataError
 from adamerge.run.generation_eval import score_generation
+from adamerge.sources.hf_causal_lm import takes_logits_to_keep
+from adamerge.task_types import LANGUAGE_MODELLING
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+#: Version of the experts' training loop (2: logits of the answer positions only); a new one retrains them.
+TRAINING_VERSION = 2
 #: Version of the data files' layout (2: calibration records are ``{"prompt"}``); a new one
 #: rewrites the files and rescores the base, and keeps the experts.
 DATA_FILES_VERSION = 2
@@ -405,17 +410,24 @@ def lora_config(settings: LLMDemoSettings) -> peft.LoraConfig:
 # --------------------------------------------------------------------------- training and scoring
 
 
-def finetune(model: torch.nn.Module, rows: AnswerTokens, pad_id: int, lr: float, settings: LLMDemoSettings, seed: int) -> tuple[int, float]:
+def finetune(
+    model: torch.nn.Module, rows: AnswerTokens, pad_id: int, lr: float, settings: LLMDemoSettings, seed: int, *, keep_logits: bool = False
+) -> tuple[int, float]:
     """Train the parameters of ``model`` that require grad on the answer tokens of ``rows`` (in place).
 
+    The loss is the mean next-token cross-entropy over the answer tokens, what the model's own
+    ``labels=`` loss computes; where the model takes ``logits_to_keep`` the logits are computed at
+    the positions that predict an answer token only (:class:`adamerge.task_types.TokenLevel`), which
+    skips most of the LM head's product and its gradient.
+
     Args:
-        model: a causal LM (plain or peft-wrapped) that takes ``labels`` (aligned to ``input_ids``,
-            shifted inside, ``IGNORE_INDEX`` skipped).
+        model: a causal LM (plain or peft-wrapped).
         rows: the fine-tuning examples, labelled on their answers.
         pad_id: the padding id.
         lr: peak learning rate.
         settings: epochs, batch size, weight decay, warm-up, step cap.
         seed: seed of the shuffling generator.
+        keep_logits: ``model``'s forward takes ``logits_to_keep``.
 
     Returns:
         Optimiser steps taken and the last batch's loss.
@@ -428,6 +440,7 @@ def finetune(model: torch.nn.Module, rows: AnswerTokens, pad_id: int, lr: float,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total, max(1, round(settings.warmup_fraction * total))))
     generator = torch.Generator().manual_seed(seed)
     inputs_collator, labels_collator = PadCollator(pad_id, "right"), PadCollator(IGNORE_INDEX, "right")
+    task_type = dataclasses.replace(LANGUAGE_MODELLING, keep_logits=keep_logits)
     model.train()
     step, loss = 0, float("nan")
     while step < total:
@@ -436,11 +449,13 @@ def finetune(model: torch.nn.Module, rows: AnswerTokens, pad_id: int, lr: float,
             inputs = inputs_collator.pad([encoding for encoding, _ in items])  # (B, T)
             labels = labels_collator.pad([{"input_ids": labels} for _, labels in items])["input_ids"]  # (B, T)
             optimizer.zero_grad(set_to_none=True)
-            output = model(**inputs, labels=labels)  # mean cross-entropy over the answer tokens
-            output.loss.backward()
+            inputs = task_type.model_inputs(inputs, labels)  # + logits_to_keep: the positions before an answer token
+            positions, targets = task_type.scored(model(**inputs).logits, inputs, labels)  # (N, V), (N,)
+            batch_loss = torch.nn.functional.cross_entropy(positions.float(), targets)  # mean over the answer tokens
+            batch_loss.backward()
             optimizer.step()
             scheduler.step()
-            step, loss = step + 1, float(output.loss.detach())
+            step, loss = step + 1, float(batch_loss.detach())
             logger.debug("step %d/%d: loss %.4f", step, total, loss)
             if step == total:
                 break
@@ -471,6 +486,7 @@ def train_and_save_expert(task: TextTask, parts: Mapping[str, np.ndarray], flavo
     tokenizer = load_tokenizer(base_dir)
     torch.manual_seed(seed)
     model = load_base(base_dir)
+    keep_logits = takes_logits_to_keep(model)
     if flavour == "lora":
         model = peft.get_peft_model(model, lora_config(settings))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -480,7 +496,7 @@ def train_and_save_expert(task: TextTask, parts: Mapping[str, np.ndarray], flavo
     )
 
     started = time.perf_counter()
-    steps, loss = finetune(model, rows, pad_token_of(tokenizer), lr, settings, seed)
+    steps, loss = finetune(model, rows, pad_token_of(tokenizer), lr, settings, seed, keep_logits=keep_logits)
     train_seconds = time.perf_counter() - started
     score = exact_match(model, tokenizer, read_records(root / "test" / f"{task.name}.jsonl"), settings.max_length)
 
@@ -520,8 +536,8 @@ def _data_fingerprint(task: str, settings: LLMDemoSettings, base_sha256: str) ->
 
 def _expert_fingerprint(task: str, flavour: str, settings: LLMDemoSettings, base_sha256: str) -> dict:
     return {
-        "format": FORMAT_VERSION, "task": task, "flavour": flavour, "prompt": _prompt_record(task),
-        "task_seed": task_seed(settings.seed, task),
+        "format": FORMAT_VERSION, "training": TRAINING_VERSION, "task": task, "flavour": flavour,
+        "prompt": _prompt_record(task), "task_seed": task_seed(settings.seed, task),
         "settings": {name: getattr(settings, name) for name in _DATA_FIELDS + _TRAIN_FIELDS + _FLAVOUR_FIELDS[flavour]},
         "lora_targets": list(LORA_TARGETS) if flavour == "lora" else None, "base_sha256": base_sha256,
         "torch": torch.__version__, "transformers": transformers.__version__,
