@@ -16,6 +16,8 @@ from adamerge.errors import AdamergeError
 from adamerge.methods.learned import LearnedMethod
 
 if TYPE_CHECKING:
+    from lightning import LightningModule
+
     from adamerge.core.merged_model import MergedModel
 
 logger = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ class ChunkRefinedMethod(LearnedMethod):
             return f"{self.stage_one} ({granularity})"
         return super().stage_label(stage, granularity)
 
-    def next_stage(self, previous: MergedModel, settings: Any) -> MergedModel:
+    def next_stage(self, previous: MergedModel, settings: Any, trained: LightningModule | None = None) -> MergedModel:
         """The chunk-wise model of stage two, every chunk starting at its tensor's stage-one λ.
 
         Raises:

@@ -8,6 +8,7 @@ independently. The built-in ones (:mod:`adamerge.methods.builtin`):
 |---|---|---|---|
 | adamerging | clamp / 0.3 | entropy | Adam 1e-3 |
 | adamerging++ | as adamerging, on TIES-trimmed task vectors (top 20 %, elected sign) | | |
+| concrete-adamerging | a shared Concrete mask over τ meta-learned first (:mod:`adamerge.methods.concrete`), then adamerging on the masked τ | entropy | mask Adam 1e-3, inner λ Adam 1 |
 | atlas | none / 0.3 (few-shot: 0) | pseudo-labels (unlabeled) or cross-entropy (``--shots``) | AdamW wd 0.1, 1e-3 (few-shot 1e-1, cosine) |
 | expert-merging | sigmoid / 0.1 | hidden-state MSE + T²·KL to each expert + γ·mean|λ−λ₀| | AdamW 0.5, wd 1e-5, cosine restarts T₀=50 |
 | expert-merging++ | expert-merging, then importance-guided chunks (:mod:`adamerge.methods.expert_merging`) | | |
@@ -31,6 +32,7 @@ from adamerge.methods.method import Method
 
 if TYPE_CHECKING:  # torch is imported when a factory is built, so that ``--help`` lists the methods fast
     import torch
+    from lightning import LightningModule
     from torch import nn
 
     from adamerge.core.merged_model import MergedModel
@@ -246,6 +248,26 @@ class LearnedMethod(Method):
         """The accuracy table's row name of stage ``stage``'s merge, for methods of several stages."""
         return f"{self.name} stage {stage} ({granularity})"
 
-    def next_stage(self, previous: MergedModel, settings: Any) -> MergedModel:
-        """The model the next stage trains, built from the previous stage's (stages > 1 only)."""
+    def stage_module(self, stage: int) -> tuple[str, dict[str, Any]]:
+        """``("package.module:Class", keyword options)`` of the LightningModule that trains stage
+        ``stage`` (default: :class:`adamerge.run.module.MergingModule`, which learns λ)."""
+        return "adamerge.run.module:MergingModule", {}
+
+    def guards_stage(self, stage: int) -> bool:
+        """Whether the held-out safeguard (keep the best λ seen) watches stage ``stage``."""
+        return True
+
+    @property
+    def scores_stage_one(self) -> bool:
+        """Whether ``--eval`` also scores stage one's merge of a method with several stages."""
+        return True
+
+    def next_stage(self, previous: MergedModel, settings: Any, trained: LightningModule | None = None) -> MergedModel:
+        """The model the next stage trains, built from the previous stage's (stages > 1 only).
+
+        Args:
+            previous: the previous stage's merged model.
+            settings: the run's settings.
+            trained: the previous stage's LightningModule (what it learned beside λ).
+        """
         raise AdamergeError(f"method {self.name!r} has a single training stage")

@@ -145,6 +145,18 @@ class MergingModule(L.LightningModule):
             return self._low_rank_training_step(batch)
         lam = self.merged.coefficients()  # (K, G), graph to λ
         merged = self.merged.merged_tensors(lam)  # θ(λ), graph to λ
+        return self._with_regularizer(self._loss_through(merged, lam, batch))
+
+    def _loss_through(self, merged: Mapping[str, torch.Tensor], lam: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Every task's loss on ``batch`` through the merged tensors, back-propagated one task at a
+        time into detached copies of them; the summed loss, whose backward hands the copies'
+        gradients to ``merged`` (and the row-sparse tables' λ-gradient to ``lam``).
+
+        Args:
+            merged: ``{name: merged tensor}`` with a graph to what is learned.
+            lam: the constrained ``(K, G)`` coefficients ``merged`` was built from.
+            batch: ``{task: batch}`` of one step.
+        """
         leaves = {name: t.detach().requires_grad_() for name, t in merged.items()}  # θ'
         total = torch.zeros((), device=self.device)
         with sparse_gradients(self.merged.model, self._row_sparse):  # embedding tables: ∂L/∂E of the rows read
@@ -167,7 +179,7 @@ class MergingModule(L.LightningModule):
             tables = {name: tv for name, tv in self.merged.task_vectors.parts() if name in sparse}
             grads.append(coefficient_gradients(sparse, tables, self.merged.layout, len(self.tasks)).to(lam.dtype))
             targets.append(lam)
-        return self._with_regularizer(PrecomputedGradient.apply(total, tuple(grads), *targets))
+        return PrecomputedGradient.apply(total, tuple(grads), *targets)
 
     def _with_regularizer(self, loss: torch.Tensor) -> torch.Tensor:
         """The step's loss plus the objective's coefficient regulariser (if any), logged."""

@@ -26,6 +26,7 @@ and writes the output folder atomically:
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import math
 import time
@@ -183,14 +184,14 @@ def _train(
     if safeguard is not None:
         metrics["safeguard"] = {"stage 1": safeguard.summary()}
     for stage in range(2, method.stages + 1):
-        if settings.eval is not None and stage == 2:
+        if settings.eval is not None and stage == 2 and method.scores_stage_one:
             with stages.stage("evaluating stage 1"):
                 _test_stage_one(method, trainer, module, evaluation, settings, metrics, time.perf_counter() - fit_started)
         guard = _safeguard(experts, data, settings, f"stage {stage}", safeguard)
         with stages.stage(f"fitting stage {stage}", total=settings.steps) as bar:
             module, trainer = _next_stage(module, method, stage, settings, experts, targets, data, staging, resume, [guard, bar])
         if guard is not None:
-            metrics["safeguard"][f"stage {stage}"] = guard.summary()
+            metrics.setdefault("safeguard", {})[f"stage {stage}"] = guard.summary()
     metrics["timing_s"]["fit"] = time.perf_counter() - fit_started
     return module, trainer
 
@@ -289,7 +290,8 @@ def _load(settings: FitSettings) -> _Loaded:
         return _Loaded(settings, method, experts, data, merged, static, None, None)
     targets = ExpertTargets(experts, data, merged) if method.needs_expert_outputs else None
     module = _module(method, merged, settings, experts, targets)
-    return _Loaded(settings, method, experts, data, merged, module, targets, _safeguard(experts, data, settings))
+    safeguard = _safeguard(experts, data, settings) if method.guards_stage(1) else None
+    return _Loaded(settings, method, experts, data, merged, module, targets, safeguard)
 
 
 def _warn_if_stuck(method: LearnedMethod, steps: int) -> None:
@@ -370,18 +372,39 @@ def _module(
     settings: FitSettings,
     experts: ExpertSet,
     targets: ExpertTargets | None,
+    stage: int = 1,
 ) -> MergingModule:
+    """The LightningModule that trains stage ``stage`` of ``method`` on ``merged`` (the method names its class)."""
     objective = method.build_objective(merged, settings)
     if targets is not None:
         targets.fill(objective)  # the experts' outputs, once, into the alignment objective
-    return MergingModule(
+    target, options = method.stage_module(stage)
+    module_class = _stage_module_class(method, target)
+    return module_class(
         merged,
         objective=objective,
         optimizer=method.optimizer_factory(),
         scheduler=method.scheduler_factory(settings.steps),
         sources=experts.sources,
         task_type=experts.task_type,
+        **options,
     )
+
+
+def _stage_module_class(method: LearnedMethod, target: str) -> type[MergingModule]:
+    """The :class:`MergingModule` subclass ``"package.module:Class"`` names.
+
+    Raises:
+        AdamergeError: it cannot be imported or is not a MergingModule.
+    """
+    module_name, _, attribute = target.partition(":")
+    try:
+        found = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise AdamergeError(f"method {method.name!r}: stage module {target!r} cannot be imported ({error})") from None
+    if not (isinstance(found, type) and issubclass(found, MergingModule)):
+        raise AdamergeError(f"method {method.name!r}: stage module {target!r} is not a MergingModule subclass")
+    return found
 
 
 def _test_stage_one(
@@ -420,7 +443,7 @@ def _next_stage(
     callbacks: list[L.Callback | None],
 ) -> tuple[MergingModule, L.Trainer]:
     """Train stage ``stage`` (2, 3, ...) on the model the method builds from the previous stage's."""
-    refined = _module(method, method.next_stage(module.merged, settings), settings, experts, targets)
+    refined = _module(method, method.next_stage(module.merged, settings, module), settings, experts, targets, stage)
     trainer = _trainer(settings, staging, f"logs_stage{stage}", [callbacks[0], resume.callback(stage), *callbacks[1:]])
     trainer.fit(refined, datamodule=data, ckpt_path=resume.resume_from(stage))
     resume.finish_stage(trainer, stage)
