@@ -143,6 +143,14 @@ def test_lora_task_vectors_are_refused():
     lora = MergedModel(merged.model, TaskVectors(TASKS, vectors), "layer", "none", 0.3, heads={t: merged.heads.for_task(t) for t in TASKS})
     with pytest.raises(AdamergeError, match="'0.weight' holds LoRA factors"):
         ConcreteMaskModule(lora, objective=Entropy())
+    from adamerge.methods import get_method
+
+    dense = get_method("concrete-adamerging").rewrite(lora.task_vectors)  # the method densifies them first
+    assert not dense.factored_names()
+    torch.testing.assert_close(dense["0.weight"], lora.task_vectors["0.weight"])
+    ConcreteMaskModule(
+        MergedModel(merged.model, dense, "layer", "none", 0.3, heads={t: merged.heads.for_task(t) for t in TASKS}), objective=Entropy()
+    )
 
 
 def test_fit_end_to_end_exports_the_masked_merge(tiny_setup, tmp_path):

@@ -16,7 +16,8 @@ Fusion" (2023), with the defaults of its reference implementation (FusionBench 0
 
 Both stages take ``--steps`` steps (FusionBench: 1000 each) at ``--granularity`` (task-wise or
 layer-wise in the paper). The result is an ordinary merge of the masked task vectors: it exports
-as every other merge does, without adamerge.
+as every other merge does, without adamerge. The mask has one logit per entry, so LoRA experts'
+task vectors are densified first (with a warning), as for TIES and the other entry-wise methods.
 
 Where this differs from FusionBench, and why: FusionBench evaluates with a mask *sampled* from the
 Concrete distribution (``eval_mask_type: continuous``), so two runs from the same mask logits give
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from lightning import LightningModule
 
     from adamerge.core.merged_model import MergedModel
+    from adamerge.core.task_vectors import TaskVectors
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,15 @@ class ConcreteMaskedMethod(LearnedMethod):
             raise AdamergeError(f"method {self.name!r}: eval_mask {self.eval_mask!r}, expected one of {', '.join(EVAL_MASKS)}")
         if self.temperature <= 0:
             raise AdamergeError(f"method {self.name!r}: temperature {self.temperature}, expected a positive number")
+
+    def rewrite(self, task_vectors: TaskVectors) -> TaskVectors:
+        """Dense task vectors: a per-entry mask needs every entry, so LoRA factors are densified
+        (with a warning, as for every entry-wise method)."""
+        if not task_vectors.factored_names():
+            return task_vectors
+        from adamerge.core.task_vectors import TaskVectors
+
+        return TaskVectors(task_vectors.tasks, dict(task_vectors.items()))
 
     @property
     def stages(self) -> int:

@@ -16,7 +16,7 @@ FusionBench draws a new batch of each task for the outer step; here one step's b
 two halves (the first ``⌈B/2⌉`` inputs inner, the rest outer; a batch of one input serves both),
 so ``--batch-size 32`` gives both passes FusionBench's 16. The outer gradient is first-order: λ
 after the inner step is a constant, as in FusionBench. Task vectors stored as LoRA factors are
-refused (a per-entry mask needs every entry). Under DDP the mask logits are all-reduced by the
+refused (a per-entry mask needs every entry; the method densifies them before). Under DDP the mask logits are all-reduced by the
 strategy and the inner step's λ-gradient is averaged over the processes here.
 """
 
@@ -69,7 +69,8 @@ class ConcreteMaskModule(MergingModule):
         if factored:
             raise AdamergeError(
                 f"concrete-adamerging masks every entry of the task vectors; tensor {factored[0]!r} holds LoRA factors, "
-                "whose dense task vectors it would need: merge LoRA experts with adamerging or expert-merging"
+                "whose dense task vectors it needs: the concrete-adamerging method densifies them (drop --start-from, "
+                "whose merge kept them factored)"
             )
         kwargs.pop("optimizer", None)
         kwargs.pop("scheduler", None)
