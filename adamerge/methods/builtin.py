@@ -9,6 +9,7 @@ from __future__ import annotations
 from adamerge.methods.calibrated_method import CalibratedMethod
 from adamerge.methods.concrete import CONCRETE, ConcreteMaskedMethod
 from adamerge.methods.expert_merging import ChunkRefinedMethod
+from adamerge.methods.frank_wolfe import FW_MERGING, FrankWolfeMethod
 from adamerge.methods.learned import LearnedMethod
 from adamerge.methods.registry import register_method
 from adamerge.methods.rewrite_method import RewriteMethod
@@ -79,6 +80,7 @@ register_method(
 register_method(LearnedMethod("adamerging", ADAMERGING))
 register_method(LearnedMethod("adamerging++", ADAMERGING, trim_density=0.2))
 register_method(ConcreteMaskedMethod("concrete-adamerging", CONCRETE))
+register_method(FrankWolfeMethod("fw-merging", FW_MERGING))
 register_method(
     LearnedMethod("atlas", ATLAS, constraint="none", optimizer="adamw", objective="pseudo-label", weight_decay=0.1, few_shot=True)
 )

@@ -9,6 +9,7 @@ independently. The built-in ones (:mod:`adamerge.methods.builtin`):
 | adamerging | clamp / 0.3 | entropy | Adam 1e-3 |
 | adamerging++ | as adamerging, on TIES-trimmed task vectors (top 20 %, elected sign) | | |
 | concrete-adamerging | a shared Concrete mask over τ meta-learned first (:mod:`adamerge.methods.concrete`), then adamerging on the masked τ | entropy | mask Adam 1e-3, inner λ Adam 1 |
+| fw-merging | none / 0.3 (the initial merge); Frank–Wolfe steps toward the least gradient-aligned checkpoint (:mod:`adamerge.methods.frank_wolfe`) | entropy | FW step 2/(t+2)·0.1·0.3 |
 | atlas | none / 0.3 (few-shot: 0) | pseudo-labels (unlabeled) or cross-entropy (``--shots``) | AdamW wd 0.1, 1e-3 (few-shot 1e-1, cosine) |
 | expert-merging | sigmoid / 0.1 | hidden-state MSE + T²·KL to each expert + γ·mean|λ−λ₀| | AdamW 0.5, wd 1e-5, cosine restarts T₀=50 |
 | expert-merging++ | expert-merging, then importance-guided chunks (:mod:`adamerge.methods.expert_merging`) | | |

@@ -56,6 +56,12 @@ class TaskBatch:
     def size(self) -> int:
         return input_batch_size(self.inputs)
 
+    def rows(self, rows: slice) -> TaskBatch:
+        """The batch of the inputs ``rows`` (inputs, labels and indices sliced alike)."""
+        take = lambda value: None if value is None else value[rows]  # noqa: E731
+        inputs = {k: v[rows] for k, v in self.inputs.items()} if isinstance(self.inputs, Mapping) else self.inputs[rows]
+        return TaskBatch(inputs, take(self.labels), take(self.index))
+
 
 def as_task_batch(item: torch.Tensor | Mapping[str, torch.Tensor] | TaskBatch) -> TaskBatch:
     """A :class:`TaskBatch` from a tensor (inputs only), a collated ``{"inputs", "labels", "index"}``,

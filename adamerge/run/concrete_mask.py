@@ -160,12 +160,6 @@ def _split_halves(batch: Mapping[str, Any]) -> tuple[dict[str, TaskBatch], dict[
         whole = as_task_batch(item)
         size = whole.size
         cut = (size + 1) // 2
-        first[task] = _rows(whole, slice(0, cut))
-        second[task] = _rows(whole, slice(cut, size)) if size > 1 else whole
+        first[task] = whole.rows(slice(0, cut))
+        second[task] = whole.rows(slice(cut, size)) if size > 1 else whole
     return first, second
-
-
-def _rows(batch: TaskBatch, rows: slice) -> TaskBatch:
-    take = lambda value: None if value is None else value[rows]  # noqa: E731
-    inputs = {k: v[rows] for k, v in batch.inputs.items()} if isinstance(batch.inputs, Mapping) else batch.inputs[rows]
-    return TaskBatch(inputs, take(batch.labels), take(batch.index))
