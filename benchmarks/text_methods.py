@@ -59,7 +59,8 @@ LEARNED["atlas 16-shot (layer-wise)"] = ("atlas", "layer", ["--shots", "16"])
 # methods that need dense task vectors (magnitude / sign statistics over every entry, chunks): on
 # LoRA experts they densify each adapter's B·A (adamerge warns; peak RSS shows the cost)
 DENSE_ONLY = {"ties", "dare", "breadcrumbs", "consensus", "lines", "pcb", "tsv-m", "iso-c", "iso-cts", "fisher", "regmean",
-              "adamerging++ (layer-wise)", "concrete-adamerging (layer-wise)", "expert-merging++"}  # fmt: skip
+              "adamerging++ (layer-wise)", "concrete-adamerging (layer-wise)", "fw-merging (task-wise)",
+              "expert-merging++"}  # fmt: skip
 
 
 def main() -> None:

@@ -45,6 +45,8 @@ LEARNED = {
     # the mask stage and then AdaMerging, each STEPS steps at the default batch (the mask stage
     # splits each step's batch into its inner and outer halves)
     "concrete-adamerging (layer-wise)": ("concrete-adamerging", "layer", []),
+    # FusionBench's budget: 10 Frank-Wolfe steps of 100 inputs per task
+    "fw-merging (task-wise)": ("fw-merging", "task", ["--steps", "10", "--batch-size", "100"]),
     "atlas tta (layer-wise)": ("atlas", "layer", ["--init", "0.3", "--pseudo-label-threshold", "0.9"]),
     # Expert Merging starts from the task-arithmetic merge it refines (λ = 0.3, as the table's
     # task-arithmetic row; the paper's 0.1 is its own 8-task value) and aligns to the experts on all
