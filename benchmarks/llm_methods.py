@@ -53,6 +53,11 @@ QUICK_STATIC = ["average", "task-arithmetic", "ties", "regmean"]
 LEARNED = {  # row: (method, granularity, extra options)
     # 30 steps instead of the paper's 500: the lr goes up tenfold, or λ could not leave its start
     "adamerging (block-wise)": ("adamerging", "block", ["--lr", "0.01"]),
+    # its mask stage splits a step's batch into the inner and outer halves: 4 prompts give each
+    # half 2, AdaMerging's batch; stage two is AdaMerging at the row above's lr
+    "concrete-adamerging (block-wise)": ("concrete-adamerging", "block", ["--lr", "0.01", "--batch-size", "4"]),
+    # FusionBench's 10 Frank-Wolfe steps, at 20 prompts per task (its 100 would take half an hour here)
+    "fw-merging (task-wise)": ("fw-merging", "task", ["--steps", "10", "--batch-size", "20"]),
     # Expert Merging++ refines a layer-wise stage one (its chunks are cut per tensor); both start
     # at task arithmetic's λ = 0.3, as in the vision benchmark (the paper's 0.1 is its own TA's)
     "expert-merging (layer-wise)": ("expert-merging", "layer", ["--init", "0.3"]),
@@ -72,6 +77,7 @@ START_ROWS = {  # fit: the row its start gives (--eval-init true)
 }
 # densify LoRA adapters' B·A (magnitudes, chunks, spectra, per-entry statistics)
 DENSE_ONLY = {"ties", "pcb", "tsv-m", "iso-c", "iso-cts", "fisher", "regmean", "expert-merging++",
+              "concrete-adamerging (block-wise)", "fw-merging (task-wise)",
               "expert-merging from regmean (layer-wise)", "expert-merging++ from regmean"}
 STEPS = 30
 

@@ -13,8 +13,8 @@ The experts alone and the initial merge (task arithmetic at λ = 0.3) are evalua
 layer-wise AdaMerging row; the other learned rows evaluate their learned merge only. The Expert
 Merging row is stage one of the Expert Merging++ run (the same method and options; its wall time
 is that stage's, marked † in the table). Learned rows take :data:`STEPS` steps, as in the text
-benchmark (the few-shot curve keeps aTLAS's 10 epochs, 100 steps). Two rows
-(``BATCHNORM_ROWS``) also keep each expert's BatchNorm weight and bias per task
+benchmark (the few-shot curve keeps aTLAS's 10 epochs, 100 steps). Two of the rows
+with options of their own (``OPTION_ROWS``) also keep each expert's BatchNorm weight and bias per task
 (``--task-specific batchnorm``): task arithmetic, and Expert Merging with one λ per task and chunk
 of 128 per tensor (``--granularity chunk:128``). That row takes 100 steps (``ROW_STEPS``) unless
 ``--steps`` or ``--quick`` sets the steps of every row.
@@ -65,7 +65,7 @@ STEPS = 50
 REFERENCE_FIT = "adamerging (layer-wise)"  # also evaluates the experts alone and its λ = 0.3 start
 # vision only: each task also keeps its expert's BatchNorm weight and bias (--task-specific batchnorm)
 EXPERT_BATCHNORM = ["--task-specific", "batchnorm"]
-BATCHNORM_ROWS = {
+OPTION_ROWS = {  # rows with options of their own
     # name in the table: (method, granularity or None for a static merge, extra options)
     "task-arithmetic + expert BatchNorm": ("task-arithmetic", None, EXPERT_BATCHNORM),
     # 128 contiguous chunks of each merged tensor (groups of output channels of a convolution): at
@@ -74,6 +74,9 @@ BATCHNORM_ROWS = {
     # :128 95.0, :256 94.1 % normalized; over seeds 0-2, :64 93.6-94.3 and :128 94.6-95.0 at 70
     # steps, :128 94.9-95.1 at 100 (ROW_STEPS)
     "expert-merging + expert BatchNorm (chunk:128)": ("expert-merging", "chunk:128", ["--init", "0.3", *EXPERT_BATCHNORM]),
+    # the subspace merges with every convolution kernel decomposed as its (out, in·k·k) patch
+    # matrix (FusionBench averages them: on MobileNetV2 its TSV-M and Iso rows are the average)
+    **{f"{m} (conv kernels as matrices)": (m, None, ["--options", "{conv_kernels: matrix}"]) for m in ("tsv-m", "iso-c", "iso-cts")},
 }
 # rows whose default steps differ from STEPS: the headline row takes two full cycles of Expert
 # Merging's cosine restarts (T_0 = 50), ending at a learning rate near 0 (70 steps would stop in the
@@ -117,7 +120,7 @@ def main() -> None:
         "--batchnorm", args.batchnorm,
     ]
     work = Path(tempfile.mkdtemp(prefix="adamerge-vision-"))
-    rows = [PRETRAINED, *STATIC, *LEARNED, *BATCHNORM_ROWS, *SURGERY_ROWS] if args.methods is None else args.methods
+    rows = [PRETRAINED, *STATIC, *LEARNED, *OPTION_ROWS, *SURGERY_ROWS] if args.methods is None else args.methods
     outputs = {row: work / row.replace(" ", "_").replace("(", "").replace(")", "") for row in rows}
     jobs = []
     for row in rows_with_a_run(rows):
@@ -125,13 +128,13 @@ def main() -> None:
         if is_static(row):
             if base == PRETRAINED:
                 method, options = "task-arithmetic", ["--options", "{scale: 0.0}"]
-            elif base in BATCHNORM_ROWS:
-                method, _, options = BATCHNORM_ROWS[base]
+            elif base in OPTION_ROWS:
+                method, _, options = OPTION_ROWS[base]
             else:
                 method, options = base, []
             argv = ["merge", "--method", method, *options, *common, "--calib", str(assets.calib_dir), "--output", str(outputs[row])]
         else:
-            method, granularity, extra = LEARNED.get(base) or BATCHNORM_ROWS[base]
+            method, granularity, extra = LEARNED.get(base) or OPTION_ROWS[base]
             argv = [
                 "fit", "--method", method, "--granularity", granularity, *common, "--calib", str(assets.calib_dir),
                 "--steps", str(row_steps(base, args)), "--output", str(outputs[row]), "--progress-bar", "false", *extra,
@@ -219,7 +222,7 @@ def without_surgery(row: str) -> str:
 def is_static(row: str) -> bool:
     """Whether a table row is an ``adamerge merge`` run (no training of λ)."""
     row = without_surgery(row)
-    return row in STATIC or row == PRETRAINED or (row in BATCHNORM_ROWS and BATCHNORM_ROWS[row][1] is None)
+    return row in STATIC or row == PRETRAINED or (row in OPTION_ROWS and OPTION_ROWS[row][1] is None)
 
 
 def rows_with_a_run(rows: list[str]) -> list[str]:
@@ -259,7 +262,7 @@ def result_key(row: str) -> str:
         return "task-arithmetic"
     if row in STATIC:
         return row
-    method, granularity, _ = LEARNED.get(row) or BATCHNORM_ROWS[row]
+    method, granularity, _ = LEARNED.get(row) or OPTION_ROWS[row]
     return method if granularity is None else f"{method} ({granularity})"
 
 

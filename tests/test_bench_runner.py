@@ -170,10 +170,12 @@ def test_run_all_refuses_zero_workers():
 
 def test_every_vision_row_is_one_run_whose_result_key_is_known():
     vision = load_benchmark("vision_methods")
-    rows = [vision.PRETRAINED, *vision.STATIC, *vision.LEARNED, *vision.BATCHNORM_ROWS]
+    rows = [vision.PRETRAINED, *vision.STATIC, *vision.LEARNED, *vision.OPTION_ROWS]
     static = [row for row in rows if vision.is_static(row)]
-    assert static == [vision.PRETRAINED, *vision.STATIC, "task-arithmetic + expert BatchNorm"]
+    conv = [f"{m} (conv kernels as matrices)" for m in ("tsv-m", "iso-c", "iso-cts")]
+    assert static == [vision.PRETRAINED, *vision.STATIC, "task-arithmetic + expert BatchNorm", *conv]
     assert vision.result_key("task-arithmetic + expert BatchNorm") == "task-arithmetic"
+    assert [vision.result_key(row) for row in conv] == ["tsv-m", "iso-c", "iso-cts"]
     assert vision.result_key("expert-merging + expert BatchNorm (chunk:128)") == "expert-merging (chunk:128)"
     assert vision.result_key(vision.PRETRAINED) == "task-arithmetic"
     assert all(vision.result_key(row) == f"{m} ({g})" for row, (m, g, _) in vision.LEARNED.items())
@@ -197,7 +199,7 @@ def test_vision_row_steps_default_per_row_and_give_way_to_steps_and_quick(steps_
 
     vision = load_benchmark("vision_methods")
     args = argparse.Namespace(steps=steps_option, quick=quick)  # main()'s --steps and --quick
-    assert vision.STEPS == 50 and set(vision.ROW_STEPS) <= set(vision.BATCHNORM_ROWS)
+    assert vision.STEPS == 50 and set(vision.ROW_STEPS) <= set(vision.OPTION_ROWS)
     assert vision.row_steps("expert-merging + expert BatchNorm (chunk:128)", args) == expected_chunk_row
     assert all(vision.row_steps(row, args) == expected_other_rows for row in vision.LEARNED)
     assert vision.default_steps(args) == expected_other_rows  # the payload's "steps"
@@ -220,7 +222,7 @@ def test_each_recipe_is_the_benchmark_row_it_names(recipe, script, row):
     benchmark = load_benchmark(script)
     recipe_options = yaml.safe_load((REPO / "configs" / "recipes" / recipe).read_text())
     assert f"`{row}`" in (REPO / "configs" / "recipes" / recipe).read_text()  # the row its comment names
-    table = {**benchmark.LEARNED, **getattr(benchmark, "BATCHNORM_ROWS", {})}
+    table = {**benchmark.LEARNED, **getattr(benchmark, "OPTION_ROWS", {})}
     vision = load_benchmark("vision_methods")
     expected = _row_options(*table[row]) | {"steps": vision.ROW_STEPS.get(row, vision.STEPS)}
     assert {key: recipe_options[key] for key in expected} == expected

@@ -343,7 +343,9 @@ def test_merge_command_exports_base_plus_the_merged_delta(mlp_setup, name):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FB_PYTHON.exists(), reason=f"FusionBench venv not found at {FB_PYTHON} (see benchmarks/peers/fusionbench_subspace_check.py)")
+@pytest.mark.skipif(
+    not FB_PYTHON.exists(), reason=f"FusionBench venv not found at {FB_PYTHON} (see benchmarks/peers/fusionbench_subspace_check.py)"
+)
 def test_agrees_with_fusionbench(tmp_path):
     from benchmarks.peers.fusionbench_subspace_check import compare
 
@@ -397,3 +399,27 @@ def test_a_model_of_few_matrices_is_warned_that_the_merge_is_an_average(merge, c
     with caplog.at_level(logging.WARNING, logger="adamerge.rewrite"):
         merge.rewrite({"fc.weight": torch.randn(3, 4, 5), "fc.bias": torch.randn(3, 4)})
     assert "averaged" not in caplog.text
+
+
+@pytest.mark.parametrize("merge_class", [TSVMerge, IsoCMerge, IsoCTSMerge])
+def test_conv_kernels_as_matrices_are_the_merge_of_their_patch_matrices(merge_class, caplog):
+    """``conv_kernels: matrix``: a kernel ``(out, in, k, k)`` merges as the matrix ``(out, in·k·k)``
+    it applies to each patch (a 1×1 kernel: the linear layer over channels), then takes its shape
+    back; no coverage warning; the default keeps FusionBench's average."""
+    import logging
+
+    torch.manual_seed(1)
+    kernels = {"conv.weight": torch.randn(3, 8, 4, 3, 3), "pointwise.weight": torch.randn(3, 6, 8, 1, 1), "bn.bias": torch.randn(3, 6)}
+    as_matrix = merge_class(conv_kernels="matrix")
+    with caplog.at_level(logging.WARNING, logger="adamerge.rewrite"):
+        out = as_matrix.rewrite(kernels)
+    assert "averaged" not in caplog.text
+    flat = merge_class().rewrite(
+        {"conv.weight": kernels["conv.weight"].reshape(3, 8, 36), "pointwise.weight": kernels["pointwise.weight"].reshape(3, 6, 8)}
+    )
+    torch.testing.assert_close(out["conv.weight"], flat["conv.weight"].reshape(3, 8, 4, 3, 3))
+    torch.testing.assert_close(out["pointwise.weight"], flat["pointwise.weight"].reshape(3, 6, 8, 1, 1))
+    torch.testing.assert_close(out["bn.bias"], kernels["bn.bias"] / 3)  # 1-D: averaged either way
+    torch.testing.assert_close(merge_class().rewrite(kernels)["conv.weight"], kernels["conv.weight"] / 3)
+    with pytest.raises(AdamergeError, match="conv_kernels 'pixels'"):
+        merge_class(conv_kernels="pixels")

@@ -20,7 +20,7 @@ MIN_COVERED_SHARE = 0.5
 
 
 def warn_if_mostly_averaged(
-    method: str, items: Sequence[tuple[str, torch.Tensor]], covered: Callable[[str, torch.Tensor], bool], what: str
+    method: str, items: Sequence[tuple[str, torch.Tensor]], covered: Callable[[str, torch.Tensor], bool], what: str, hint: str = ""
 ) -> float:
     """Warn when less than :data:`MIN_COVERED_SHARE` of the entries are ``covered``.
 
@@ -29,6 +29,7 @@ def warn_if_mostly_averaged(
         items: ``(name, Tensor(K, *shape))`` of every merged tensor.
         covered: whether a tensor gets the method's own rule (the rest are averaged).
         what: what a covered tensor is, for the message (``"2-D matrices"``).
+        hint: what would cover more, appended to the message.
 
     Returns:
         The covered share of the entries per task (0 for an empty model).
@@ -39,7 +40,7 @@ def warn_if_mostly_averaged(
     if share < MIN_COVERED_SHARE:
         logger.warning(
             "%s: only %.1f %% of the merged entries (%d of %d tensors) are %s; the rest are averaged, "
-            "so on this model the merge is close to --method average",
-            method, 100 * share, len(hits), len(items), what,
+            "so on this model the merge is close to --method average%s",
+            method, 100 * share, len(hits), len(items), what, f" ({hint})" if hint else "",
         )  # fmt: skip
     return share

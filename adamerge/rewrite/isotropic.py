@@ -22,7 +22,7 @@ import torch
 from adamerge.errors import AdamergeError
 from adamerge.rewrite.coverage import warn_if_mostly_averaged
 from adamerge.rewrite.scaled_rewrite import ScaledRewrite, compute_dtype
-from adamerge.rewrite.spectral import is_matrix, polar_factor, task_average, thin_svd
+from adamerge.rewrite.spectral import COVER_MORE, MATRICES, as_matrices, check_conv_kernels, is_matrix, polar_factor, task_average, thin_svd
 
 
 @dataclass(frozen=True)
@@ -44,22 +44,30 @@ class IsoCMerge(ScaledRewrite):
 
     Attributes:
         scale: α, ≥ 0.
+        conv_kernels: ``average`` (FusionBench) or ``matrix``: each convolution kernel decomposed as
+            the matrix ``(out, in · k_h · k_w)`` (:func:`adamerge.rewrite.spectral.is_matrix`).
     """
 
     scale: float = 1.0
+    conv_kernels: str = "average"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_conv_kernels(self.conv_kernels)
 
     def rewrite_items(self, items: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Per matrix ``merged / K`` for every task; other tensors averaged."""
-        warn_if_mostly_averaged("Iso-C", items, lambda _, x: is_matrix(x), "in 2-D matrices")
+        matrix = lambda _, x: is_matrix(x, self.conv_kernels)  # noqa: E731
+        warn_if_mostly_averaged("Iso-C", items, matrix, MATRICES[self.conv_kernels], COVER_MORE[self.conv_kernels])
         out = {}
         for name, x in items:
             wide = x.to(compute_dtype(x.dtype))
-            if not is_matrix(x):
+            if not matrix(name, x):
                 out[name] = task_average(wide)
                 continue
-            u, s, vh = thin_svd(wide.sum(dim=0))  # (m, r), (r,), (r, n)
+            u, s, vh = thin_svd(as_matrices(wide).sum(dim=0))  # (m, r), (r,), (r, n)
             merged = s.mean() * (u @ vh)  # (m, n): the spectrum flattened to its mean
-            out[name] = (merged / x.shape[0]).expand_as(wide).contiguous()  # (K, m, n)
+            out[name] = (merged / x.shape[0]).reshape(x.shape[1:]).expand_as(wide).contiguous()  # (K, *shape)
         return out
 
 
@@ -101,24 +109,28 @@ class IsoCTSMerge(ScaledRewrite):
         scale: α, ≥ 0.
         common_fraction: share of the ``min(m, n)`` dimensions given to the common subspace, in
             (0, 1] (rounded so that the rest divides evenly among the tasks: :func:`subspace_sizes`).
+        conv_kernels: as :class:`IsoCMerge`.
     """
 
     scale: float = 1.0
     common_fraction: float = 0.8
+    conv_kernels: str = "average"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_conv_kernels(self.conv_kernels)
         value = self.common_fraction
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
             raise AdamergeError(f"common_fraction must be in (0, 1] (the common subspace's share), got {value!r}")
 
     def rewrite_items(self, items: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Per matrix, each task's block plus its share of the common block; other tensors averaged."""
-        warn_if_mostly_averaged("Iso-CTS", items, lambda _, x: is_matrix(x), "in 2-D matrices")
+        matrix = lambda _, x: is_matrix(x, self.conv_kernels)  # noqa: E731
+        warn_if_mostly_averaged("Iso-CTS", items, matrix, MATRICES[self.conv_kernels], COVER_MORE[self.conv_kernels])
         out = {}
         for name, x in items:
             wide = x.to(compute_dtype(x.dtype))
-            out[name] = self._matrix(wide) if is_matrix(x) else task_average(wide)
+            out[name] = self._matrix(as_matrices(wide)).reshape(x.shape) if matrix(name, x) else task_average(wide)
         return out
 
     def _matrix(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,16 +11,41 @@ import logging
 
 import torch
 
+from adamerge.errors import AdamergeError
+
 logger = logging.getLogger(__name__)
 
 
-def is_matrix(x: torch.Tensor) -> bool:
-    """Whether the stacked task vectors ``x`` ``(K, *shape)`` are 2-D weight matrices ``(K, rows, cols)``.
+#: How the subspace merges treat convolution kernels: ``average`` them (FusionBench, the papers'
+#: code) or decompose each as the matrix ``(out, in · k_h · k_w)`` it applies to image patches.
+CONV_KERNELS = ("average", "matrix")
+#: What a decomposed tensor is, per ``conv_kernels``, for the coverage warning.
+MATRICES = {"average": "in 2-D matrices", "matrix": "in 2-D matrices or convolution kernels"}
+#: What would cover more, per ``conv_kernels``, for the coverage warning.
+COVER_MORE = {"average": "--options '{conv_kernels: matrix}' decomposes convolution kernels too", "matrix": ""}
 
-    As in FusionBench and the papers' code, only 2-D tensors are decomposed; biases, norms,
-    embeddings' 1-D parts and convolution kernels (4-D) are averaged (:func:`task_average`).
+
+def is_matrix(x: torch.Tensor, conv_kernels: str = "average") -> bool:
+    """Whether the stacked task vectors ``x`` ``(K, *shape)`` are decomposed as matrices.
+
+    As in FusionBench and the papers' code, 2-D tensors ``(K, rows, cols)`` are; biases, norms and
+    embeddings' 1-D parts are averaged (:func:`task_average`). Convolution kernels (``(K, out, in,
+    *kernel)``, 3-D and more per task) are averaged too, unless ``conv_kernels="matrix"``: then
+    each is the matrix ``(out, in · Π kernel)`` of the linear map it applies to each patch (a 1×1
+    convolution: a linear layer over the channels at every pixel), see :func:`as_matrices`.
     """
-    return x.dim() == 3
+    return x.dim() == 3 or (conv_kernels == "matrix" and x.dim() >= 4)
+
+
+def as_matrices(x: torch.Tensor) -> torch.Tensor:
+    """``(K, rows, cols)``: stacked matrices as they are, convolution kernels as ``(K, out, in · Π kernel)``."""
+    return x if x.dim() == 3 else x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def check_conv_kernels(value: str) -> None:
+    """Refuse a ``conv_kernels`` option other than :data:`CONV_KERNELS`."""
+    if value not in CONV_KERNELS:
+        raise AdamergeError(f"conv_kernels {value!r}: expected one of {', '.join(CONV_KERNELS)}")
 
 
 def polar_factor(a: torch.Tensor) -> torch.Tensor:

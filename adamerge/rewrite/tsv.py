@@ -19,7 +19,7 @@ import torch
 from adamerge.errors import AdamergeError
 from adamerge.rewrite.coverage import warn_if_mostly_averaged
 from adamerge.rewrite.scaled_rewrite import ScaledRewrite, compute_dtype
-from adamerge.rewrite.spectral import is_matrix, polar_factor, task_average, thin_svd
+from adamerge.rewrite.spectral import COVER_MORE, MATRICES, as_matrices, check_conv_kernels, is_matrix, polar_factor, task_average, thin_svd
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +57,17 @@ class TSVMerge(ScaledRewrite):
         scale: α, ≥ 0.
         rank_fraction: ``k = ⌊rank_fraction · min(m, n)⌋``; ``None``: ``1 / K``. Must leave room for
             every task: ``K · k ≤ min(m, n)``.
+        conv_kernels: ``average`` (FusionBench) or ``matrix``: each convolution kernel decomposed as
+            the matrix ``(out, in · k_h · k_w)`` (:func:`adamerge.rewrite.spectral.is_matrix`).
     """
 
     scale: float = 1.0
     rank_fraction: float | None = None
+    conv_kernels: str = "average"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_conv_kernels(self.conv_kernels)
         fraction = self.rank_fraction
         if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1):
             raise AdamergeError(f"rank_fraction must be in (0, 1] or null (1 / K), got {fraction!r}")
@@ -76,11 +80,12 @@ class TSVMerge(ScaledRewrite):
 
     def rewrite_items(self, items: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Per matrix, each task's orthogonalised singular component; other tensors averaged."""
-        warn_if_mostly_averaged("TSV-M", items, lambda _, x: is_matrix(x), "in 2-D matrices")
+        matrix = lambda _, x: is_matrix(x, self.conv_kernels)  # noqa: E731
+        warn_if_mostly_averaged("TSV-M", items, matrix, MATRICES[self.conv_kernels], COVER_MORE[self.conv_kernels])
         out = {}
         for name, x in items:
             wide = x.to(compute_dtype(x.dtype))
-            out[name] = self._matrix(name, wide) if is_matrix(x) else task_average(wide)
+            out[name] = self._matrix(name, as_matrices(wide)).reshape(x.shape) if matrix(name, x) else task_average(wide)
         return out
 
     def _matrix(self, name: str, x: torch.Tensor) -> torch.Tensor:
