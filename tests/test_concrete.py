@@ -38,10 +38,14 @@ def test_samples_are_torch_relaxed_bernoulli_rescaled_and_the_hard_mask_keeps_no
         draw = torch.distributions.RelaxedBernoulli(logits=logits, temperature=0.5).rsample()
         torch.testing.assert_close(ours[name], draw / draw.mean(), rtol=0, atol=0)
         assert float(ours[name].detach().mean()) == pytest.approx(1.0)
-    hard = mask.hard()
+    hard, expected = mask.hard(), mask.expected()
     for name, logits in mask.named_logits():
         kept = (logits >= 0).float()
         torch.testing.assert_close(hard[name], kept / kept.mean())
+        probs = torch.sigmoid(logits.detach())
+        torch.testing.assert_close(expected[name], probs / probs.mean())
+    flat = ConcreteMask({"w": (4, 2)}, initial_logits=0.0)  # untrained: the expected mask is the unmasked merge
+    torch.testing.assert_close(flat.expected()["w"], torch.ones(4, 2))
     assert mask.kept_share() == pytest.approx(sum(float((p >= 0).sum()) for p in mask.logits) / 17)
 
 
@@ -157,7 +161,18 @@ def test_fit_end_to_end_exports_the_masked_merge(tiny_setup, tmp_path):
     from adamerge.sources import load_file_experts
 
     output = tmp_path / "run"
-    args = fit_args(tiny_setup, output, "--method", "concrete-adamerging", "--eval", str(tiny_setup.eval), "--batch-size", "6")
+    args = fit_args(
+        tiny_setup,
+        output,
+        "--method",
+        "concrete-adamerging",
+        "--eval",
+        str(tiny_setup.eval),
+        "--batch-size",
+        "6",
+        "--options",
+        "{eval_mask: hard}",
+    )
     assert main(args) == 0
     metrics = json.loads((output / "metrics.json").read_text())
     assert set(metrics["accuracy"]) == {"expert (alone)", "task arithmetic (λ=0.3)", "concrete-adamerging (layer)"}

@@ -9,8 +9,9 @@ reparametrised sample of the Concrete distribution of temperature ``T``,
 
 the sample ``torch.distributions.RelaxedBernoulli(logits=ℓ, temperature=T).rsample()`` draws
 (the same uniforms, probability clamps and clipped sigmoid, so that a seeded run draws what FusionBench's
-``MaskModel.sample_mask`` draws). For inference the mask is made hard: an entry is kept where its
-keep probability ``σ(ℓ)`` is at least ½, then rescaled by the mean as above.
+``MaskModel.sample_mask`` draws). For inference the mask is fixed: its expectation ``σ(ℓ)``
+(:meth:`ConcreteMask.expected`), or hard, ``1[σ(ℓ) ≥ ½]`` (:meth:`ConcreteMask.hard`), each
+rescaled by its mean as above.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 
 from adamerge.errors import AdamergeError
 
-EVAL_MASKS = ("hard", "sample")
+EVAL_MASKS = ("hard", "expected", "sample")
 
 
 class ConcreteMask(nn.Module):
@@ -80,6 +81,16 @@ class ConcreteMask(nn.Module):
             kept = (logits >= 0).to(logits.dtype)  # (*S)
             share = kept.mean()
             masks[name] = kept / share if bool(share > 0) else kept
+        return masks
+
+    @torch.no_grad()
+    def expected(self) -> dict[str, torch.Tensor]:
+        """The mask's mean ``{name: p / mean(p)}`` with ``p = σ(ℓ)``, each entry's keep probability
+        (all ones, the unmasked merge, while the logits are equal)."""
+        masks = {}
+        for name, logits in self.named_logits():
+            probs = torch.sigmoid(logits)  # (*S)
+            masks[name] = probs / probs.mean()
         return masks
 
     @torch.no_grad()

@@ -143,6 +143,7 @@ def adamerge_side(data: dict, fusionbench_order: bool = False) -> dict:
         fusionbench_order: take each inner gradient where FusionBench's ``train_mask`` takes it
             (at the previous step's inner λ; see ``ConcreteMaskModule.inner_gradient_point``).
     """
+    import dataclasses
     from types import SimpleNamespace
 
     from adamerge.core.merged_model import MergedModel
@@ -158,7 +159,7 @@ def adamerge_side(data: dict, fusionbench_order: bool = False) -> dict:
     vectors = {f"body.{n}": torch.stack([data["experts"][t][n] - data["base"][n] for t in TASKS]) for n in names}
     heads = {t: {"head.weight": data["heads"][t]} for t in TASKS}  # each task's own (classes, features) head
     merged = MergedModel(model, TaskVectors(TASKS, vectors), "layer", "none", INIT, heads=heads, batchnorm="base")
-    method = get_method("concrete-adamerging")
+    method = dataclasses.replace(get_method("concrete-adamerging"), eval_mask="hard")  # FusionBench's side: the hard mask
     module_class = _fusionbench_order_class() if fusionbench_order else ConcreteMaskModule
     stage_one = module_class(merged, objective=Entropy(), mask_lr=MASK_LR, inner_lr=INNER_LR, temperature=TEMPERATURE)
     optimizer = stage_one.configure_optimizers()
