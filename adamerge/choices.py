@@ -24,6 +24,8 @@ PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 #: The next-token distributions an unlabeled objective scores on a causal LM's calibration
 #: records: every real token, or only the one after the prompt, where the response starts.
 TOKEN_POSITIONS = ("all", "response")
+#: The inference masks of Concrete AdaMerging (:mod:`adamerge.core.concrete_mask`).
+EVAL_MASKS = ("expected", "hard", "sample")
 #: ``--positions``: one of :data:`TOKEN_POSITIONS`, or ``auto``: ``response`` when every
 #: calibration record is a prompt to answer, else ``all``.
 POSITION_CHOICES = ("auto", *TOKEN_POSITIONS)

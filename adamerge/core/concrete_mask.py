@@ -23,8 +23,6 @@ from torch import nn
 
 from adamerge.errors import AdamergeError
 
-EVAL_MASKS = ("hard", "expected", "sample")
-
 
 class ConcreteMask(nn.Module):
     """One mask logit per entry of each named tensor.

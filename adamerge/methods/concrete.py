@@ -36,6 +36,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from adamerge.choices import EVAL_MASKS
 from adamerge.errors import AdamergeError
 from adamerge.methods.learned import LearnedMethod
 
@@ -71,8 +72,6 @@ class ConcreteMaskedMethod(LearnedMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from adamerge.core.concrete_mask import EVAL_MASKS
-
         if self.eval_mask not in EVAL_MASKS:
             raise AdamergeError(f"method {self.name!r}: eval_mask {self.eval_mask!r}, expected one of {', '.join(EVAL_MASKS)}")
         if self.temperature <= 0:
