@@ -29,9 +29,8 @@ the logits whose sign (the hard mask) differs.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -220,23 +219,20 @@ def compare(fb_python: str, workdir: Path | None = None) -> dict[str, dict[str, 
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fb-python", default="/tmp/fbvenv/bin/python", help="python of FusionBench 0.2.33's venv")
-    parser.add_argument("--fusionbench-side", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.fusionbench_side:
-        fusionbench_side(Path(args.fusionbench_side[0]), Path(args.fusionbench_side[1]))
-        return 0
-    report = compare(args.fb_python)
+def describe(report: dict) -> Iterator[str]:
+    """The report, line by line."""
     for order, row in report.items():
-        print(
+        yield (
             f"inner gradient in the {order} order: max |adamerge − FusionBench|: mask logits {row['logits']:.3e} "
             f"(stage one moved them by up to {row['moved']:.3e}; {100 * row['flipped']:.2f} % of hard-mask entries differ), "
             f"λ {row['lambda']:.3e}, merged weights {row['merged']:.3e}"
         )
-    print("RESULT " + json.dumps(report))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.peers.fusionbench_runs import check_main
+
+    return check_main(argv, __doc__, fusionbench_side, compare, describe)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,8 @@ Definitional differences, each shown by its own case:
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -164,20 +163,17 @@ def compare(fb_python: str, workdir: Path | None = None) -> dict[str, float]:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fb-python", default="/tmp/fbvenv/bin/python", help="python of FusionBench 0.2.33's venv")
-    parser.add_argument("--fusionbench-side", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.fusionbench_side:
-        fusionbench_side(Path(args.fusionbench_side[0]), Path(args.fusionbench_side[1]))
-        return 0
-    report = compare(args.fb_python)
+def describe(report: dict) -> Iterator[str]:
+    """The report, line by line."""
     for row, value in report.items():
         if not row.endswith("(relative)") and "/" in row:
-            print(f"{row:32s} max |adamerge − FusionBench| = {value:.3e} (relative to max |merged| {report[row + ' (relative)']:.3e})")
-    print("RESULT " + json.dumps(report, ensure_ascii=False))
-    return 0
+            yield (f"{row:32s} max |adamerge − FusionBench| = {value:.3e} (relative to max |merged| {report[row + ' (relative)']:.3e})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.peers.fusionbench_runs import check_main
+
+    return check_main(argv, __doc__, fusionbench_side, compare, describe)
 
 
 if __name__ == "__main__":

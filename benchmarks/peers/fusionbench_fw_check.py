@@ -27,9 +27,8 @@ same checkpoint at every step.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -168,22 +167,19 @@ def compare(fb_python: str, workdir: Path | None = None) -> dict[str, dict[str, 
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fb-python", default="/tmp/fbvenv/bin/python", help="python of FusionBench 0.2.33's venv")
-    parser.add_argument("--fusionbench-side", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.fusionbench_side:
-        fusionbench_side(Path(args.fusionbench_side[0]), Path(args.fusionbench_side[1]))
-        return 0
-    report = compare(args.fb_python)
+def describe(report: dict) -> Iterator[str]:
+    """The report, line by line."""
     for granularity, row in report.items():
-        print(
+        yield (
             f"{granularity} granularity: max |adamerge − FusionBench| of the merged weights {row['merged']:.3e} "
             f"({row['relative']:.1e} of their size; the steps moved the merge by up to {row['moved']:.3e})"
         )
-    print("RESULT " + json.dumps(report))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.peers.fusionbench_runs import check_main
+
+    return check_main(argv, __doc__, fusionbench_side, compare, describe)
 
 
 if __name__ == "__main__":

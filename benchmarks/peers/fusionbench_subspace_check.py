@@ -16,9 +16,8 @@ float64 (to see definitional differences) and float32 (to see rounding).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -95,21 +94,18 @@ def compare(fb_python: str, workdir: Path | None = None) -> dict[str, dict[str, 
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fb-python", default="/tmp/fbvenv/bin/python", help="python of FusionBench 0.2.33's venv")
-    parser.add_argument("--fusionbench-side", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.fusionbench_side:
-        fusionbench_side(Path(args.fusionbench_side[0]), Path(args.fusionbench_side[1]))
-        return 0
-    report = compare(args.fb_python)
+def describe(report: dict) -> Iterator[str]:
+    """The report, line by line."""
     for dtype, rows in report.items():
         for method in METHODS:
-            print(f"{dtype:8s} {method:8s} max |adamerge − FusionBench| = {rows[method]:.3e} "
+            yield (f"{dtype:8s} {method:8s} max |adamerge − FusionBench| = {rows[method]:.3e} "
                   f"(relative to max |merged| {rows[method + ' (relative)']:.3e})")  # fmt: skip
-    print("RESULT " + json.dumps(report))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.peers.fusionbench_runs import check_main
+
+    return check_main(argv, __doc__, fusionbench_side, compare, describe)
 
 
 if __name__ == "__main__":
