@@ -79,10 +79,10 @@ register_method(
 )
 register_method(LearnedMethod("adamerging", ADAMERGING))
 register_method(LearnedMethod("adamerging++", ADAMERGING, trim_density=0.2))
-register_method(ConcreteMaskedMethod("concrete-adamerging", CONCRETE))
-register_method(FrankWolfeMethod("fw-merging", FW_MERGING))
 register_method(
     LearnedMethod("atlas", ATLAS, constraint="none", optimizer="adamw", objective="pseudo-label", weight_decay=0.1, few_shot=True)
 )
 register_method(LearnedMethod("expert-merging", **EXPERT))
 register_method(ChunkRefinedMethod("expert-merging++", **EXPERT, stage_one="expert-merging"))
+register_method(ConcreteMaskedMethod("concrete-adamerging", CONCRETE))
+register_method(FrankWolfeMethod("fw-merging", FW_MERGING))
