@@ -18,6 +18,8 @@ step of the coefficients ``c`` (K, G). Each training step:
 FusionBench accumulates the gradient over ``dataset_size`` inputs per task (batch size 1); here
 one step's batch per task is the gradient's data (``--batch-size``, run in micro-batches of
 ``micro_batch`` inputs), the same direction up to a positive scale, which the cosine ignores.
+Under DDP the gradients are summed over the processes before the choice, so that every process
+takes the same step (not tested under DDP yet).
 """
 
 from __future__ import annotations
@@ -178,6 +180,9 @@ class FrankWolfeModule(MergingModule):
         gradients = {name: leaf.grad for name, leaf in leaves.items() if leaf.grad is not None}
         if not gradients:
             raise AdamergeError("no merged tensor received a gradient: does the loss depend on the model?")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for grad in gradients.values():  # every process then chooses the same vertices
+                torch.distributed.all_reduce(grad)
         scores = self.alignment(gradients)  # (K + 1, G)
         optimizer = self._optimizer()
         getattr(optimizer, "optimizer", optimizer).choice = scores.argmin(0)  # (G,) on the FrankWolfeStep itself
