@@ -17,7 +17,8 @@ two halves (the first ``⌈B/2⌉`` inputs inner, the rest outer; a batch of one
 so ``--batch-size 32`` gives both passes FusionBench's 16. The outer gradient is first-order: λ
 after the inner step is a constant, as in FusionBench. Task vectors stored as LoRA factors are
 refused (a per-entry mask needs every entry; the method densifies them before). Under DDP the mask logits are all-reduced by the
-strategy and the inner step's λ-gradient is averaged over the processes here.
+strategy and the inner step's λ-gradient is averaged over the processes here (not tested
+under DDP yet).
 """
 
 from __future__ import annotations
