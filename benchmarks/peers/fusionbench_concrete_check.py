@@ -5,7 +5,7 @@
 
 FusionBench's venv (``python3 -m venv /tmp/fbvenv && /tmp/fbvenv/bin/pip install fusion-bench==0.2.33
 -c .ci/constraints.txt``) runs this same file with ``--fusionbench-side IN OUT``. That side
-imports torch, Lightning and FusionBench only and runs FusionBench's
+imports torch, Lightning, FusionBench and the torch-only ``tiny_mlp_pool`` only and runs FusionBench's
 ``ConcreteLayerWiseAdaMergingForCLIP`` methods themselves: ``setup_models`` (its ``MaskModel``
 and ``LayerWiseMergedModel``), ``train_mask`` (stage one) and ``run_adamerging`` (stage two),
 then ``merge_and_unload``. Only what ties the class to CLIP is given here: a model pool holding
@@ -35,30 +35,21 @@ from pathlib import Path
 
 import torch
 
-TASKS = ("alpha", "beta", "gamma")
-DIMS = (12, 16, 8)  # input, hidden, feature
-CLASSES = {"alpha": 5, "beta": 3, "gamma": 4}
+from benchmarks.peers.tiny_mlp_pool import DIMS, TASKS, fusionbench_pool, head_logits, merged_body, merged_model, pool
+
 MASK_STEPS, ADAMERGING_STEPS, BATCH = 12, 10, 6
 INIT, INNER_LR, MASK_LR, ADAMERGING_LR, TEMPERATURE = 0.3, 1.0, 1e-3, 1e-3, 0.5
 SEED = 0
 
 
-def body(dims: tuple[int, int, int] = DIMS) -> torch.nn.Sequential:
-    return torch.nn.Sequential(torch.nn.Linear(dims[0], dims[1]), torch.nn.Tanh(), torch.nn.Linear(dims[1], dims[2])).double()
-
-
 def cases(seed: int = SEED) -> dict:
     """A seeded base body, its experts, fixed per-task heads and every step's batches."""
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    base = {k: v.detach().clone() for k, v in body().state_dict().items()}
-    experts = {task: {k: v + 0.3 * torch.randn(v.shape, generator=generator, dtype=v.dtype) for k, v in base.items()} for task in TASKS}
-    heads = {task: torch.randn(CLASSES[task], DIMS[2], generator=generator, dtype=torch.float64) for task in TASKS}
+    data, generator = pool(seed, dict.fromkeys(TASKS, 0.3))
 
     def batches(count: int) -> list[dict[str, torch.Tensor]]:
         return [{task: torch.randn(BATCH, DIMS[0], generator=generator, dtype=torch.float64) for task in TASKS} for _ in range(count)]
 
-    return {"base": base, "experts": experts, "heads": heads, "mask_batches": batches(2 * MASK_STEPS), "batches": batches(ADAMERGING_STEPS)}
+    return data | {"mask_batches": batches(2 * MASK_STEPS), "batches": batches(ADAMERGING_STEPS)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,20 +64,9 @@ def fusionbench_side(inputs: Path, outputs: Path) -> None:
     data = torch.load(inputs, weights_only=True)
     tasks = list(data["experts"])
 
-    def model_of(state: dict) -> torch.nn.Module:
-        model = body()
-        model.load_state_dict(state)
-        return model
-
-    class Pool:  # what setup_models reads of a model pool
-        model_names = tasks
-
-        def load_model(self, name: str) -> torch.nn.Module:
-            return model_of(data["base"] if name == "_pretrained_" else data["experts"][name])
-
     class TinyConcrete(ConcreteLayerWiseAdaMergingForCLIP):  # the CLIP-specific parts only
         def compute_logits(self, module, images, task):
-            return module(images) @ data["heads"][task].T
+            return head_logits(data, module, images, task)
 
         def get_shuffled_test_loader_iter(self, task):
             return self.loaders[task]
@@ -99,7 +79,7 @@ def fusionbench_side(inputs: Path, outputs: Path) -> None:
     }  # fmt: skip
     algorithm = TinyConcrete.__new__(TinyConcrete)  # no Hydra program: the attributes its methods read
     algorithm.config = DictConfig(config)
-    algorithm.modelpool = Pool()
+    algorithm.modelpool = fusionbench_pool(data)
     algorithm._profiler = None
     algorithm.fabric = L.Fabric(accelerator="cpu", devices=1)
     module, mask_model = algorithm.setup_models()
@@ -122,18 +102,6 @@ def fusionbench_side(inputs: Path, outputs: Path) -> None:
 # adamerge's side
 
 
-class _Tiny(torch.nn.Module):
-    """The body plus a task head (the head is task-specific: never merged)."""
-
-    def __init__(self, classes: int) -> None:
-        super().__init__()
-        self.body = body()
-        self.head = torch.nn.Linear(DIMS[2], classes, bias=False).double()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-
 def adamerge_side(data: dict, fusionbench_order: bool = False) -> dict:
     """The mask logits after stage one, λ after stage two and the merged body, as FusionBench's side reports them.
 
@@ -145,19 +113,12 @@ def adamerge_side(data: dict, fusionbench_order: bool = False) -> dict:
     import dataclasses
     from types import SimpleNamespace
 
-    from adamerge.core.merged_model import MergedModel
-    from adamerge.core.task_vectors import TaskVectors
     from adamerge.methods import get_method
     from adamerge.objectives.task_objectives import Entropy
     from adamerge.run.concrete_mask import ConcreteMaskModule
     from adamerge.run.module import MergingModule
 
-    model = _Tiny(CLASSES[TASKS[0]])
-    model.body.load_state_dict(data["base"])
-    names = list(data["base"])
-    vectors = {f"body.{n}": torch.stack([data["experts"][t][n] - data["base"][n] for t in TASKS]) for n in names}
-    heads = {t: {"head.weight": data["heads"][t]} for t in TASKS}  # each task's own (classes, features) head
-    merged = MergedModel(model, TaskVectors(TASKS, vectors), "layer", "none", INIT, heads=heads, batchnorm="base")
+    merged = merged_model(data, "layer", "none", INIT)
     method = dataclasses.replace(get_method("concrete-adamerging"), eval_mask="hard")  # FusionBench's side: the hard mask
     module_class = _fusionbench_order_class() if fusionbench_order else ConcreteMaskModule
     stage_one = module_class(merged, objective=Entropy(), mask_lr=MASK_LR, inner_lr=INNER_LR, temperature=TEMPERATURE)
@@ -177,9 +138,7 @@ def adamerge_side(data: dict, fusionbench_order: bool = False) -> dict:
         optimizer.zero_grad()
         stage_two.training_step(batch, step).backward()
         optimizer.step()
-    state = refined.merged_state_dict()
-    merged_body = {name: state[f"body.{name}"] for name in names}
-    return {"logits": logits, "lambda": refined.coefficients().detach(), "merged": merged_body}
+    return {"logits": logits, "lambda": refined.coefficients().detach(), "merged": merged_body(refined)}
 
 
 def _fusionbench_order_class():

@@ -5,7 +5,7 @@
 
 FusionBench's venv (``python3 -m venv /tmp/fbvenv && /tmp/fbvenv/bin/pip install fusion-bench==0.2.33
 -c .ci/constraints.txt``) runs this same file with ``--fusionbench-side IN OUT``. That side imports
-torch and FusionBench only and runs ``FrankWolfeHardAlgorithm.run`` itself (task arithmetic as
+torch, FusionBench and the torch-only ``tiny_mlp_pool`` only and runs ``FrankWolfeHardAlgorithm.run`` itself (task arithmetic as
 its merge function, ``loss_fn: entropy``, step size 0.1, scaling factor 0.3), at task and at layer
 granularity, on a seeded float64 MLP body and its experts. Only what ties the class to CLIP is
 given here: a model pool, ``compute_logits`` (the body's features times each task's fixed head, the
@@ -33,29 +33,19 @@ from pathlib import Path
 
 import torch
 
-TASKS = ("alpha", "beta", "gamma")
-DIMS = (12, 16, 8)  # input, hidden, feature
-CLASSES = {"alpha": 5, "beta": 3, "gamma": 4}
+from benchmarks.peers.tiny_mlp_pool import DIMS, TASKS, fusionbench_pool, head_logits, merged_body, merged_model, pool
+
 ITERATIONS, DATASET_SIZE = 6, 10
 STEP_SIZE, SCALING = 0.1, 0.3
 GRANULARITIES = ("task", "layer")
 
 
-def body(dims: tuple[int, int, int] = DIMS) -> torch.nn.Sequential:
-    return torch.nn.Sequential(torch.nn.Linear(dims[0], dims[1]), torch.nn.Tanh(), torch.nn.Linear(dims[1], dims[2])).double()
-
-
 def cases(seed: int = 0) -> dict:
     """A seeded base body, its experts (one nearly unchanged: a checkpoint of little use), fixed
     per-task heads and every iteration's inputs."""
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    base = {k: v.detach().clone() for k, v in body().state_dict().items()}
-    scales = {"alpha": 0.4, "beta": 0.3, "gamma": 0.02}
-    experts = {t: {k: v + scales[t] * torch.randn(v.shape, generator=generator, dtype=v.dtype) for k, v in base.items()} for t in TASKS}
-    heads = {t: torch.randn(CLASSES[t], DIMS[2], generator=generator, dtype=torch.float64) for t in TASKS}
+    data, generator = pool(seed, {"alpha": 0.4, "beta": 0.3, "gamma": 0.02})
     inputs = [{t: torch.randn(DATASET_SIZE, DIMS[0], generator=generator, dtype=torch.float64) for t in TASKS} for _ in range(ITERATIONS)]
-    return {"base": base, "experts": experts, "heads": heads, "inputs": inputs}
+    return data | {"inputs": inputs}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,18 +63,6 @@ def fusionbench_side(inputs: Path, outputs: Path) -> None:
     data = torch.load(inputs, weights_only=True)
     tasks = list(data["experts"])
 
-    def model_of(state: dict) -> torch.nn.Module:
-        model = body()
-        model.load_state_dict(state)
-        return model
-
-    class Pool:  # what run reads of a model pool
-        model_names = tasks
-        has_pretrained = True
-
-        def load_model(self, name: str) -> torch.nn.Module:
-            return model_of(data["base"] if name == "_pretrained_" else data["experts"][name])
-
     class TinyFrankWolfe(FrankWolfeHardAlgorithm):  # the CLIP-specific parts only
         def on_frank_wolfe_iteration_start(self):
             pass
@@ -93,7 +71,7 @@ def fusionbench_side(inputs: Path, outputs: Path) -> None:
             pass
 
         def compute_logits(self, module, images, task):
-            return module(images) @ data["heads"][task].T
+            return head_logits(data, module, images, task)
 
         def get_shuffled_loader_iter(self, task):
             return self.loaders[task]
@@ -107,7 +85,7 @@ def fusionbench_side(inputs: Path, outputs: Path) -> None:
         algorithm.loaders = {
             t: iter([(step[t][i : i + 1], None) for step in data["inputs"] for i in range(DATASET_SIZE)]) for t in tasks
         }  # one input at a time, in FusionBench's order: task by task within an iteration
-        merged = algorithm.run(Pool())
+        merged = algorithm.run(fusionbench_pool(data))
         results[granularity] = {k: v.detach().clone() for k, v in merged.state_dict().items()}
     torch.save(results, outputs)
 
@@ -116,38 +94,18 @@ def fusionbench_side(inputs: Path, outputs: Path) -> None:
 # adamerge's side
 
 
-class _Tiny(torch.nn.Module):
-    """The body plus a task head (task-specific: never merged)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = body()
-        self.head = torch.nn.Linear(DIMS[2], CLASSES[TASKS[0]], bias=False).double()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-
 def adamerge_side(data: dict, granularity: str) -> dict[str, torch.Tensor]:
     """The merged body after the same iterations, by the ``fw-merging`` method's module."""
-    from adamerge.core.merged_model import MergedModel
-    from adamerge.core.task_vectors import TaskVectors
     from adamerge.methods import get_method
     from adamerge.objectives.task_objectives import Entropy
     from adamerge.run.frank_wolfe import FrankWolfeModule
 
     method = get_method("fw-merging")
-    model = _Tiny()
-    model.body.load_state_dict(data["base"])
-    names = list(data["base"])
-    vectors = {f"body.{n}": torch.stack([data["experts"][t][n] - data["base"][n] for t in TASKS]) for n in names}
-    heads = {t: {"head.weight": data["heads"][t]} for t in TASKS}
-    merged = MergedModel(model, TaskVectors(TASKS, vectors), granularity, method.constraint, method.init, heads=heads, batchnorm="base")
+    merged = merged_model(data, granularity, method.constraint, method.init)
     module = FrankWolfeModule(merged, objective=Entropy(), step_size=method.step_size, scaling_factor=method.scaling_factor)
     for step, batch in enumerate(data["inputs"]):
         module.training_step(batch, step)
-    state = merged.merged_state_dict()
-    return {name: state[f"body.{name}"] for name in names}
+    return merged_body(merged)
 
 
 def compare(fb_python: str, workdir: Path | None = None) -> dict[str, dict[str, float]]:
