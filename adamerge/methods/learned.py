@@ -170,18 +170,32 @@ class LearnedMethod(Method):
         Raises:
             AdamergeError: the name cannot be imported or is not an objective.
         """
-        import importlib
-
         from adamerge.objectives.task_objectives import Objective
 
         target = OBJECTIVES.get(self.objective, self.objective)
+        return self.named_class("objective", target, Objective, "an adamerge Objective subclass")
+
+    def named_class(self, kind: str, target: str, base: type, what: str) -> type:
+        """The subclass of ``base`` that ``target`` (``"package.module:Class"``) names, for this method.
+
+        Args:
+            kind: what the class is to the method, for the messages (``objective``).
+            target: ``"package.module:Class"``.
+            base: the class it must derive from.
+            what: ``base`` in the message (``an adamerge Objective subclass``).
+
+        Raises:
+            AdamergeError: ``target`` cannot be imported or is not a subclass of ``base``.
+        """
+        import importlib
+
         module, _, attribute = target.partition(":")
         try:
             found = getattr(importlib.import_module(module), attribute)
         except (ImportError, AttributeError, ValueError) as error:
-            raise AdamergeError(f"method {self.name!r}: objective {target!r} cannot be imported ({error})") from None
-        if not (isinstance(found, type) and issubclass(found, Objective)):
-            raise AdamergeError(f"method {self.name!r}: objective {target!r} is not an adamerge Objective subclass")
+            raise AdamergeError(f"method {self.name!r}: {kind} {target!r} cannot be imported ({error})") from None
+        if not (isinstance(found, type) and issubclass(found, base)):
+            raise AdamergeError(f"method {self.name!r}: {kind} {target!r} is not {what}")
         return found
 
     @property

@@ -26,7 +26,6 @@ and writes the output folder atomically:
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import math
 import time
@@ -379,7 +378,7 @@ def _module(
     if targets is not None:
         targets.fill(objective)  # the experts' outputs, once, into the alignment objective
     target, options = method.stage_module(stage)
-    module_class = _stage_module_class(method, target)
+    module_class = method.named_class("stage module", target, MergingModule, "a MergingModule subclass")
     return module_class(
         merged,
         objective=objective,
@@ -389,22 +388,6 @@ def _module(
         task_type=experts.task_type,
         **options,
     )
-
-
-def _stage_module_class(method: LearnedMethod, target: str) -> type[MergingModule]:
-    """The :class:`MergingModule` subclass ``"package.module:Class"`` names.
-
-    Raises:
-        AdamergeError: it cannot be imported or is not a MergingModule.
-    """
-    module_name, _, attribute = target.partition(":")
-    try:
-        found = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise AdamergeError(f"method {method.name!r}: stage module {target!r} cannot be imported ({error})") from None
-    if not (isinstance(found, type) and issubclass(found, MergingModule)):
-        raise AdamergeError(f"method {method.name!r}: stage module {target!r} is not a MergingModule subclass")
-    return found
 
 
 def _test_stage_one(
