@@ -60,7 +60,7 @@ LEARNED["atlas 16-shot (layer-wise)"] = ("atlas", "layer", ["--shots", "16"])
 # LoRA experts they densify each adapter's B·A (adamerge warns; peak RSS shows the cost)
 DENSE_ONLY = {"ties", "dare", "breadcrumbs", "consensus", "lines", "pcb", "tsv-m", "iso-c", "iso-cts", "fisher", "regmean",
               "adamerging++ (layer-wise)", "concrete-adamerging (layer-wise)", "fw-merging (task-wise)",
-              "expert-merging++"}  # fmt: skip
+              "expert-merging++", "wemoe (routed blocks)", "twin-merging (routed)"}  # fmt: skip
 
 
 def main() -> None:

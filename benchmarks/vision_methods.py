@@ -47,6 +47,10 @@ LEARNED = {
     "concrete-adamerging (layer-wise)": ("concrete-adamerging", "layer", []),
     # FusionBench's budget: 10 Frank-Wolfe steps of 100 inputs per task
     "fw-merging (task-wise)": ("fw-merging", "task", ["--steps", "10", "--batch-size", "100"]),
+    # input-routed merges (λ stays at task arithmetic's 0.3; the routers learn); the table's label
+    # names the routing, the run's granularity is that of its static merge
+    "wemoe (routed blocks)": ("wemoe", "task", []),
+    "twin-merging (routed)": ("twin-merging", "task", []),
     "atlas tta (layer-wise)": ("atlas", "layer", ["--init", "0.3", "--pseudo-label-threshold", "0.9"]),
     # Expert Merging starts from the task-arithmetic merge it refines (λ = 0.3, as the table's
     # task-arithmetic row; the paper's 0.1 is its own 8-task value) and aligns to the experts on all

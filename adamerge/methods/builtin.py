@@ -13,6 +13,7 @@ from adamerge.methods.frank_wolfe import FW_MERGING, FrankWolfeMethod
 from adamerge.methods.learned import LearnedMethod
 from adamerge.methods.registry import register_method
 from adamerge.methods.rewrite_method import RewriteMethod
+from adamerge.methods.routed import TWIN_MERGING, WEMOE, TwinMergingMethod, WeightEnsemblingMethod
 from adamerge.methods.static_method import StaticMethod
 from adamerge.rewrite.presets import STATIC_PRESETS as P
 
@@ -86,3 +87,5 @@ register_method(LearnedMethod("expert-merging", **EXPERT))
 register_method(ChunkRefinedMethod("expert-merging++", **EXPERT, stage_one="expert-merging"))
 register_method(ConcreteMaskedMethod("concrete-adamerging", CONCRETE))
 register_method(FrankWolfeMethod("fw-merging", FW_MERGING))
+register_method(WeightEnsemblingMethod("wemoe", WEMOE))
+register_method(TwinMergingMethod("twin-merging", TWIN_MERGING))

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from adamerge.choices import EVAL_MASKS
 from adamerge.errors import AdamergeError
-from adamerge.methods.learned import LearnedMethod
+from adamerge.methods.learned import LearnedMethod, densified
 
 if TYPE_CHECKING:
     from lightning import LightningModule
@@ -80,11 +80,7 @@ class ConcreteMaskedMethod(LearnedMethod):
     def rewrite(self, task_vectors: TaskVectors) -> TaskVectors:
         """Dense task vectors: a per-entry mask needs every entry, so LoRA factors are densified
         (with a warning, as for every entry-wise method)."""
-        if not task_vectors.factored_names():
-            return task_vectors
-        from adamerge.core.task_vectors import TaskVectors
-
-        return TaskVectors(task_vectors.tasks, dict(task_vectors.items()))
+        return densified(task_vectors)
 
     @property
     def stages(self) -> int:

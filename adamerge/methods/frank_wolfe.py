@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from adamerge.errors import AdamergeError
-from adamerge.methods.learned import LearnedMethod
+from adamerge.methods.learned import LearnedMethod, densified
 
 if TYPE_CHECKING:
     from adamerge.core.task_vectors import TaskVectors
@@ -54,11 +54,7 @@ class FrankWolfeMethod(LearnedMethod):
 
     def rewrite(self, task_vectors: TaskVectors) -> TaskVectors:
         """Dense task vectors (LoRA factors densified, with a warning)."""
-        if not task_vectors.factored_names():
-            return task_vectors
-        from adamerge.core.task_vectors import TaskVectors
-
-        return TaskVectors(task_vectors.tasks, dict(task_vectors.items()))
+        return densified(task_vectors)
 
     def stage_module(self, stage: int) -> tuple[str, dict[str, Any]]:
         options = {"step_size": self.step_size, "scaling_factor": self.scaling_factor, "micro_batch": self.micro_batch}

@@ -57,6 +57,16 @@ FEW_SHOT_LR = 1e-1  # aTLAS few-shot learning rate (with a cosine schedule)
 FEW_SHOT_INIT = 0.0  # aTLAS few-shot start: the pretrained model
 
 
+def densified(task_vectors: TaskVectors) -> TaskVectors:
+    """``task_vectors`` with LoRA factors densified (with a warning), for methods that need every
+    entry (a per-entry mask, whole-weight alignments, per-input mixing); dense ones as they are."""
+    if not task_vectors.factored_names():
+        return task_vectors
+    from adamerge.core.task_vectors import TaskVectors
+
+    return TaskVectors(task_vectors.tasks, dict(task_vectors.items()))
+
+
 @dataclass(frozen=True)
 class LearnedMethod(Method):
     """A method that learns λ in one training stage.

@@ -13,6 +13,8 @@ and writes the output folder atomically:
   ``heads/<task>.pt`` (plain state dicts for the architecture's ``load_state_dict``),
   ``open_clip_model.safetensors`` + ``heads/<task>.pt`` (open_clip), or ``model/`` +
   ``tasks/<task>/`` (transformers ``from_pretrained`` folders);
+- ``routing/`` (input-routed methods, :mod:`adamerge.methods.routed`): the routers and deltas,
+  and ``adamerge_routing.py``, which installs them into the static merge without adamerge;
 - ``surgery/<task>.pt`` (``--surgery-steps``): each task's Representation Surgery adapter
   (:mod:`adamerge.run.surgery`), a plain state dict applied before the task's head;
 - ``metrics.json``: per-task accuracy of each expert alone, the initial merge (task arithmetic at
@@ -51,6 +53,7 @@ from adamerge.run.export import format_table, plain_config, write_coefficients, 
 from adamerge.run.module import MergingModule, statistics_loaders_of
 from adamerge.run.progress import Stages, quiet_third_party
 from adamerge.run.resume import ResumeState, save_checkpoint
+from adamerge.run.routed_merge import RoutedMergeModule, write_routing
 from adamerge.run.safeguard import KeepBestCoefficients, held_out_batches
 from adamerge.run.settings import FitSettings
 from adamerge.run.surgery import check_surgery_target, fit_surgery
@@ -120,6 +123,9 @@ def run_workflow(settings: FitSettings, output: OutputFolder, resume: ResumeStat
             if trainer.is_global_zero:
                 write_coefficients(staging, merged)
                 metrics["files"] = write_merged_model_of(staging, merged, experts.export)
+                if isinstance(module, RoutedMergeModule):  # the routers beside the static merge they route
+                    metrics["files"] |= write_routing(staging, module)
+                    metrics["routing"] = module.routing_summary()
                 if surgery is not None:
                     metrics["files"] |= write_surgery(staging, surgery)
                 metrics["timing_s"]["total"] = time.perf_counter() - started
