@@ -189,6 +189,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AdamergeError as error:
         logger.error("%s", error)
         return 2
+    except ValueError as error:  # the torch-only routing runtime's errors: a model the routed methods cannot route
+        routing = sys.modules.get("adamerge.core.routed_weights")  # (not imported: not a routing error; --help stays fast)
+        if routing is None or not isinstance(error, routing.RoutingError):
+            raise
+        logger.error("%s", error)
+        return 2
     except Terminated as stop:
         logger.error("%s", _stopped(output, f"stopped by {stop.signal_name}"))
         return 128 + stop.signum

@@ -81,11 +81,16 @@ OPTION_ROWS = {  # rows with options of their own
     # the subspace merges with every convolution kernel decomposed as its (out, in·k·k) patch
     # matrix (FusionBench averages them: on MobileNetV2 its TSV-M and Iso rows are the average)
     **{f"{m} (conv kernels as matrices)": (m, None, ["--options", "{conv_kernels: matrix}"]) for m in ("tsv-m", "iso-c", "iso-cts")},
+    # Twin-Merging without compressing the exclusive knowledge (each expert's θ_k − θ* kept whole:
+    # the paper's 10 % of singular vectors leaves little of MobileNetV2's small 1×1 convolutions)
+    "twin-merging (routed, uncompressed)": ("twin-merging", "task", ["--options", "{density: 1.0}"]),
+    # WEMoE at ten times FusionBench's learning rate, 200 steps (ROW_STEPS; 500 steps: 89.6 %, RESULTS.md)
+    "wemoe (routed blocks, lr 1e-3)": ("wemoe", "task", ["--options", "{lr: 0.001}"]),
 }
 # rows whose default steps differ from STEPS: the headline row takes two full cycles of Expert
 # Merging's cosine restarts (T_0 = 50), ending at a learning rate near 0 (70 steps would stop in the
 # middle of the second, at about a third of the peak)
-ROW_STEPS = {"expert-merging + expert BatchNorm (chunk:128)": 100}
+ROW_STEPS = {"expert-merging + expert BatchNorm (chunk:128)": 100, "wemoe (routed blocks, lr 1e-3)": 200}
 # "ROW + surgery": the run of ROW with Representation Surgery after it (--surgery-steps, FusionBench's
 # 1000 steps); its table row is that run's "<merge> + surgery" accuracy
 SURGERY = " + surgery"

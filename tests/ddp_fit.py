@@ -1,6 +1,6 @@
 """Fit a tiny merge with Lightning on 1 or 2 CPU processes; used by tests/test_ddp.py.
 
-    python tests/ddp_fit.py WORKDIR OUT.json --devices 2 --strategy ddp --batch-size 4
+python tests/ddp_fit.py WORKDIR OUT.json --devices 2 --strategy ddp --batch-size 4 [--method wemoe]
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adamerge.core.merged_model import MergedModel  # noqa: E402
 from adamerge.data.images import MultiTaskImageDataModule  # noqa: E402
+from adamerge.objectives.task_objectives import Entropy  # noqa: E402
 from adamerge.run.module import MergingModule  # noqa: E402
+from adamerge.run.routed_merge import WeightEnsemblingModule  # noqa: E402
 from adamerge.sources import load_file_experts  # noqa: E402
 from tests.conftest import HEAD  # noqa: E402
 
@@ -43,6 +45,7 @@ def main() -> None:
     parser.add_argument("--strategy", default="auto")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--method", choices=["adamerging", "wemoe"], default="adamerging")
     args = parser.parse_args()
 
     L.seed_everything(0, verbose=False)
@@ -52,15 +55,29 @@ def main() -> None:
     # plain SGD: the coefficients are a linear function of the averaged gradients (Adam's first steps
     # are sign-like and would amplify round-off in near-zero gradients)
     module = MergingModule(merged, optimizer=functools.partial(torch.optim.SGD, lr=2.0))
+    if args.method == "wemoe":  # the routers learn (their own Adam), λ stays at task arithmetic
+        merged = MergedModel(loaded.model, loaded.task_vectors, "task", "clamp", 0.3, loaded.heads, "base")
+        module = WeightEnsemblingModule(merged, lr=1e-2, objective=Entropy())
+    routers = lambda: torch.cat([p.detach().flatten() for p in getattr(module, "routing").routers.parameters()]).tolist()  # noqa: E731
+    initial = routers() if args.method == "wemoe" else None
     data = MultiTaskImageDataModule(args.workdir / "calib", merged.tasks, batch_size=args.batch_size, image_size=12, shuffle=False)
     recorder = RecordIgnored()
     trainer = L.Trainer(
-        max_steps=args.steps, accelerator="cpu", devices=args.devices, strategy=args.strategy, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder],
+        max_steps=args.steps,
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=args.strategy,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[recorder],
     )
     trainer.fit(module, datamodule=data)
     if trainer.is_global_zero:
         payload = {"coefficients": merged.coefficients().detach().tolist(), **recorder.report}
+        if args.method == "wemoe":
+            payload |= {"routers": routers(), "initial_routers": initial}
         args.out.write_text(json.dumps(payload))
 
 

@@ -38,3 +38,15 @@ def test_ddp_two_processes_match_one_process(tiny_setup, tmp_path):
     assert ddp["wrapped"] == "DistributedDataParallel"
     assert any(name.startswith("merged.task_vectors.tv_") for name in ddp["ignored"])
     assert not any("task_vectors" in name or "heads" in name for name in ddp["broadcast_buffers"])
+
+
+@pytest.mark.slow
+def test_ddp_trains_wemoe_routers_as_one_process(tiny_setup, tmp_path):
+    workdir = tiny_setup.base.parent
+    single = run(workdir, tmp_path / "single.json", "--devices", "1", "--batch-size", "8", "--method", "wemoe")
+    ddp = run(workdir, tmp_path / "ddp.json", "--devices", "2", "--strategy", "ddp", "--batch-size", "4", "--method", "wemoe")
+
+    # per-input routing: each rank's 4 inputs route as in the batch of 8; averaged router gradients
+    torch.testing.assert_close(torch.tensor(ddp["routers"]), torch.tensor(single["routers"]), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(torch.tensor(single["routers"]), torch.tensor(single["initial_routers"])), "routers did not move"
+    assert any(name.startswith("merged.task_vectors.tv_") for name in ddp["ignored"])  # the deltas the routers mix

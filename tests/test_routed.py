@@ -90,7 +90,7 @@ def test_low_rank_deltas_are_their_product_applied_as_thin_layers():
     torch.testing.assert_close(routed(x), _naive(model, dense, c, x), rtol=1e-12, atol=1e-12)
 
 
-def test_embeddings_and_transformers_conv1d_are_routed_per_input():
+def test_embeddings_shared_position_ids_and_transformers_conv1d_are_routed_per_input():
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(2)
@@ -99,10 +99,11 @@ def test_embeddings_and_transformers_conv1d_are_routed_per_input():
         def __init__(self) -> None:
             super().__init__()
             self.embed = nn.Embedding(11, 6)
+            self.position = nn.Embedding(5, 6)  # called with one row of ids for the whole batch, as BERT's
             self.proj = Conv1D(4, 6)  # weight (in 6, out 4)
 
         def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return self.proj(self.embed(ids))
+            return self.proj(self.embed(ids) + self.position(torch.arange(ids.shape[1]).unsqueeze(0)))
 
     model = Tokens().double()
     deltas = {n: 0.1 * torch.randn(K, *p.shape, dtype=p.dtype) for n, p in model.named_parameters()}
@@ -238,6 +239,18 @@ def test_a_wemoe_step_is_naive_autograd_of_the_entropy_through_per_input_weights
         torch.testing.assert_close(mine, reference, rtol=1e-9, atol=1e-12)
 
 
+def test_the_safeguard_keeps_and_restores_the_routers():
+    merged, _ = _pool(6)
+    module = WeightEnsemblingModule(merged, objective=Entropy())
+    kept = module.learned_state()
+    with torch.no_grad():
+        for p in module.routing.routers.parameters():
+            p.add_(1.0)
+    module.restore_learned_state(kept)
+    for name, tensor in module.routing.routers.state_dict().items():
+        torch.testing.assert_close(tensor, kept[name], rtol=0, atol=0)
+
+
 def test_the_twin_router_learns_which_task_an_input_comes_from():
     merged, _ = _pool(4)
     module = TaskRouterModule(merged, objective=Entropy(), density=0.5, lr=1e-2)
@@ -287,6 +300,7 @@ def test_fit_end_to_end_and_the_export_runs_without_adamerge(tiny_setup, tmp_pat
         assert main([*fit_args(tiny_setup, output, "--method", method), *extra]) == 0
         metrics = json.loads((output / "metrics.json").read_text())
         assert f"{method} (layer)" in metrics["accuracy"] and metrics["routing"]["layers"] == 4
+        assert set(metrics["safeguard"]["stage 1"]["agreement"]) == {"0", "1", "2", "3", "4"}  # the routers are guarded too
         assert {"routing/routing.json", "routing/routing.pt", "routing/adamerge_routing.py"} <= set(metrics["files"].values())
         checkpoint = torch.load(output / "checkpoints" / "last.ckpt", weights_only=False)
         assert any(k.startswith("routing.routers.") for k in checkpoint["state_dict"])

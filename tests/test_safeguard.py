@@ -101,7 +101,7 @@ def test_the_kept_coefficients_are_the_best_scored(tiny_setup, tmp_path):
     guard, merged, _ = _fit(tiny_setup, tmp_path, Entropy(), steps=8)
     best = max(guard.history.values(), key=lambda row: row["mean"])["mean"]
     assert guard.history[guard.best_step]["mean"] == best
-    torch.testing.assert_close(merged.coefficients.raw, guard.best_raw, rtol=0, atol=0)
+    torch.testing.assert_close(merged.coefficients.raw, guard.best_state["raw"], rtol=0, atol=0)
     from tests.test_module import trainer as plain_trainer
 
     # re-scoring the kept λ gives the recorded score (the score is a function of λ alone)

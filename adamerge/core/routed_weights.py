@@ -281,7 +281,8 @@ class RoutedWeights(nn.Module):
 
     def route_from_call(self, call: Callable[[], Any], head: nn.Module) -> torch.Tensor:
         """Run ``call`` (the static merge's forward) with routing off, read the input of ``head``
-        and set every layer's coefficients from it (``router: model``); returns them, ``(B, K)``."""
+        and set every layer's coefficients from it (``router: model``; the router in eval mode,
+        whatever the mode it is trained in); returns them, ``(B, K)``."""
         captured: dict[str, torch.Tensor] = {}
         handle = head.register_forward_pre_hook(lambda module, args: captured.__setitem__("x", args[0]))
         try:
@@ -291,7 +292,13 @@ class RoutedWeights(nn.Module):
             handle.remove()
         if "x" not in captured:
             raise RoutingError(f"routing: the head module {self.config.get('head')!r} did not run in the static pass")
-        coefficients = self.coefficients_from_features(captured["x"])
+        router = self.routers[0]
+        training = router.training
+        router.eval()  # routing is inference: the router's dropout off, its BatchNorm on running statistics
+        try:
+            coefficients = self.coefficients_from_features(captured["x"])
+        finally:
+            router.train(training)
         self.set_model_coefficients(coefficients)
         return coefficients
 
@@ -322,7 +329,8 @@ class RoutedWeights(nn.Module):
             module.forward = functools.partial(self._leaf_forward, module, name, spec, module.forward)
         if self.config["router"] == "blocks":
             for i, block in enumerate(self.config["blocks"]):
-                self._handles.append(model.get_submodule(block["name"]).register_forward_pre_hook(functools.partial(self._route_block, i)))
+                block_module = model.get_submodule(block["name"])
+                self._handles.append(block_module.register_forward_pre_hook(functools.partial(self._route_block, i), with_kwargs=True))
         else:
             try:
                 head = model.get_submodule(self.config["head"])
@@ -352,10 +360,12 @@ class RoutedWeights(nn.Module):
     def _forget_model_coefficients(self, module: nn.Module, args: tuple, output: Any) -> None:
         self.set_model_coefficients(None)
 
-    def _route_block(self, block: int, module: nn.Module, args: tuple) -> None:
-        if not args or not isinstance(args[0], torch.Tensor):
+    def _route_block(self, block: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Block ``block``'s routing from its input: the first positional argument, else ``hidden_states``."""
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(hidden, torch.Tensor):
             raise RoutingError(f"routing: block {self.config['blocks'][block]['name']!r} was called without a tensor input")
-        self._current[block] = None if self._off else self.coefficients_from_gate(block, args[0])
+        self._current[block] = None if self._off else self.coefficients_from_gate(block, hidden)
 
     def _leaf_forward(
         self, module: nn.Module, name: str, spec: Mapping[str, Any], original: Callable, x: torch.Tensor, *rest: Any, **kw: Any
@@ -369,6 +379,8 @@ class RoutedWeights(nn.Module):
         coefficients = None if self._off else self._current.get(spec["block"])
         if coefficients is None:
             return original(x, *rest, **kw)
+        if x.shape[0] == 1 and coefficients.shape[0] > 1:  # one input shared by the batch (e.g. position ids)
+            x = x.expand(coefficients.shape[0], *x.shape[1:])
         if coefficients.shape[0] != x.shape[0]:
             raise RoutingError(
                 f"routing: layer {name!r} got a batch of {x.shape[0]} inputs and routing weights for {coefficients.shape[0]} "

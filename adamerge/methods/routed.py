@@ -8,10 +8,9 @@
   FusionBench trains with one routing per batch (``batch_reduce: true``) and evaluates per input;
   here both are per input by default (``--options '{batch_reduce: true}'`` for FusionBench's).
   FusionBench draws the routers' output weights ``N(0, 0.01²)``, which starts each block near the
-  static merge only where the block's inputs are small: on the vision benchmark's MobileNetV2
-  (unnormalised convolution features) the untrained routers moved the logits by 2.1 (of 26) and
-  cost 7.8 points against task arithmetic before any step. Here they start at zero (``output_std:
-  0``; ``0.01`` for FusionBench's): the routed merge starts exactly at task arithmetic.
+  static merge, by an amount that grows with the scale of the block's inputs (unnormalised
+  convolution features move it most). Here they start at zero (``output_std: 0``; ``0.01`` for
+  FusionBench's): the routed merge starts exactly at task arithmetic, the start it is compared with.
 - ``twin-merging``: Lu et al., "Twin-Merging: Dynamic Integration of Modular Expertise in Model
   Merging" (NeurIPS 2024), with the reference code's discriminative defaults: the shared merge
   ``θ*`` is task arithmetic (0.29 there, 0.3 here), each expert's exclusive knowledge
@@ -53,10 +52,6 @@ class RoutedMethod(LearnedMethod):
     def rewrite(self, task_vectors: TaskVectors) -> TaskVectors:
         """Dense task vectors (LoRA factors densified, with a warning): routed layers mix whole weights."""
         return densified(task_vectors)
-
-    def guards_stage(self, stage: int) -> bool:
-        """The held-out safeguard keeps the best λ; λ does not move here."""
-        return False
 
     def reach(self, steps: int) -> float:
         """Routers are unbounded networks, not λ: no bound to warn about."""

@@ -237,6 +237,16 @@ class MergingModule(L.LightningModule):
         schedule = {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 
+    def learned_state(self) -> dict[str, torch.Tensor]:
+        """A copy of what training changes (λ), for the held-out safeguard to keep the best of."""
+        return {"raw": self.merged.coefficients.raw.detach().clone()}
+
+    @torch.no_grad()
+    def restore_learned_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Put back a :meth:`learned_state`."""
+        raw = self.merged.coefficients.raw
+        raw.copy_(state["raw"].to(raw.device))
+
     # -- evaluation --------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self._prepare_evaluation()

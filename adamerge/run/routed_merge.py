@@ -65,6 +65,7 @@ class RoutedMergeModule(MergingModule):
     def __init__(self, merged: MergedModel, lr: float, **kwargs: Any) -> None:
         kwargs.pop("optimizer", None)
         kwargs.pop("scheduler", None)
+        merged.coefficients.raw.requires_grad_(False)  # λ stays at the static merge (and DDP need not reduce it)
         super().__init__(merged, sparse_tables=False, low_rank_step="per-step", **kwargs)
         if self.task_type.generates:
             raise AdamergeError(
@@ -98,6 +99,15 @@ class RoutedMergeModule(MergingModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.routing.routers.parameters(), lr=self.lr, betas=(0.9, 0.999))
+
+    def learned_state(self) -> dict[str, torch.Tensor]:
+        """A copy of the routers' weights (and buffers): what the held-out safeguard keeps the best of."""
+        return {name: tensor.detach().clone() for name, tensor in self.routing.routers.state_dict().items()}
+
+    @torch.no_grad()
+    def restore_learned_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.routing.routers.load_state_dict(state)
+        self._bn_estimated_for = None  # the routed model's BatchNorm statistics belong to other routers
 
     def routing_summary(self) -> dict[str, Any]:
         """For ``metrics.json``: the routing's kind and sizes."""

@@ -43,6 +43,9 @@ DROP_WARNING = 5.0
 class KeepBestCoefficients(L.Callback):
     """Track held-out agreement with the experts and keep the best λ seen (start included).
 
+    What is kept is the module's :meth:`~adamerge.run.module.MergingModule.learned_state` (λ; the
+    routers of an input-routed merge), restored by its ``restore_learned_state``.
+
     Args:
         held_out: ``{task: [inputs batch, ...]}`` of held-out calibration inputs.
         expert_model: ``task -> nn.Module``, the expert alone (its predictions are the targets).
@@ -67,7 +70,7 @@ class KeepBestCoefficients(L.Callback):
         self.targets = dict(targets) if targets is not None else None  # {task: (N,) class indices}
         self.history: dict[int, dict[str, float]] = {}  # step -> {task: agreement %}
         self.best_step: int | None = None
-        self.best_raw: torch.Tensor | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
 
     # -- scoring -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -88,7 +91,7 @@ class KeepBestCoefficients(L.Callback):
         mean = self.history[step]["mean"]
         if self.best_step is None or mean > self.history[self.best_step]["mean"]:
             self.best_step = step
-            self.best_raw = module.merged.coefficients.raw.detach().clone()
+            self.best_state = module.learned_state()
         logger.debug("%sheld-out agreement at step %d: %.2f %%", self._prefix(), step, mean)
 
     # -- Lightning hooks ---------------------------------------------------------------------
@@ -102,10 +105,9 @@ class KeepBestCoefficients(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._record(trainer, pl_module)
         last = trainer.global_step
-        assert self.best_step is not None and self.best_raw is not None
+        assert self.best_step is not None and self.best_state is not None
         if self.best_step != last:
-            with torch.no_grad():
-                pl_module.merged.coefficients.raw.copy_(self.best_raw.to(pl_module.merged.coefficients.raw.device))
+            pl_module.restore_learned_state(self.best_state)
         self._report(last)
 
     def _report(self, last: int) -> None:
@@ -155,12 +157,13 @@ class KeepBestCoefficients(L.Callback):
 
     # -- resume: the scores and the best λ travel with the checkpoints -------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "best_step": self.best_step, "best_raw": self.best_raw}
+        return {"history": self.history, "best_step": self.best_step, "best_state": self.best_state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = {int(k): dict(v) for k, v in state_dict["history"].items()}
         self.best_step = state_dict["best_step"]
-        self.best_raw = state_dict["best_raw"]
+        old = {"raw": state_dict["best_raw"]} if "best_raw" in state_dict else None  # a checkpoint of λ alone
+        self.best_state = state_dict.get("best_state", old)
 
 
 @torch.no_grad()
