@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.peers.tiny_mlp_pool import CLASSES, DIMS, TASKS, body, fusionbench_pool, pool
+from benchmarks.peers.tiny_mlp_pool import DIMS, TASKS, TinyClassifier, fusionbench_pool, pool
 
 STEPS, BATCH, TOKENS = 4, 6, 3
 INIT, LR = 0.3, 1e-4
@@ -131,18 +131,6 @@ def fusionbench_side(inputs: Path, outputs: Path) -> None:
 # adamerge's side
 
 
-class TokenClassifier(torch.nn.Module):
-    """The body over tokens, the mean over them, a task head (task-specific: never merged)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = body()
-        self.head = torch.nn.Linear(DIMS[2], CLASSES[TASKS[0]], bias=False).double()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x).mean(dim=1))
-
-
 def adamerge_side(data: dict, reduce: bool, initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """adamerge's routers after the same steps, and its routed outputs before and after."""
     from adamerge.core.merged_model import MergedModel
@@ -152,7 +140,7 @@ def adamerge_side(data: dict, reduce: bool, initial: dict[str, torch.Tensor]) ->
     from adamerge.run.routed_merge import WeightEnsemblingModule
 
     method = get_method("wemoe")
-    model = TokenClassifier()
+    model = TinyClassifier(tokens=True)  # the body over tokens, their mean, a task head
     model.body.load_state_dict(data["base"])
     vectors = {f"body.{n}": torch.stack([data["experts"][t][n] - data["base"][n] for t in TASKS]) for n in data["base"]}
     heads = {t: {"head.weight": data["heads"][t]} for t in TASKS}

@@ -70,15 +70,21 @@ def head_logits(data: Mapping[str, Any], module: torch.nn.Module, inputs: torch.
 
 
 class TinyClassifier(torch.nn.Module):
-    """The body plus a task head (task-specific: never merged)."""
+    """The body plus a task head (task-specific: never merged).
 
-    def __init__(self) -> None:
+    Args:
+        tokens: inputs are ``(B, T, D)`` tokens, whose features are averaged before the head.
+    """
+
+    def __init__(self, tokens: bool = False) -> None:
         super().__init__()
         self.body = body()
         self.head = torch.nn.Linear(DIMS[2], CLASSES[TASKS[0]], bias=False).double()
+        self.tokens = tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
+        features = self.body(x)
+        return self.head(features.mean(dim=1) if self.tokens else features)
 
 
 def merged_model(data: Mapping[str, Any], granularity: str, constraint: str, init: float) -> Any:
