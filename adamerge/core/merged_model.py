@@ -285,14 +285,17 @@ class MergedModel(nn.Module):
         return capture_hidden(self.model, names, self.head_module)
 
     @torch.no_grad()
-    def reestimate_batchnorm(self, batches: Iterable[tuple[str, Inputs]]) -> int:
+    def reestimate_batchnorm(self, batches: Iterable[tuple[str, Inputs]], pooled: bool = False) -> int:
         """Recompute the BatchNorm running statistics with the current merged weights.
 
         Under the ``per-task`` policy each task's statistics are computed on its own batches and
-        kept in :attr:`statistics`; otherwise the model's running statistics are recomputed on all.
+        kept in :attr:`statistics`; otherwise (or with ``pooled``) the model's running statistics
+        are recomputed on all.
 
         Args:
             batches: ``(task, inputs)`` pairs, e.g. the calibration data of every task.
+            pooled: one set of statistics over every task's batches, into the model's own
+                buffers, whatever the policy.
 
         Returns:
             Number of samples seen (0 if the model has no BatchNorm layer).
@@ -309,7 +312,7 @@ class MergedModel(nn.Module):
                 seen += input_batch_size(inputs)
             return seen
 
-        if self.batchnorm != "per-task":
+        if pooled or self.batchnorm != "per-task":
             return reestimate_running_stats(self.model, lambda: run(batches))
         by_task: dict[str, list[Inputs]] = {task: [] for task in self.tasks}
         for task, inputs in batches:

@@ -271,11 +271,6 @@ def _factorable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups == 1)
 
 
-def router_parameters(routing: RoutedWeights) -> list[nn.Parameter]:
-    """The routers' parameters (what a routed merge learns)."""
-    return list(routing.routers.parameters())
-
-
 def describe(routing: RoutedWeights) -> Mapping[str, Any]:
     """A summary for ``metrics.json``: router kind, blocks, layers, stored delta numbers."""
     return {

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import lightning as L
@@ -275,11 +275,14 @@ class MergingModule(L.LightningModule):
                 self.merged.batchnorm,
             )
             return
-        batches = ((task, move_inputs(as_task_batch(item).inputs, self.device)) for task, loader in loaders.items() for item in loader)
-        seen = self.merged.reestimate_batchnorm(batches)
+        seen = self.merged.reestimate_batchnorm(self.statistics_batches(loaders))
         self._bn_estimated_for = current.clone()
         if seen:
             logger.info("re-estimated BatchNorm statistics on %d calibration samples", seen)
+
+    def statistics_batches(self, loaders: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+        """``(task, inputs on this module's device)`` of every batch of ``{task: loader}``."""
+        return ((task, move_inputs(as_task_batch(item).inputs, self.device)) for task, loader in loaders.items() for item in loader)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._common_eval_step(batch, dataloader_idx)

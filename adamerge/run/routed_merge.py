@@ -31,10 +31,9 @@ import torch.nn.functional as F
 
 from adamerge.choices import HEAD_INPUT, REESTIMATING_POLICIES
 from adamerge.core import routed_weights
-from adamerge.core.batchnorm import batchnorm_layers, reestimate_running_stats
+from adamerge.core.batchnorm import batchnorm_layers
 from adamerge.core.merge import PrecomputedGradient
 from adamerge.core.merged_model import MergedModel
-from adamerge.core.model_inputs import call_functional, input_batch_size, move_inputs
 from adamerge.core.routed_weights import RoutedWeights, pooled
 from adamerge.core.routing_plan import describe, twin_vectors, weight_ensembling
 from adamerge.errors import AdamergeError
@@ -91,6 +90,9 @@ class RoutedMergeModule(MergingModule):
         """Route the merged model from now on (the start is evaluated as the static merge it is)."""
         if not self.routing.installed:
             self.routing.install(self.merged.model)
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self._bn_estimated_for = None  # the routers moved: the routed model's BatchNorm statistics are re-estimated before use
 
     def static_tensors(self) -> dict[str, torch.Tensor]:
         """The static merge's tensors (λ at its start), without a graph."""
@@ -152,9 +154,6 @@ class WeightEnsemblingModule(RoutedMergeModule):
         seed = torch.initial_seed() % 2**31
         self.attach(weight_ensembling(merged, routed, router_hidden_layers, init, batch_reduce, seed, output_std))
 
-    def on_train_batch_end(self, *args: Any) -> None:
-        self._bn_estimated_for = None  # the routers moved: the routed model's BatchNorm statistics are re-estimated before use
-
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         static = self.static_tensors()
         params = [p for p in self.routing.routers.parameters() if p.requires_grad]
@@ -192,9 +191,6 @@ class TaskRouterModule(RoutedMergeModule):
         if self.merged.batchnorm in REESTIMATING_POLICIES and batchnorm_layers(self.merged.model):
             self._estimate_prepass_statistics()
 
-    def on_train_batch_end(self, *args: Any) -> None:
-        self._bn_estimated_for = None  # the router moved: the routed model's BatchNorm statistics are re-estimated before use
-
     @torch.no_grad()
     def _estimate_prepass_statistics(self) -> None:
         """The shared merge's BatchNorm statistics over every task's calibration inputs (routing
@@ -203,22 +199,12 @@ class TaskRouterModule(RoutedMergeModule):
         loaders = statistics_loaders_of(getattr(self._trainer, "datamodule", None))
         if loaders is None:
             return
-        model, tensors = self.merged.model, self.static_tensors()
+        model = self.merged.model
         layers = {name: m for name, m in model.named_modules() if name in self.routing.config["leaves"] and m in batchnorm_layers(model)}
         saved = {name: buffer.clone() for name, buffer in model.named_buffers()}
-
-        def run() -> int:
-            seen = 0
-            for task, loader in loaders.items():
-                for item in loader:
-                    inputs = move_inputs(as_task_batch(item).inputs, self.device)
-                    call_functional(model, tensors | self.merged.own_tensors(task), inputs)
-                    seen += input_batch_size(inputs)
-            return seen
-
         self.routing.remove()
         try:
-            reestimate_running_stats(model, run)
+            self.merged.reestimate_batchnorm(self.statistics_batches(loaders), pooled=True)
             statistics = {
                 name: {"running_mean": m.running_mean.clone(), "running_var": m.running_var.clone()} for name, m in layers.items()
             }
